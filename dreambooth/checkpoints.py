@@ -1,0 +1,214 @@
+"""Checkpoints, resume, signals, trackers and the run's own files (config.yaml, model card).
+
+A checkpoint is accelerate's state (optimizer, lr schedule, RNG states, dataloader position) plus a
+pytorch_lora_weights.safetensors that load_lora_weights reads directly. It is written to
+checkpoint-N.tmp and renamed when complete, and older checkpoints are removed only after that,
+so a crash mid-save never costs the previous good checkpoint.
+"""
+import datetime
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+
+import torch
+
+from .config import UsageError, effective_config
+from .lora_io import LORA_WEIGHT_NAME, write_text
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir):
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(output_dir, n)) for n in os.listdir(output_dir)
+             if (m := CHECKPOINT.match(n)) and os.path.isdir(os.path.join(output_dir, n))]
+    return [path for _, path in sorted(found)]
+
+
+def latest(output_dir):
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(value, output_dir):
+    """'latest' with no checkpoint yet starts fresh (diffusers' behaviour); a path must be a checkpoint."""
+    if not value:
+        return None
+    if value == "latest":
+        path = latest(output_dir)
+        if path is None:
+            print(f"note: --resume_from_checkpoint latest: no checkpoint in {output_dir}, starting fresh",
+                  file=sys.stderr)
+        return path
+    if not CHECKPOINT.match(os.path.basename(os.path.normpath(value))):
+        raise UsageError(f"--resume_from_checkpoint {value}: not a checkpoint-N folder")
+    return value
+
+
+def save_checkpoint(accelerator, output_dir, step, total_limit=None):
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    staging = final + ".tmp"
+    if accelerator.is_main_process and os.path.isdir(staging):
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(staging)  # every rank saves its own RNG state; the LoRA hook writes on rank 0
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if total_limit:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def register_lora_state_hooks(accelerator, unet, text_encoder=None):
+    """save_state writes only the LoRA weights (megabytes, in the loadable diffusers file) instead
+    of the whole UNet; load_state puts them back into the live adapters."""
+    from .lora_io import save_diffusers_lora
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_diffusers_lora(output_dir, accelerator.unwrap_model(unet),
+                                accelerator.unwrap_model(text_encoder) if text_encoder is not None else None)
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        load_lora_into(input_dir, accelerator.unwrap_model(unet),
+                       accelerator.unwrap_model(text_encoder) if text_encoder is not None else None)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def load_lora_into(folder, unet, text_encoder=None):
+    """Inverse of lora_io.save_diffusers_lora, for resuming: every saved tensor must find its place."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(folder, LORA_WEIGHT_NAME))
+    parts = [("unet.", unet, lambda sd: convert_unet_state_dict_to_peft(sd))]
+    if text_encoder is not None:
+        def te_convert(sd):
+            sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
+            if not hasattr(text_encoder, "text_model"):
+                sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+            return sd
+        parts.append(("text_encoder.", text_encoder, te_convert))
+    for prefix, model, convert in parts:
+        sd = convert({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        result = set_peft_model_state_dict(model, sd, adapter_name="default")
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise RuntimeError(f"{folder}: {len(unexpected)} LoRA tensors did not match the model, e.g. {unexpected[0]}")
+
+
+class GracefulStop:
+    """First SIGTERM/SIGINT: finish the step, checkpoint, exit non-zero. Second: exit at once."""
+
+    def __init__(self):
+        self.requested = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            print(f"\nsecond signal ({signal.Signals(signum).name}): exiting now without saving", file=sys.stderr)
+            os._exit(128 + signum)
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+              "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+
+def step_flags(accelerator, loss, stop_requested):
+    """(loss is non-finite, stop requested) agreed by all processes, so they skip or stop together."""
+    flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(bool(stop_requested))],
+                         device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
+def available_trackers(report_to, warn=print):
+    """accelerate trackers named by --report_to that are installed; the others are skipped with a note."""
+    if report_to in (None, "", "none"):
+        return []
+    names = ["tensorboard", "wandb"] if report_to == "all" else [n.strip() for n in report_to.split(",")]
+    found = []
+    for name in names:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
+        if module is None:
+            raise UsageError(f"--report_to {name}: unknown tracker; use tensorboard, wandb, all or none")
+        if importlib.util.find_spec(module) is None and not (name == "tensorboard" and
+                                                             importlib.util.find_spec("tensorboardX")):
+            warn(f"warning: --report_to {name}: {module} is not installed (pip install {module}); not logging to it")
+        else:
+            found.append(name)
+    return found
+
+
+def write_run_files(args, steps, seconds):
+    """config.yaml to repeat the run, README.md model card with the numbers that matter."""
+    import yaml
+    config = effective_config(args)
+    write_text(os.path.join(args.output_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=True))
+    command = "accelerate launch train_dreambooth_lora.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    grids = sorted(os.listdir(os.path.join(args.output_dir, "validation"))) \
+        if os.path.isdir(os.path.join(args.output_dir, "validation")) else []
+    sample = f"\n![validation](validation/{grids[-1]})\n" if grids else ""
+    card = f"""---
+base_model: {args.pretrained_model_name_or_path}
+library_name: diffusers
+license: other
+instance_prompt: {yaml.safe_dump(args.instance_prompt).strip().removesuffix('...').strip()}
+tags:
+- text-to-image
+- stable-diffusion
+- diffusers
+- lora
+- dreambooth
+---
+
+# DreamBooth LoRA: {args.instance_prompt}
+
+LoRA weights for `{args.pretrained_model_name_or_path}`, trained with DreamBooth on
+`{args.instance_data_dir}` for {steps} steps ({seconds / 60:.1f} min) on {datetime.date.today().isoformat()}.
+{sample}
+| setting | value |
+| --- | --- |
+| instance prompt | `{args.instance_prompt}` |
+| prior preservation | {f'`{args.class_prompt}`, {args.num_class_images} images, weight {args.prior_loss_weight}'
+                        if args.with_prior_preservation else 'off'} |
+| resolution | {args.resolution} |
+| rank / alpha | {args.rank} / {args.lora_alpha or args.rank} |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+| text encoder | {'LoRA-trained' if args.train_text_encoder else 'frozen'} |
+| batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |
+| mixed precision | {args.mixed_precision or 'accelerate default'} |
+
+## Use
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")
+pipe.load_lora_weights("{args.output_dir}")
+image = pipe("{args.instance_prompt} in a bucket").images[0]
+```
+
+## Reproduce
+
+```
+{command}
+```
+or `accelerate launch train_dreambooth_lora.py --config {os.path.join(args.output_dir, 'config.yaml')}`.
+"""
+    write_text(os.path.join(args.output_dir, "README.md"), card)

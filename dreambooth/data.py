@@ -1,0 +1,216 @@
+"""Images in, training examples out: decode, orient, crop, flip, bucket, optionally cache latents.
+
+Randomness (crop offsets, flips, batch order) is derived from (seed, epoch, index) rather than
+a global RNG, so a resumed run sees exactly the examples an uninterrupted run would have seen,
+whatever the number of DataLoader workers.
+"""
+import math
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .config import IMAGE_EXTENSIONS
+
+RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+            "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def load_rgb(path):
+    """Apply EXIF orientation (phone photos) and flatten alpha onto white (product cut-outs)."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, im).convert("RGB")
+        return im.convert("RGB")
+
+
+def caption_for(image_path, default):
+    """'photo.txt' beside 'photo.jpg' replaces the instance prompt for that image."""
+    caption_path = os.path.splitext(image_path)[0] + ".txt"
+    if os.path.isfile(caption_path):
+        with open(caption_path, encoding="utf-8") as f:
+            text = f.read().strip()
+        if text:
+            return text
+    return default
+
+
+def list_images(folder):
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS and not n.startswith("."))
+
+
+def resize_and_crop(image, size, center_crop, rng, resample):
+    """Scale so the image covers `size` (w, h), then crop to it: no padding, no distortion."""
+    width, height = size
+    scale = max(width / image.width, height / image.height)
+    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    image = image.resize((new_w, new_h), resample=resample)
+    if center_crop:
+        left, top = (new_w - width) // 2, (new_h - height) // 2
+    else:
+        left, top = rng.randint(0, new_w - width), rng.randint(0, new_h - height)
+    return image.crop((left, top, left + width, top + height))
+
+
+def to_tensor(image):
+    """PIL RGB -> float tensor [3, H, W] in [-1, 1], the range SD's VAE expects."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def make_buckets(resolution, min_reso, max_reso, step):
+    """Every (w, h) on the step grid with area <= resolution^2 and sides within [min_reso, max_reso]."""
+    buckets = set()
+    max_area = resolution * resolution
+    for w in range(min_reso, max_reso + 1, step):
+        h = min(max_reso, (max_area // w) // step * step)
+        if h >= min_reso:
+            buckets.add((w, h))
+            buckets.add((h, w))
+    return sorted(buckets)
+
+
+def assign_bucket(image_size, buckets, step, min_reso):
+    """Closest aspect ratio; never a bucket larger than the image itself (no upscaling) unless the
+    image is smaller than the smallest allowed side."""
+    w, h = image_size
+    aspect = w / h
+    best = min(buckets, key=lambda b: (abs(math.log(b[0] / b[1] / aspect)), -b[0] * b[1]))
+    if best[0] <= w and best[1] <= h:
+        return best
+    scale = min(w / best[0], h / best[1])
+    bw = max(min_reso, int(best[0] * scale) // step * step)
+    bh = max(min_reso, int(best[1] * scale) // step * step)
+    return (bw, bh)
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Index i is instance i % n_instances (and class image i % n_class with prior preservation),
+    so one epoch shows every instance image `repeats` times and every class image at least once."""
+
+    def __init__(self, instance_paths, instance_prompt, class_paths=(), class_prompt=None, resolution=512,
+                 center_crop=False, random_flip=False, repeats=1, interpolation="lanczos", seed=0,
+                 bucket_args=None):
+        self.instance_paths = list(instance_paths)
+        self.class_paths = list(class_paths)
+        self.center_crop, self.random_flip = center_crop, random_flip
+        self.resample = RESAMPLE[interpolation]
+        self.seed = seed or 0
+        self.epoch = 0
+        self.latents = None  # filled by cache_latents: {(path, size): tensor [variants, C, h, w]}
+        captions = [caption_for(p, instance_prompt) for p in self.instance_paths]
+        self.prompts = list(dict.fromkeys(captions + ([class_prompt] if self.class_paths else [])))
+        self.instance_prompt_ids = [self.prompts.index(c) for c in captions]
+        self.class_prompt_id = self.prompts.index(class_prompt) if self.class_paths else None
+        self.length = max(len(self.instance_paths) * repeats, len(self.class_paths))
+        if bucket_args:
+            buckets = make_buckets(resolution, *bucket_args)
+            step, min_reso = bucket_args[2], bucket_args[0]
+            self.instance_sizes = []
+            for p in self.instance_paths:
+                with Image.open(p) as im:
+                    size = ImageOps.exif_transpose(im).size
+                self.instance_sizes.append(assign_bucket(size, buckets, step, min_reso))
+        else:
+            self.instance_sizes = [(resolution, resolution)] * len(self.instance_paths)
+
+    def __len__(self):
+        return self.length
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def size_of(self, index):
+        return self.instance_sizes[index % len(self.instance_paths)]
+
+    def _rng(self, index, salt):
+        return random.Random(f"{self.seed}/{self.epoch}/{index}/{salt}")  # str seeds are stable across processes
+
+    def _example(self, path, size, rng):
+        flip = self.random_flip and rng.random() < 0.5
+        if self.latents is not None:
+            variants = self.latents[(path, size)]
+            return variants[1 if flip and len(variants) > 1 else 0]
+        image = resize_and_crop(load_rgb(path), size, self.center_crop, rng, self.resample)
+        if flip:
+            image = ImageOps.mirror(image)
+        return to_tensor(image)
+
+    def __getitem__(self, index):
+        size = self.size_of(index)
+        i = index % len(self.instance_paths)
+        example = {"instance": self._example(self.instance_paths[i], size, self._rng(index, "instance")),
+                   "instance_prompt_id": self.instance_prompt_ids[i]}
+        if self.class_paths:
+            path = self.class_paths[index % len(self.class_paths)]
+            example["class"] = self._example(path, size, self._rng(index, "class"))
+            example["class_prompt_id"] = self.class_prompt_id
+        return example
+
+    def cache_latents(self, encode, batch_size=4):
+        """Encode every (image, size) once, with its mirror when random_flip is on. Crops are fixed
+        at their centre (or one seeded random crop), as in kohya's cache_latents."""
+        pairs = [(p, self.instance_sizes[i]) for i, p in enumerate(self.instance_paths)]
+        if self.class_paths:
+            pairs += [(p, s) for s in sorted(set(self.instance_sizes)) for p in self.class_paths]
+        pairs = list(dict.fromkeys(pairs))
+        cache = {}
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            by_size = {}
+            for path, size in chunk:
+                rng = random.Random(f"{self.seed}/{path}")
+                image = resize_and_crop(load_rgb(path), size, self.center_crop, rng, self.resample)
+                variants = [to_tensor(image)] + ([to_tensor(ImageOps.mirror(image))] if self.random_flip else [])
+                by_size.setdefault(size, []).append((path, torch.stack(variants)))
+            for size, items in by_size.items():
+                pixels = torch.cat([v for _, v in items])
+                latents = encode(pixels).cpu()
+                n = len(items[0][1])
+                for k, (path, _) in enumerate(items):
+                    cache[(path, size)] = latents[k * n:(k + 1) * n]
+        self.latents = cache
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches drawn within one image size, shuffled by (seed, epoch) so resumes replay the order."""
+
+    def __init__(self, dataset, batch_size, seed=0):
+        self.dataset, self.batch_size, self.seed, self.epoch = dataset, batch_size, seed or 0, 0
+        self.groups = {}
+        for index in range(len(dataset)):
+            self.groups.setdefault(dataset.size_of(index), []).append(index)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def _batches(self):
+        rng = random.Random(f"{self.seed}/{self.epoch}/order")
+        batches = []
+        for size in sorted(self.groups):
+            indices = self.groups[size][:]
+            rng.shuffle(indices)
+            batches += [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self):
+        return sum(math.ceil(len(g) / self.batch_size) for g in self.groups.values())
+
+
+def collate(examples):
+    """Instance examples first, then class examples: one tensor, one UNet call, split by chunk(2)."""
+    pixels = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
+    prompt_ids = [e["instance_prompt_id"] for e in examples] + \
+                 [e["class_prompt_id"] for e in examples if "class" in e]
+    return {"pixels": torch.stack(pixels), "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long)}

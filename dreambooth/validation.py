@@ -1,0 +1,55 @@
+"""Sampling with the components being trained: validation grids during training, class priors before."""
+import math
+import os
+
+import torch
+from PIL import Image
+
+from .lora_io import atomic_write
+
+
+def image_grid(images):
+    """A near-square grid of same-sized PIL images."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def save_png(image, path):
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def sampling_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler):
+    """A StableDiffusionPipeline over already-loaded modules (no second model load), with
+    DPM-Solver++ so 25 steps look like DDPM's 1000."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def run_validation(pipe, prompt, num_images, resolution, seed, out_path, accelerator=None, step=0, steps=25):
+    """Same seed every time, so grids from successive steps are comparable."""
+    generator = torch.Generator(device=pipe.device).manual_seed(seed or 0)
+    images = pipe(prompt, num_images_per_prompt=num_images, num_inference_steps=steps, height=resolution,
+                  width=resolution, generator=generator).images
+    grid = image_grid(images)
+    save_png(grid, out_path)
+    if accelerator is not None:
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+                tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
+                                          dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+                tracker.log({"validation": [wandb.Image(i, caption=f"{k}: {prompt}") for k, i in enumerate(images)]},
+                            step=step)
+    return images

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Write a tiny random-weight Stable Diffusion pipeline to a folder, offline.
+
+The classes are the real ones SD 1.x/2.x use (UNet2DConditionModel, AutoencoderKL,
+CLIPTextModel, CLIPTokenizer, DDPMScheduler); only the sizes are small, so the whole
+trainer can be exercised on a CPU in seconds. The tokenizer is a genuine CLIP BPE
+tokenizer whose vocabulary is the 256 byte symbols (plus their end-of-word forms and a
+few merges), so it tokenizes any prompt without downloading SD's vocabulary.
+
+    python examples/make_tiny_model.py --out work_dirs/tiny-sd
+    python examples/make_tiny_model.py --out work_dirs/tiny-sd-v --prediction_type v_prediction
+    python examples/make_tiny_model.py --out work_dirs/tiny-sd --single_file work_dirs/tiny-sd.safetensors
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+
+def bytes_to_unicode():
+    """CLIP's reversible byte -> printable unicode table (same construction as GPT-2/CLIP)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer_files(folder, extra_words=("sks", "dog", "photo", "of", "a")):
+    """A small but real CLIP BPE vocabulary: every byte symbol, its '</w>' form, and merges for a few words."""
+    symbols = bytes_to_unicode()
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges = []
+    for word in extra_words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            a, b = pieces[0], pieces[1]
+            merges.append(f"{a} {b}")
+            pieces = [a + b] + pieces[2:]
+            if pieces[0] not in vocab_list:
+                vocab_list.append(pieces[0])
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return vocab
+
+
+def build_tiny_pipeline(prediction_type="epsilon", sample_size=32, seed=0):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        vocab = write_tokenizer_files(tok_dir)
+        tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"),
+                                  model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"]))
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        norm_num_groups=32, sample_size=sample_size * 2,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False,
+                              steps_offset=1, prediction_type=prediction_type)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="Folder to write the diffusers-format pipeline to.")
+    parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"],
+                        help="epsilon like SD 1.5 / SD 2.1-base, v_prediction like SD 2.1 768.")
+    parser.add_argument("--sample_size", type=int, default=32, help="UNet latent size; images are 2x this.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for the random weights.")
+    parser.add_argument("--single_file", default=None,
+                        help="Also write the pipeline as one original-layout (A1111/ComfyUI style) .safetensors file.")
+    args = parser.parse_args(argv)
+    pipe = build_tiny_pipeline(args.prediction_type, args.sample_size, args.seed)
+    pipe.save_pretrained(args.out)
+    if args.single_file:
+        from single_file import write_original_layout_checkpoint
+        write_original_layout_checkpoint(pipe, args.single_file)
+    print(f"wrote tiny SD pipeline ({args.prediction_type}) to {args.out}"
+          + (f" and {args.single_file}" if args.single_file else ""))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()

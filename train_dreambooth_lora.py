@@ -1,0 +1,333 @@
+#!/usr/bin/env python
+"""DreamBooth LoRA training for Stable Diffusion 1.x / 2.x.
+
+    accelerate launch train_dreambooth_lora.py \
+      --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+      --instance_data_dir ./dog --instance_prompt "a photo of sks dog" \
+      --with_prior_preservation --class_prompt "a photo of dog" --output_dir work_dirs/sd15_dog
+
+Flags follow diffusers' examples/dreambooth/train_dreambooth_lora.py. Reading order: flags are
+checked (no model loaded yet), the base model is loaded and frozen, missing class priors are
+generated, LoRA is attached, then one accelerate loop trains and checkpoints. The output folder
+gets pytorch_lora_weights.safetensors that `pipe.load_lora_weights(output_dir)` loads as is.
+"""
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+
+from dreambooth import __version__
+from dreambooth.config import UsageError, check_free_space, effective_config, parse_args, validate
+
+PROG = "train_dreambooth_lora.py"
+
+
+def log_main(message):
+    """Before accelerate starts we only know our rank from the launcher's environment."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        instance_images = validate(args, warn=log_main)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return train(args, instance_images)
+    except UsageError as e:  # checks that needed the model or the disk, still before any output is written
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def diffusion_target(noise_scheduler, latents, noise, timesteps):
+    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction, SD 2.x 768)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind}; use --prediction_type epsilon or v_prediction")
+
+
+def snr_loss_weights(noise_scheduler, timesteps, snr_gamma):
+    """Min-SNR-gamma weighting (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction."""
+    import torch
+    from diffusers.training_utils import compute_snr
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma)
+    return weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
+
+
+def prior_preservation_loss(per_example_loss, num_instance, prior_loss_weight):
+    """Instance loss + prior_loss_weight x class loss; the batch is [instance..., class...]."""
+    if per_example_loss.shape[0] == num_instance:
+        return per_example_loss.mean()
+    instance, prior = per_example_loss[:num_instance], per_example_loss[num_instance:]
+    return instance.mean() + prior_loss_weight * prior.mean()
+
+
+def train(args, instance_images):
+    # Heavy imports after the flags are checked: a typo costs a second, not a model load.
+    import datetime
+
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from dreambooth import checkpoints, data, lora_io, models, priors, validation
+
+    # ---- accelerate: devices, mixed precision, accumulation, trackers -------------------------------
+    trackers = checkpoints.available_trackers(args.report_to, warn=log_main)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))])
+    if args.seed is not None:
+        set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    resume_dir = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        check_free_space(args.output_dir, 50 * 2**20, "LoRA weights and checkpoints")
+    accelerator.print(
+        f"dreambooth-lora {__version__} | model={args.pretrained_model_name_or_path} images={len(instance_images)} "
+        f"prior={'on (' + str(args.num_class_images) + ')' if args.with_prior_preservation else 'off'} "
+        f"res={args.resolution} batch={args.train_batch_size}x{args.gradient_accumulation_steps}"
+        f"x{accelerator.num_processes} lr={args.learning_rate} rank={args.rank} "
+        f"text_encoder={'lora' if args.train_text_encoder else 'frozen'} precision={accelerator.mixed_precision} "
+        f"device={accelerator.device} out={args.output_dir}")
+
+    # ---- base model: frozen, in the weight dtype ------------------------------------------------------
+    tokenizer, text_encoder, vae, unet, noise_scheduler = models.load_components(
+        args.pretrained_model_name_or_path, args.revision, args.variant, args.tokenizer_name,
+        args.single_file_config, args.prediction_type)
+    models.freeze(text_encoder, vae, unet)
+
+    # ---- class priors: generated with the components just loaded, before LoRA is attached -------------
+    class_images = []
+    if args.with_prior_preservation:
+        gen_dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")]
+        settings, key = priors.prior_settings(args.pretrained_model_name_or_path, args.class_prompt,
+                                              args.class_generation_steps, args.seed, args.resolution,
+                                              str(gen_dtype).replace("torch.", ""))
+        class_dir = args.class_data_dir or os.path.join(args.output_dir, "class_images")
+
+        def generation_pipeline():
+            for m in (text_encoder, vae, unet):
+                m.to(accelerator.device, dtype=gen_dtype)
+            return validation.sampling_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler)
+
+        started = time.perf_counter()
+        class_images, generated = priors.ensure_class_images(generation_pipeline, class_dir, args.num_class_images,
+                                                             settings, key, args.sample_batch_size, accelerator)
+        accelerator.print(f"class images: {len(class_images)} in {class_dir} "
+                          f"({generated} generated in {time.perf_counter() - started:.1f}s)")
+
+    unet.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    models.add_lora(unet, text_encoder, args)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    # ---- data: prompts tokenized once; optionally latents and text embeddings computed once -----------
+    dataset = data.DreamBoothDataset(
+        instance_images, args.instance_prompt, class_images, args.class_prompt, args.resolution,
+        args.center_crop, args.random_flip, args.repeats, args.image_interpolation_mode, args.seed,
+        bucket_args=(args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps) if args.enable_bucket else None)
+    prompt_ids = models.tokenize(tokenizer, dataset.prompts)
+    prompt_embeds = None
+    if args.pre_compute_text_embeddings:
+        with torch.no_grad():
+            prompt_embeds = models.encode_prompts(text_encoder, prompt_ids).to(weight_dtype)
+        text_encoder.to("cpu")  # frees device memory; moved back only for validation
+    if args.cache_latents:
+        with torch.no_grad():
+            dataset.cache_latents(lambda px: vae.encode(px.to(accelerator.device, weight_dtype)).latent_dist.sample()
+                                  * vae.config.scaling_factor, batch_size=args.sample_batch_size)
+        vae.to("cpu")
+    sampler = data.BucketBatchSampler(dataset, args.train_batch_size, args.seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=data.collate, num_workers=args.dataloader_num_workers,
+        persistent_workers=args.dataloader_num_workers > 0)
+
+    # ---- optimizer and schedule --------------------------------------------------------------------
+    lr_scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes \
+        if args.scale_lr else 1
+    param_groups = [{"params": models.trainable_parameters(unet), "lr": args.learning_rate * lr_scale}]
+    if args.train_text_encoder:
+        param_groups.append({"params": models.trainable_parameters(text_encoder),
+                             "lr": (args.text_encoder_lr or args.learning_rate) * lr_scale})
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(param_groups, betas=(args.adam_beta1, args.adam_beta2),
+                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    trained = [unet, text_encoder] if args.train_text_encoder else [unet]
+    *trained, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        *trained, optimizer, train_dataloader, lr_scheduler)
+    unet = trained[0]
+    if args.train_text_encoder:
+        text_encoder = trained[1]
+    checkpoints.register_lora_state_hooks(accelerator, unet, text_encoder if args.train_text_encoder else None)
+
+    # ---- resume ---------------------------------------------------------------------------------------
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    if resume_dir:
+        accelerator.load_state(resume_dir)
+        global_step = int(os.path.basename(resume_dir.rstrip("/")).split("-")[-1])
+        first_epoch, skip_steps = divmod(global_step, steps_per_epoch)
+        skip_batches = skip_steps * args.gradient_accumulation_steps
+        accelerator.print(f"resumed from {resume_dir} at step {global_step}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("dreambooth-lora", config={k: v for k, v in effective_config(args).items()
+                                                             if isinstance(v, (int, float, str, bool))})
+
+    def sample_validation(step):
+        """Grids under output_dir/validation/; the frozen parts come back to the device only for this."""
+        text_encoder.to(accelerator.device)
+        vae.to(accelerator.device)
+        pipe = validation.sampling_pipeline(tokenizer, accelerator.unwrap_model(text_encoder), vae,
+                                            accelerator.unwrap_model(unet), noise_scheduler)
+        with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+            validation.run_validation(pipe, args.validation_prompt, args.num_validation_images, args.resolution,
+                                      args.seed, os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"),
+                                      accelerator, step)
+        if args.pre_compute_text_embeddings:
+            text_encoder.to("cpu")
+        if args.cache_latents:
+            vae.to("cpu")
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    stopper = checkpoints.GracefulStop()
+    progress = tqdm(range(max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    nan_steps = 0
+    for epoch in range(first_epoch, num_train_epochs):
+        unet.train()
+        if args.train_text_encoder:
+            text_encoder.train()
+        sampler.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) \
+            if epoch == first_epoch and skip_batches else train_dataloader
+        for batch in batches:
+            with accelerator.accumulate(*trained):
+                if args.cache_latents:
+                    latents = batch["pixels"].to(accelerator.device, weight_dtype)
+                else:
+                    pixels = batch["pixels"].to(accelerator.device, weight_dtype)
+                    with torch.no_grad():
+                        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                if args.noise_offset:
+                    noise += args.noise_offset * torch.randn(latents.shape[:2] + (1, 1), device=latents.device,
+                                                             dtype=latents.dtype)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          device=latents.device).long()
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                if prompt_embeds is not None:
+                    encoder_hidden_states = prompt_embeds[batch["prompt_ids"].to(prompt_embeds.device)]
+                else:
+                    encoder_hidden_states = models.encode_prompts(text_encoder, prompt_ids[batch["prompt_ids"]])
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+                per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if args.snr_gamma:
+                    per_example = per_example * snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma)
+                loss = prior_preservation_loss(per_example, latents.shape[0] // (2 if class_images else 1),
+                                               args.prior_loss_weight)
+
+                # One scalar sync per micro-step: a NaN must be caught before it reaches the weights.
+                bad, stop_now = checkpoints.step_flags(accelerator, loss, stopper.requested)
+                if bad:
+                    nan_steps += 1
+                    if nan_steps > args.allow_nan_steps:
+                        last = checkpoints.latest(args.output_dir)
+                        accelerator.print(
+                            f"{PROG}: error: loss is {loss.item()} at step {global_step + 1}; lower --learning_rate "
+                            f"(now {args.learning_rate}) or use --mixed_precision bf16. Last good checkpoint: "
+                            f"{last or 'none'} (--allow_nan_steps N skips a few such steps)", file=sys.stderr)
+                        accelerator.end_training()
+                        return 3
+                    accelerator.print(f"warning: non-finite loss at step {global_step + 1}, step skipped "
+                                      f"({nan_steps}/{args.allow_nan_steps})", file=sys.stderr)
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress.update(1)
+                logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(**logs)
+                accelerator.log(logs, step=global_step)
+                if global_step % args.checkpointing_steps == 0 or stop_now:
+                    path = checkpoints.save_checkpoint(accelerator, args.output_dir, global_step,
+                                                       args.checkpoints_total_limit)
+                    if stop_now:
+                        accelerator.print(
+                            f"stopped by signal at step {global_step}; checkpoint saved to {path}\n"
+                            f"resume with the same command plus --resume_from_checkpoint latest", file=sys.stderr)
+                        accelerator.end_training()
+                        return 128 + stopper.requested
+                if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0 \
+                        and accelerator.is_main_process:
+                    sample_validation(global_step)
+            if global_step >= max_train_steps:
+                break
+        if args.validation_prompt and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 \
+                and accelerator.is_main_process and global_step < max_train_steps:
+            sample_validation(global_step)
+    progress.close()
+
+    # ---- outputs: LoRA weights, model card, effective config, last validation grid -----------------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unet_final = accelerator.unwrap_model(unet)
+        te_final = accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None
+        check_free_space(args.output_dir, lora_io.lora_file_bytes(unet_final, te_final), "the LoRA weights")
+        lora_io.save_diffusers_lora(args.output_dir, unet_final, te_final)
+        if args.output_format in ("kohya", "both"):
+            lora_io.save_kohya_lora(args.output_dir, unet_final, te_final, args, global_step)
+        if args.validation_prompt:
+            sample_validation(global_step)
+        checkpoints.write_run_files(args, global_step, progress.format_dict.get("elapsed", 0))
+        accelerator.print(f"done: {global_step} steps; LoRA weights in {args.output_dir}/{lora_io.LORA_WEIGHT_NAME}")
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
