@@ -86,8 +86,10 @@ def train(args, instance_images):
 
     # ---- accelerate: devices, mixed precision, accumulation, trackers -------------------------------
     trackers = checkpoints.available_trackers(args.report_to, warn=log_main)
+    # torchrun on a machine without GPUs: accelerate only picks gloo multi-CPU when told it is on CPU.
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        cpu=cpu_ddp, gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),

@@ -244,7 +244,9 @@ def _looks_like_path(value):
 
 
 def validate(args, warn=print):
-    """Every check that needs no model: one-line UsageError naming the flag and the fix."""
+    """Every check that needs no model: one-line UsageError naming the flag and the fix. Warnings are
+    printed only once all checks pass, so a failing run prints exactly one line."""
+    notes = []
     if not args.pretrained_model_name_or_path:
         raise UsageError("--pretrained_model_name_or_path is required (hub id, diffusers folder or .safetensors file)")
     model = args.pretrained_model_name_or_path
@@ -279,7 +281,7 @@ def validate(args, warn=print):
                              "rename it to match an image or move it out")
     _check_images(images)
     if skipped:
-        warn(f"note: --instance_data_dir: skipping {skipped} non-image file(s)")
+        notes.append(f"note: --instance_data_dir: skipping {skipped} non-image file(s)")
 
     if args.with_prior_preservation:
         if not args.class_prompt:
@@ -294,7 +296,7 @@ def validate(args, warn=print):
             raise UsageError(f"--class_data_dir {args.class_data_dir} is a file; give a folder")
     else:
         if args.class_prompt or args.class_data_dir:
-            warn("warning: --class_prompt/--class_data_dir are ignored without --with_prior_preservation")
+            notes.append("warning: --class_prompt/--class_data_dir are ignored without --with_prior_preservation")
 
     if args.resolution % 8 or args.resolution < 64:
         raise UsageError(f"--resolution must be a multiple of 8 and at least 64 (got {args.resolution}); "
@@ -347,9 +349,11 @@ def validate(args, warn=print):
     if args.mixed_precision == "fp16":
         import torch
         if not torch.cuda.is_available():
-            warn("warning: --mixed_precision fp16 needs a CUDA GPU and none was found; "
+            notes.append("warning: --mixed_precision fp16 needs a CUDA GPU and none was found; "
                  "falling back to fp32 (--mixed_precision no). bf16 works on CPU.")
             args.mixed_precision = "no"
+    for note in notes:
+        warn(note)
     return images
 
 

@@ -1,0 +1,96 @@
+"""Write a diffusers SD pipeline as ONE original-layout checkpoint (the .safetensors files people
+download for A1111/ComfyUI): model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*.
+
+Only needed to test single-file loading offline; it inverts the key mapping that diffusers'
+`from_single_file` applies, for any layers_per_block and number of blocks.
+"""
+import torch
+from safetensors.torch import save_file
+
+RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+          ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+VAE_RESNET = [("conv_shortcut", "nin_shortcut")]
+VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _rename(rest, pairs):
+    for new, old in pairs:
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def unet_to_original(state, config):
+    per = config["layers_per_block"] + 1
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        module = ".".join(parts[:-1])
+        if module in UNET_TOP:
+            out[f"{UNET_TOP[module]}.{parts[-1]}"] = value
+            continue
+        if parts[0] == "down_blocks":
+            i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+            if kind == "resnets":
+                new = f"input_blocks.{i * per + j + 1}.0.{_rename(rest, RESNET)}"
+            elif kind == "attentions":
+                new = f"input_blocks.{i * per + j + 1}.1.{rest}"
+            else:  # downsamplers.0.conv
+                new = f"input_blocks.{(i + 1) * per}.0.op.{rest.split('.', 1)[1]}"
+        elif parts[0] == "up_blocks":
+            i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+            has_attention = "CrossAttn" in config["up_block_types"][i]
+            if kind == "resnets":
+                new = f"output_blocks.{i * per + j}.0.{_rename(rest, RESNET)}"
+            elif kind == "attentions":
+                new = f"output_blocks.{i * per + j}.1.{rest}"
+            else:  # upsamplers.0.conv
+                new = f"output_blocks.{i * per + per - 1}.{2 if has_attention else 1}.{rest}"
+        elif parts[0] == "mid_block":
+            kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+            new = f"middle_block.{2 * j}.{_rename(rest, RESNET)}" if kind == "resnets" else f"middle_block.1.{rest}"
+        else:
+            raise KeyError(f"unexpected UNet key {key}")
+        out[new] = value
+    return out
+
+
+def vae_to_original(state, config):
+    n = len(config["up_block_types"])
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_norm_out", "norm_out")
+        parts = new.split(".")
+        if parts[1] in ("down_blocks", "up_blocks"):
+            coder, i, kind, rest = parts[0], int(parts[2]), parts[3], ".".join(parts[4:])
+            block = i if coder == "encoder" else n - 1 - i
+            stage = "down" if coder == "encoder" else "up"
+            if kind == "resnets":
+                j, rest = rest.split(".", 1)
+                new = f"{coder}.{stage}.{block}.block.{j}.{_rename(rest, VAE_RESNET)}"
+            else:  # downsamplers/upsamplers .0.conv
+                new = f"{coder}.{stage}.{block}.{'downsample' if coder == 'encoder' else 'upsample'}.{rest.split('.', 1)[1]}"
+        elif parts[1] == "mid_block":
+            coder, kind, j, rest = parts[0], parts[2], int(parts[3]), ".".join(parts[4:])
+            if kind == "resnets":
+                new = f"{coder}.mid.block_{j + 1}.{_rename(rest, VAE_RESNET)}"
+            else:
+                new = f"{coder}.mid.attn_1.{_rename(rest, VAE_ATTENTION)}"
+                if value.ndim == 2:
+                    value = value[:, :, None, None]  # LDM attention uses 1x1 convs
+        out[new] = value
+    return out
+
+
+def write_original_layout_checkpoint(pipe, path):
+    state = {}
+    for k, v in unet_to_original(pipe.unet.state_dict(), pipe.unet.config).items():
+        state["model.diffusion_model." + k] = v
+    for k, v in vae_to_original(pipe.vae.state_dict(), pipe.vae.config).items():
+        state["first_stage_model." + k] = v
+    for k, v in pipe.text_encoder.state_dict().items():
+        k = k if k.startswith("text_model.") else "text_model." + k
+        state["cond_stage_model.transformer." + k] = v
+    save_file({k: v.contiguous().to(torch.float32) for k, v in state.items()}, path)

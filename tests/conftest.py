@@ -1,0 +1,55 @@
+"""Tiny SD models of the real architectures, built once per test session (no downloads)."""
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of the real scripts (subprocesses)")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from make_tiny_model import main
+    out = tmp_path_factory.mktemp("models")
+    main(["--out", str(out / "tiny-sd"), "--single_file", str(out / "tiny-sd.safetensors")])
+    main(["--out", str(out / "tiny-sd-v"), "--prediction_type", "v_prediction", "--seed", "1"])
+    return {"eps": str(out / "tiny-sd"), "single": str(out / "tiny-sd.safetensors"), "v": str(out / "tiny-sd-v")}
+
+
+def draw_subject(path, size=(80, 64), shift=0, mode="RGB"):
+    """A brown blob on a beige background: enough structure for a loss to go down."""
+    im = Image.new("RGB", size, (220, 200, 170))
+    d = ImageDraw.Draw(im)
+    d.ellipse((10 + shift, 10, size[0] - 15 + shift, size[1] - 8), fill=(110, 70, 35))
+    d.ellipse((20 + shift, 20, 30 + shift, 30), fill=(10, 10, 10))
+    im.convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def instance_dir(tmp_path):
+    folder = tmp_path / "dog"
+    folder.mkdir()
+    for i in range(3):
+        draw_subject(folder / f"dog{i}.png", shift=i * 3)
+    return str(folder)
+
+
+def run_script(script, *args, env=None, timeout=300, launcher=None):
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, script)] + [str(a) for a in args]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def train_args(model, instance_dir, output_dir, *extra):
+    return ["--pretrained_model_name_or_path", model, "--instance_data_dir", instance_dir,
+            "--instance_prompt", "a photo of sks dog", "--resolution", "64", "--train_batch_size", "1",
+            "--learning_rate", "1e-3", "--seed", "0", "--output_dir", output_dir, *extra]

@@ -1,0 +1,140 @@
+"""End-to-end runs of train_dreambooth_lora.py and infer.py on tiny models."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import run_script, train_args
+
+pytestmark = pytest.mark.slow
+
+
+def lora_keys(path):
+    with safe_open(path, "pt") as f:
+        return list(f.keys()), f.metadata()
+
+
+def generate(pipe, seed=0):
+    g = torch.Generator("cpu").manual_seed(seed)
+    return pipe("a photo of sks dog", num_inference_steps=3, generator=g, output_type="np").images[0]
+
+
+def test_prior_preservation_run_writes_everything(tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    class_dir = tmp_path / "class"
+    r = run_script("train_dreambooth_lora.py", *train_args(
+        tiny_model["eps"], instance_dir, out, "--with_prior_preservation", "--class_prompt", "a photo of dog",
+        "--class_data_dir", class_dir, "--num_class_images", "5", "--sample_batch_size", "2",
+        "--class_generation_steps", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--checkpoints_total_limit", "1", "--validation_prompt", "a photo of sks dog",
+        "--num_validation_images", "2", "--validation_steps", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    # one settings line first, then a progress bar with loss and lr
+    assert "dreambooth-lora" in r.stdout.splitlines()[0] and "prior=on (5)" in r.stdout
+    assert "loss=" in r.stderr and "lr=" in r.stderr
+    generated = sorted(p for p in os.listdir(class_dir) if p.endswith(".png"))
+    assert len(generated) == 5 and len(set(generated)) == 5
+    manifest = json.loads(open(class_dir / [p for p in os.listdir(class_dir) if p.endswith(".json")][0]).read())
+    assert manifest["prompt"] == "a photo of dog" and manifest["steps"] == 2 and len(manifest["files"]) == 5
+    # checkpoints_total_limit=1 keeps only the newest; it holds state and a loadable LoRA
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-4"]
+    ckpt = out / "checkpoint-4"
+    assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "pytorch_lora_weights.safetensors"} <= set(
+        os.listdir(ckpt))
+    keys, _ = lora_keys(out / "pytorch_lora_weights.safetensors")
+    assert keys and all(k.startswith("unet.") for k in keys)
+    assert any(".to_q.lora.down.weight" in k for k in keys)
+    assert os.path.isfile(out / "run.safetensors")  # kohya copy (default --output_format both)
+    assert sorted(os.listdir(out / "validation")) == ["step-000002.png", "step-000004.png"]
+    card = open(out / "README.md").read()
+    assert card.startswith("---\nbase_model: ") and "instance_prompt: a photo of sks dog" in card
+    assert "--with_prior_preservation" in card and "validation/step-000004.png" in card
+    config = open(out / "config.yaml").read()
+    assert "num_class_images: 5" in config and "with_prior_preservation: true" in config
+
+    # a second run with the same class settings generates nothing
+    r2 = run_script("train_dreambooth_lora.py", *train_args(
+        tiny_model["eps"], instance_dir, tmp_path / "run2", "--with_prior_preservation", "--class_prompt",
+        "a photo of dog", "--class_data_dir", class_dir, "--num_class_images", "5", "--class_generation_steps", "2",
+        "--max_train_steps", "1", "--output_format", "diffusers"))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "(0 generated" in r2.stdout
+    assert not os.path.exists(tmp_path / "run2" / "run2.safetensors")
+    assert len([p for p in os.listdir(class_dir) if p.endswith(".png")]) == 5
+
+
+def test_lora_loads_changes_image_and_unloads(tiny_model, instance_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    out = tmp_path / "run"
+    r = run_script("train_dreambooth_lora.py", *train_args(
+        tiny_model["eps"], instance_dir, out, "--max_train_steps", "3", "--checkpointing_steps", "2",
+        "--learning_rate", "5e-2", "--train_text_encoder"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "prior=off" in r.stdout and not os.path.exists(out / "class_images")
+    keys, meta = lora_keys(out / "pytorch_lora_weights.safetensors")
+    te_keys = [k for k in keys if k.startswith("text_encoder.")]
+    assert te_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in te_keys)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model["eps"], safety_checker=None)
+    before = generate(pipe)
+    for folder in (out / "checkpoint-2", out):
+        pipe.load_lora_weights(str(folder))
+        after = generate(pipe)
+        assert np.abs(after - before).mean() > 1e-3, f"LoRA from {folder} did not change the image"
+        pipe.unload_lora_weights()
+        np.testing.assert_allclose(generate(pipe), before, atol=1e-6)
+
+    # infer.py with the diffusers folder and with the kohya file gives the same images
+    for lora, dest in ((out, "a"), (out / "run.safetensors", "b")):
+        r = run_script("infer.py", "--base", tiny_model["eps"], "--lora", lora, "--prompt", "a photo of sks dog",
+                       "--prompt", "a photo of dog", "--num_images", "2", "--steps", "3", "--output", tmp_path / dest)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len([p for p in os.listdir(tmp_path / dest) if p.endswith(".png")]) == 5  # 2x2 + grid
+    a = np.asarray(__import__("PIL.Image").Image.open(tmp_path / "a" / "grid.png"), dtype=float)
+    b = np.asarray(__import__("PIL.Image").Image.open(tmp_path / "b" / "grid.png"), dtype=float)
+    assert np.abs(a - b).max() <= 2  # same weights through two loaders; 8-bit rounding at most
+
+
+def test_v_prediction_and_single_file(tiny_model, instance_dir, tmp_path):
+    r = run_script("train_dreambooth_lora.py", *train_args(tiny_model["v"], instance_dir, tmp_path / "v",
+                                                            "--max_train_steps", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_script("train_dreambooth_lora.py", *train_args(
+        tiny_model["single"], instance_dir, tmp_path / "single", "--single_file_config", tiny_model["eps"],
+        "--max_train_steps", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(tmp_path / "single" / "pytorch_lora_weights.safetensors")
+    assert len(a) == len(load_file(tmp_path / "v" / "pytorch_lora_weights.safetensors"))
+
+
+def test_resume_latest_continues_step_count(tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    base = train_args(tiny_model["eps"], instance_dir, out, "--checkpointing_steps", "2")
+    r = run_script("train_dreambooth_lora.py", *base, "--max_train_steps", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_script("train_dreambooth_lora.py", *base, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 2" in r.stdout
+    assert "done: 4 steps" in r.stdout
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_two_process_run(tiny_model, instance_dir, tmp_path):
+    import sys
+    out = tmp_path / "ddp"
+    class_dir = tmp_path / "class"
+    r = run_script("train_dreambooth_lora.py", *train_args(
+        tiny_model["eps"], instance_dir, out, "--with_prior_preservation", "--class_prompt", "a photo of dog",
+        "--class_data_dir", class_dir, "--num_class_images", "4", "--sample_batch_size", "1",
+        "--class_generation_steps", "2", "--max_train_steps", "2", "--checkpointing_steps", "2"),
+        launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+        env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "batch=1x1x2" in r.stdout
+    assert r.stdout.count("done: 2 steps") == 1  # only the main process writes outputs
+    assert len([p for p in os.listdir(class_dir) if p.endswith(".png")]) == 4
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(out / "checkpoint-2"))
+    assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
