@@ -90,6 +90,8 @@ def main(argv=None):
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from dreambooth.validation import image_grid
+    from train_dreambooth_lora import quiet_libraries
+    quiet_libraries()
 
     device = pick_device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(

@@ -44,6 +44,15 @@ def main(argv=None):
         return 2
 
 
+def quiet_libraries():
+    """Our progress bar and settings line are the output; the libraries' per-component chatter is not."""
+    import diffusers
+    import transformers
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def diffusion_target(noise_scheduler, latents, noise, timesteps):
     """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction, SD 2.x 768)."""
     kind = noise_scheduler.config.prediction_type
@@ -83,6 +92,8 @@ def train(args, instance_images):
     from tqdm.auto import tqdm
 
     from dreambooth import checkpoints, data, lora_io, models, priors, validation
+
+    quiet_libraries()
 
     # ---- accelerate: devices, mixed precision, accumulation, trackers -------------------------------
     trackers = checkpoints.available_trackers(args.report_to, warn=log_main)
