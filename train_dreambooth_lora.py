@@ -180,7 +180,10 @@ def train(args, instance_images):
     sampler = data.BucketBatchSampler(dataset, args.train_batch_size, args.seed)
     train_dataloader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=data.collate, num_workers=args.dataloader_num_workers,
-        persistent_workers=args.dataloader_num_workers > 0)
+        persistent_workers=args.dataloader_num_workers > 0,
+        # Its own generator: iterator creation then draws no numbers from torch's global RNG, so a resumed
+        # run's noise sequence matches the uninterrupted run's.
+        generator=torch.Generator().manual_seed(args.seed or 0))
 
     # ---- optimizer and schedule --------------------------------------------------------------------
     lr_scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes \
@@ -211,14 +214,13 @@ def train(args, instance_images):
         text_encoder = trained[1]
     checkpoints.register_lora_state_hooks(accelerator, unet, text_encoder if args.train_text_encoder else None)
 
-    # ---- resume ---------------------------------------------------------------------------------------
-    global_step, first_epoch, skip_batches = 0, 0, 0
+    # ---- resume: weights, optimizer, schedule, RNG states and the exact batch position -------------------
+    position = checkpoints.RunPosition()
+    accelerator.register_for_checkpointing(position)
     if resume_dir:
         accelerator.load_state(resume_dir)
-        global_step = int(os.path.basename(resume_dir.rstrip("/")).split("-")[-1])
-        first_epoch, skip_steps = divmod(global_step, steps_per_epoch)
-        skip_batches = skip_steps * args.gradient_accumulation_steps
-        accelerator.print(f"resumed from {resume_dir} at step {global_step}")
+        accelerator.print(f"resumed from {resume_dir} at step {position.step}")
+    first_epoch, skip_batches = position.epoch, position.batches
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-lora", config={k: v for k, v in effective_config(args).items()
                                                              if isinstance(v, (int, float, str, bool))})
@@ -240,17 +242,20 @@ def train(args, instance_images):
 
     # ---- the loop ---------------------------------------------------------------------------------------
     stopper = checkpoints.GracefulStop()
-    progress = tqdm(range(max_train_steps), initial=global_step, desc="steps",
+    progress = tqdm(range(max_train_steps), initial=position.step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     nan_steps = 0
     for epoch in range(first_epoch, num_train_epochs):
         unet.train()
         if args.train_text_encoder:
             text_encoder.train()
-        sampler.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) \
-            if epoch == first_epoch and skip_batches else train_dataloader
+        sampler.start_epoch(epoch)
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
+        else:
+            batches, position.epoch, position.batches = train_dataloader, epoch, 0
         for batch in batches:
+            position.batches += 1
             with accelerator.accumulate(*trained):
                 if args.cache_latents:
                     latents = batch["pixels"].to(accelerator.device, weight_dtype)
@@ -284,12 +289,12 @@ def train(args, instance_images):
                     if nan_steps > args.allow_nan_steps:
                         last = checkpoints.latest(args.output_dir)
                         accelerator.print(
-                            f"{PROG}: error: loss is {loss.item()} at step {global_step + 1}; lower --learning_rate "
+                            f"{PROG}: error: loss is {loss.item()} at step {position.step + 1}; lower --learning_rate "
                             f"(now {args.learning_rate}) or use --mixed_precision bf16. Last good checkpoint: "
                             f"{last or 'none'} (--allow_nan_steps N skips a few such steps)", file=sys.stderr)
                         accelerator.end_training()
                         return 3
-                    accelerator.print(f"warning: non-finite loss at step {global_step + 1}, step skipped "
+                    accelerator.print(f"warning: non-finite loss at step {position.step + 1}, step skipped "
                                       f"({nan_steps}/{args.allow_nan_steps})", file=sys.stderr)
                     optimizer.zero_grad(set_to_none=True)
                     continue
@@ -301,28 +306,30 @@ def train(args, instance_images):
                 optimizer.zero_grad(set_to_none=True)
 
             if accelerator.sync_gradients:
-                global_step += 1
+                position.step += 1
                 progress.update(1)
                 logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
                 progress.set_postfix(**logs)
-                accelerator.log(logs, step=global_step)
-                if global_step % args.checkpointing_steps == 0 or stop_now:
-                    path = checkpoints.save_checkpoint(accelerator, args.output_dir, global_step,
+                accelerator.log(logs, step=position.step)
+                if position.step % args.checkpointing_steps == 0 or stop_now:
+                    path = checkpoints.save_checkpoint(accelerator, args.output_dir, position.step,
                                                        args.checkpoints_total_limit)
                     if stop_now:
                         accelerator.print(
-                            f"stopped by signal at step {global_step}; checkpoint saved to {path}\n"
+                            f"stopped by signal at step {position.step}; checkpoint saved to {path}\n"
                             f"resume with the same command plus --resume_from_checkpoint latest", file=sys.stderr)
                         accelerator.end_training()
                         return 128 + stopper.requested
-                if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0 \
+                if args.validation_prompt and args.validation_steps and position.step % args.validation_steps == 0 \
                         and accelerator.is_main_process:
-                    sample_validation(global_step)
-            if global_step >= max_train_steps:
+                    sample_validation(position.step)
+            if position.step >= max_train_steps:
                 break
+        if position.step >= max_train_steps:
+            break
         if args.validation_prompt and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 \
-                and accelerator.is_main_process and global_step < max_train_steps:
-            sample_validation(global_step)
+                and accelerator.is_main_process:
+            sample_validation(position.step)
     progress.close()
 
     # ---- outputs: LoRA weights, model card, effective config, last validation grid -----------------------
@@ -333,11 +340,11 @@ def train(args, instance_images):
         check_free_space(args.output_dir, lora_io.lora_file_bytes(unet_final, te_final), "the LoRA weights")
         lora_io.save_diffusers_lora(args.output_dir, unet_final, te_final)
         if args.output_format in ("kohya", "both"):
-            lora_io.save_kohya_lora(args.output_dir, unet_final, te_final, args, global_step)
+            lora_io.save_kohya_lora(args.output_dir, unet_final, te_final, args, position.step)
         if args.validation_prompt:
-            sample_validation(global_step)
-        checkpoints.write_run_files(args, global_step, progress.format_dict.get("elapsed", 0))
-        accelerator.print(f"done: {global_step} steps; LoRA weights in {args.output_dir}/{lora_io.LORA_WEIGHT_NAME}")
+            sample_validation(position.step)
+        checkpoints.write_run_files(args, position.step, progress.format_dict.get("elapsed", 0))
+        accelerator.print(f"done: {position.step} steps; LoRA weights in {args.output_dir}/{lora_io.LORA_WEIGHT_NAME}")
     accelerator.end_training()
     return 0
 

@@ -112,6 +112,21 @@ def load_lora_into(folder, unet, text_encoder=None):
             raise RuntimeError(f"{folder}: {len(unexpected)} LoRA tensors did not match the model, e.g. {unexpected[0]}")
 
 
+class RunPosition:
+    """Where the loop is: optimizer steps, epoch, batches consumed in that epoch. Saved with every
+    checkpoint (accelerate's register_for_checkpointing) because the batch position cannot be derived
+    from the step count: accumulation windows do not restart at epoch boundaries."""
+
+    def __init__(self):
+        self.step, self.epoch, self.batches = 0, 0, 0
+
+    def state_dict(self):
+        return {"step": self.step, "epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state):
+        self.step, self.epoch, self.batches = state["step"], state["epoch"], state["batches"]
+
+
 class GracefulStop:
     """First SIGTERM/SIGINT: finish the step, checkpoint, exit non-zero. Second: exit at once."""
 

@@ -123,7 +123,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.length
 
-    def set_epoch(self, epoch):
+    def start_epoch(self, epoch):
+        """Deliberately not named set_epoch: accelerate calls that with its own counter, which
+        restarts at 0 in the loader skip_first_batches makes on resume."""
         self.epoch = epoch
 
     def size_of(self, index):
@@ -187,9 +189,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         for index in range(len(dataset)):
             self.groups.setdefault(dataset.size_of(index), []).append(index)
 
-    def set_epoch(self, epoch):
+    def start_epoch(self, epoch):
         self.epoch = epoch
-        self.dataset.set_epoch(epoch)
+        self.dataset.start_epoch(epoch)
 
     def _batches(self):
         rng = random.Random(f"{self.seed}/{self.epoch}/order")

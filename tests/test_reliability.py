@@ -1,0 +1,99 @@
+"""Exact resume, SIGTERM checkpointing, NaN stop: the things that protect a long rented-GPU run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_script, train_args
+
+pytestmark = pytest.mark.slow
+
+
+def test_resume_is_bit_exact(tiny_model, instance_dir, tmp_path):
+    """2N steps in one go == N steps, then resume for N more: same LoRA tensors, bit for bit (CPU, fixed
+    seed). Random flips/crops and noise all come back: data RNG is derived from (seed, epoch, index) and
+    torch's RNG state is restored by accelerate. The schedule must not depend on the total (a cosine over 3
+    steps is a different run from a cosine over 6), hence constant_with_warmup."""
+    extra = ["--random_flip", "--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images",
+             "2", "--class_generation_steps", "1", "--checkpointing_steps", "3", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "2",
+             "--gradient_accumulation_steps", "2", "--lora_dropout", "0.1", "--output_format", "diffusers"]
+    full = tmp_path / "full"
+    r = run_script("train_dreambooth_lora.py", *train_args(tiny_model["eps"], instance_dir, full, "--class_data_dir",
+                                                            tmp_path / "cls", "--max_train_steps", "6", *extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    half = tmp_path / "half"
+    base = train_args(tiny_model["eps"], instance_dir, half, "--class_data_dir", tmp_path / "cls", *extra)
+    r = run_script("train_dreambooth_lora.py", *base, "--max_train_steps", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    # resume from a folder path this time ('latest' is covered in test_train_e2e)
+    r = run_script("train_dreambooth_lora.py", *base, "--max_train_steps", "6", "--resume_from_checkpoint",
+                   half / "checkpoint-3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(full / "pytorch_lora_weights.safetensors")
+    b = load_file(half / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    start = load_file(half / "checkpoint-3" / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # training did move the weights
+
+
+def test_sigterm_saves_checkpoint(tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "train_dreambooth_lora.py"),
+           *train_args(tiny_model["eps"], instance_dir, out, "--max_train_steps", "100000",
+                       "--checkpointing_steps", "100000")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.time() + 120
+    stderr = ""
+    while time.time() < deadline:  # wait for the loop to run a few steps
+        line = proc.stderr.readline()
+        stderr += line
+        if "loss=" in line and "| 3/" in line or stderr.count("loss=") > 6:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out_text, rest = proc.communicate(timeout=120)
+    stderr += rest
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "SIGTERM received" in stderr and "--resume_from_checkpoint latest" in stderr
+    ckpts = [p for p in os.listdir(out) if p.startswith("checkpoint-")]
+    assert len(ckpts) == 1 and not ckpts[0].endswith(".tmp")
+    assert os.path.isfile(out / ckpts[0] / "pytorch_lora_weights.safetensors")
+
+
+
+def test_second_signal_exits_at_once(monkeypatch, capsys):
+    """The second signal must not wait for the step or the checkpoint (two real signals sent back to back
+    are merged by the kernel, so the handler is driven directly)."""
+    from dreambooth.checkpoints import GracefulStop
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        stop = GracefulStop()
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        assert stop.requested == signal.SIGTERM and exits == []
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        assert exits == [128 + signal.SIGINT]
+        assert "second signal (SIGINT): exiting now" in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
+
+
+def test_nan_loss_stops_with_message(tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "nan"
+    r = run_script("train_dreambooth_lora.py", *train_args(tiny_model["eps"], instance_dir, out,
+                                                            "--max_train_steps", "4", "--checkpointing_steps", "1",
+                                                            "--learning_rate", "1e30", "--max_grad_norm", "1e30"))
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "loss is nan" in r.stderr or "loss is inf" in r.stderr
+    assert "lower --learning_rate" in r.stderr and "Last good checkpoint: " in r.stderr
+    # the last good checkpoint is kept, and no final LoRA file pretends the run finished
+    assert os.path.isdir(out / "checkpoint-1") and not os.path.exists(out / "pytorch_lora_weights.safetensors")
