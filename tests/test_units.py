@@ -1,0 +1,178 @@
+"""Fast tests of the pieces: image handling, buckets, losses, LoRA key layouts, config files."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import draw_subject
+from dreambooth import data
+from dreambooth.config import UsageError, effective_config, parse_args
+
+
+def test_exif_rotation_alpha_and_greyscale(tmp_path):
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    im.save(tmp_path / "rot.jpg", exif=exif)
+    assert data.load_rgb(tmp_path / "rot.jpg").size == (20, 40)
+
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.save(tmp_path / "cut.png")
+    loaded = data.load_rgb(tmp_path / "cut.png")
+    assert loaded.mode == "RGB" and loaded.getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+
+    Image.new("L", (8, 8), 128).save(tmp_path / "grey.bmp")
+    assert data.load_rgb(tmp_path / "grey.bmp").getpixel((3, 3)) == (128, 128, 128)
+
+
+def test_resize_and_crop_covers_target_without_distortion():
+    import random
+    im = Image.new("RGB", (200, 100))
+    out = data.resize_and_crop(im, (64, 64), True, random.Random(0), Image.BILINEAR)
+    assert out.size == (64, 64)
+    out = data.resize_and_crop(im, (96, 64), False, random.Random(0), Image.BILINEAR)
+    assert out.size == (96, 64)
+    t = data.to_tensor(Image.new("RGB", (4, 2), (255, 0, 127)))
+    assert t.shape == (3, 2, 4) and t[0].max() == 1 and t[1].min() == -1
+
+
+def test_dataset_pairs_instance_and_class_and_reads_captions(tmp_path):
+    for i in range(3):
+        draw_subject(tmp_path / f"i{i}.png")
+    (tmp_path / "i1.txt").write_text("a photo of sks dog on grass\n")
+    cls = tmp_path / "cls"
+    cls.mkdir()
+    for i in range(5):
+        draw_subject(cls / f"c{i}.png", shift=i)
+    ds = data.DreamBoothDataset(data.list_images(tmp_path), "a photo of sks dog", data.list_images(cls),
+                                "a photo of dog", resolution=64, random_flip=True)
+    assert len(ds) == 5 and ds.prompts == ["a photo of sks dog", "a photo of sks dog on grass", "a photo of dog"]
+    batch = data.collate([ds[0], ds[1]])
+    assert batch["pixels"].shape == (4, 3, 64, 64)
+    assert batch["prompt_ids"].tolist() == [0, 1, 2, 2]
+    # same (seed, epoch, index) -> same example; with center crops only the flip varies, and it does
+    assert torch.equal(ds[2]["instance"], ds[2]["instance"])
+    ds.center_crop = True
+    ds.start_epoch(0)
+    first = ds[0]["instance"]
+    outcomes = set()
+    for epoch in range(1, 12):
+        ds.start_epoch(epoch)
+        x = ds[0]["instance"]
+        assert torch.equal(x, first) or torch.equal(x, first.flip(-1))
+        outcomes.add(torch.equal(x, first))
+    assert outcomes == {True, False}
+
+
+def test_cached_latents_replace_pixels(tmp_path):
+    draw_subject(tmp_path / "a.png")
+    ds = data.DreamBoothDataset(data.list_images(tmp_path), "p", resolution=64, random_flip=True)
+    ds.cache_latents(lambda px: px[:, :1] * 2)
+    variants = ds.latents[(str(tmp_path / "a.png"), (64, 64))]
+    assert variants.shape == (2, 1, 64, 64)
+    assert torch.equal(variants[1], variants[0].flip(-1))
+    assert ds[0]["instance"].shape == (1, 64, 64)
+
+
+def test_buckets_assign_every_image_without_upscaling():
+    buckets = data.make_buckets(512, 256, 1024, 64)
+    assert all(w * h <= 512 * 512 and w % 64 == 0 and h % 64 == 0 for w, h in buckets)
+    assert (512, 512) in buckets and (768, 320) in buckets and (320, 768) in buckets
+    for size in [(4000, 3000), (3000, 4000), (1920, 1080), (512, 512), (700, 300), (300, 300), (100, 900)]:
+        w, h = data.assign_bucket(size, buckets, 64, 256)
+        assert w % 64 == 0 and h % 64 == 0
+        if size[0] >= 256 and size[1] >= 256:  # never larger than the photo unless below the minimum side
+            assert w <= size[0] and h <= size[1], (size, (w, h))
+        aspect = size[0] / size[1]
+        if size[0] >= 512 and size[1] >= 512:
+            assert abs(np.log((w / h) / aspect)) < 0.35
+    assert data.assign_bucket((4000, 3000), buckets, 64, 256) in [(576, 448), (512, 384), (576, 384)]
+
+
+def test_bucket_sampler_batches_within_one_size_and_is_reproducible(tmp_path):
+    for i, size in enumerate([(300, 200), (310, 205), (200, 300), (256, 256), (320, 210)]):
+        draw_subject(tmp_path / f"{i}.png", size=size)
+    ds = data.DreamBoothDataset(data.list_images(tmp_path), "p", resolution=256, repeats=2,
+                                bucket_args=(128, 512, 64))
+    sampler = data.BucketBatchSampler(ds, batch_size=2, seed=3)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(10))
+    assert all(len({ds.size_of(i) for i in b}) == 1 for b in batches)
+    assert list(sampler) == batches
+    sampler.start_epoch(1)
+    assert list(sampler) != batches and len(sampler) == len(batches)
+    pixels = data.collate([ds[i] for i in batches[0]])["pixels"]
+    w, h = ds.size_of(batches[0][0])
+    assert pixels.shape == (2, 3, h, w)
+
+
+def test_prior_preservation_loss_and_targets():
+    from diffusers import DDPMScheduler
+    from train_dreambooth_lora import diffusion_target, prior_preservation_loss, snr_loss_weights
+    per = torch.tensor([1.0, 3.0, 10.0, 20.0])
+    assert prior_preservation_loss(per, 2, 0.5).item() == pytest.approx(2.0 + 0.5 * 15.0)
+    assert prior_preservation_loss(per, 4, 0.5).item() == pytest.approx(per.mean().item())
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    eps = DDPMScheduler(prediction_type="epsilon")
+    v = DDPMScheduler(prediction_type="v_prediction")
+    assert torch.equal(diffusion_target(eps, latents, noise, t), noise)
+    alpha = eps.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - eps.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(diffusion_target(v, latents, noise, t), alpha * noise - sigma * latents)
+    w = snr_loss_weights(eps, t, 5.0)
+    assert w[0] < 1 and w[1] == pytest.approx(1.0)  # high-SNR (small t) is down-weighted, low-SNR untouched
+
+
+def test_kohya_keys_follow_the_ecosystem_names():
+    from peft import LoraConfig
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from dreambooth.lora_io import kohya_state_dict
+    from make_tiny_model import build_tiny_pipeline
+    pipe = build_tiny_pipeline()
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_out.0"]))
+    pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    sd = kohya_state_dict(pipe.unet, pipe.text_encoder)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in sd
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight" in sd
+    assert sd["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha"].item() == 4.0
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in sd
+    assert sd["lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_down.weight"].shape == (2, 32)
+
+
+def test_config_file_precedence_and_replay(tmp_path):
+    (tmp_path / "c.yaml").write_text("learning_rate: 3.0e-4\nrank: 8\nlora_target_modules: [to_q, to_v]\n"
+                                     "instance_prompt: a photo of sks cat\n")
+    args = parse_args(["--config", str(tmp_path / "c.yaml"), "--rank", "16"])
+    assert args.learning_rate == 3e-4 and args.rank == 16 and args.lora_target_modules == "to_q,to_v"
+    (tmp_path / "c.toml").write_text('rank = 2\nwith_prior_preservation = true\n')
+    args = parse_args([f"--config={tmp_path / 'c.toml'}"])
+    assert args.rank == 2 and args.with_prior_preservation
+    # the saved effective config replays to the same settings
+    import yaml
+    (tmp_path / "saved.yaml").write_text(yaml.safe_dump(effective_config(args)))
+    assert effective_config(parse_args(["--config", str(tmp_path / "saved.yaml")])) == effective_config(args)
+    with pytest.raises(UsageError, match="unknown key 'rnak'"):
+        (tmp_path / "bad.yaml").write_text("rnak: 2\n")
+        parse_args(["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_atomic_write_keeps_old_file_when_writer_crashes(tmp_path):
+    from dreambooth.lora_io import atomic_write
+    target = tmp_path / "w.safetensors"
+    target.write_text("good")
+
+    def crash(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        atomic_write(str(target), crash)
+    assert target.read_text() == "good" and os.listdir(tmp_path) == ["w.safetensors"]
+
+
+def test_free_space_check_names_the_numbers(tmp_path):
+    from dreambooth.config import check_free_space
+    check_free_space(str(tmp_path / "new" / "dir"), 1, "x")
+    with pytest.raises(UsageError, match=r"need .* MiB, .* MiB free"):
+        check_free_space(str(tmp_path), 1 << 60, "class images")
