@@ -31,6 +31,8 @@ def log_main(message):
 
 
 def main(argv=None):
+    from dreambooth.report import RunStats
+    stats = RunStats()
     try:
         args = parse_args(argv)
         instance_images = validate(args, warn=log_main)
@@ -38,7 +40,7 @@ def main(argv=None):
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     try:
-        return train(args, instance_images)
+        return train(args, instance_images, stats)
     except UsageError as e:  # checks that needed the model or the disk, still before any output is written
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -80,9 +82,11 @@ def prior_preservation_loss(per_example_loss, num_instance, prior_loss_weight):
     return instance.mean() + prior_loss_weight * prior.mean()
 
 
-def train(args, instance_images):
+def train(args, instance_images, stats):
     # Heavy imports after the flags are checked: a typo costs a second, not a model load.
     import datetime
+    import logging
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU-kernel notices at import are not ours
 
     import torch
     import torch.nn.functional as F
@@ -91,12 +95,13 @@ def train(args, instance_images):
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from dreambooth import checkpoints, data, lora_io, models, priors, validation
+    from dreambooth import checkpoints, data, lora_io, models, priors, report, validation
 
     quiet_libraries()
+    stats.baseline_rss_mb = report.rss_mb()  # the runtime's own share: python, torch, diffusers imported
 
     # ---- accelerate: devices, mixed precision, accumulation, trackers -------------------------------
-    trackers = checkpoints.available_trackers(args.report_to, warn=log_main)
+    trackers = report.available_trackers(args.report_to, warn=log_main)
     # torchrun on a machine without GPUs: accelerate only picks gloo multi-CPU when told it is on CPU.
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
@@ -128,6 +133,7 @@ def train(args, instance_images):
         args.pretrained_model_name_or_path, args.revision, args.variant, args.tokenizer_name,
         args.single_file_config, args.prediction_type)
     models.freeze(text_encoder, vae, unet)
+    stats.set(model_weights_fp32_mb=sum(p.numel() for m in (text_encoder, vae, unet) for p in m.parameters()) * 4 / 2**20)
 
     # ---- class priors: generated with the components just loaded, before LoRA is attached -------------
     class_images = []
@@ -147,8 +153,9 @@ def train(args, instance_images):
         started = time.perf_counter()
         class_images, generated = priors.ensure_class_images(generation_pipeline, class_dir, args.num_class_images,
                                                              settings, key, args.sample_batch_size, accelerator)
-        accelerator.print(f"class images: {len(class_images)} in {class_dir} "
-                          f"({generated} generated in {time.perf_counter() - started:.1f}s)")
+        seconds = time.perf_counter() - started
+        stats.set(class_images_generated=generated, class_generation_seconds=seconds)
+        accelerator.print(f"class images: {len(class_images)} in {class_dir} ({generated} generated in {seconds:.1f}s)")
 
     unet.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=weight_dtype)
@@ -240,11 +247,39 @@ def train(args, instance_images):
         if args.cache_latents:
             vae.to("cpu")
 
+    def training_loss(batch):
+        """Noise the latents at random timesteps; score the UNet's prediction against the scheduler's target."""
+        if args.cache_latents:
+            latents = batch["pixels"].to(accelerator.device, weight_dtype)
+        else:
+            with torch.no_grad():
+                latents = vae.encode(batch["pixels"].to(accelerator.device, weight_dtype)).latent_dist.sample()
+            latents = latents * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        if args.noise_offset:
+            noise += args.noise_offset * torch.randn(latents.shape[:2] + (1, 1), device=latents.device,
+                                                     dtype=latents.dtype)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  device=latents.device)
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        if prompt_embeds is not None:
+            encoder_hidden_states = prompt_embeds[batch["prompt_ids"].to(prompt_embeds.device)]
+        else:
+            encoder_hidden_states = models.encode_prompts(text_encoder, prompt_ids[batch["prompt_ids"]])
+        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+        per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if args.snr_gamma:
+            per_example = per_example * snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma)
+        num_instance = latents.shape[0] // (2 if class_images else 1)
+        return prior_preservation_loss(per_example, num_instance, args.prior_loss_weight)
+
     # ---- the loop ---------------------------------------------------------------------------------------
     stopper = checkpoints.GracefulStop()
     progress = tqdm(range(max_train_steps), initial=position.step, desc="steps",
                     disable=not accelerator.is_local_main_process)
-    nan_steps = 0
+    stats.mark_training_start()
+    nan_steps, loss_history = 0, []
     for epoch in range(first_epoch, num_train_epochs):
         unet.train()
         if args.train_text_encoder:
@@ -257,45 +292,22 @@ def train(args, instance_images):
         for batch in batches:
             position.batches += 1
             with accelerator.accumulate(*trained):
-                if args.cache_latents:
-                    latents = batch["pixels"].to(accelerator.device, weight_dtype)
-                else:
-                    pixels = batch["pixels"].to(accelerator.device, weight_dtype)
-                    with torch.no_grad():
-                        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-                noise = torch.randn_like(latents)
-                if args.noise_offset:
-                    noise += args.noise_offset * torch.randn(latents.shape[:2] + (1, 1), device=latents.device,
-                                                             dtype=latents.dtype)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          device=latents.device).long()
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                if prompt_embeds is not None:
-                    encoder_hidden_states = prompt_embeds[batch["prompt_ids"].to(prompt_embeds.device)]
-                else:
-                    encoder_hidden_states = models.encode_prompts(text_encoder, prompt_ids[batch["prompt_ids"]])
-                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-                target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-                per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if args.snr_gamma:
-                    per_example = per_example * snr_loss_weights(noise_scheduler, timesteps, args.snr_gamma)
-                loss = prior_preservation_loss(per_example, latents.shape[0] // (2 if class_images else 1),
-                                               args.prior_loss_weight)
-
-                # One scalar sync per micro-step: a NaN must be caught before it reaches the weights.
-                bad, stop_now = checkpoints.step_flags(accelerator, loss, stopper.requested)
-                if bad:
+                loss = training_loss(batch)
+                # The step's only host sync: the loss value (agreed across processes, with the stop flag), so
+                # a NaN is caught before it reaches the weights. fp16's GradScaler syncs per step anyway.
+                loss_value, stop_now = checkpoints.agree(accelerator, loss, stopper.requested)
+                if not math.isfinite(loss_value):
                     nan_steps += 1
                     if nan_steps > args.allow_nan_steps:
-                        last = checkpoints.latest(args.output_dir)
                         accelerator.print(
-                            f"{PROG}: error: loss is {loss.item()} at step {position.step + 1}; lower --learning_rate "
+                            f"{PROG}: error: loss is {loss_value} at step {position.step + 1}; lower --learning_rate "
                             f"(now {args.learning_rate}) or use --mixed_precision bf16. Last good checkpoint: "
-                            f"{last or 'none'} (--allow_nan_steps N skips a few such steps)", file=sys.stderr)
+                            f"{checkpoints.latest(args.output_dir) or 'none'} (--allow_nan_steps N skips a few such "
+                            "steps)", file=sys.stderr)
                         accelerator.end_training()
                         return 3
-                    accelerator.print(f"warning: non-finite loss at step {position.step + 1}, step skipped "
-                                      f"({nan_steps}/{args.allow_nan_steps})", file=sys.stderr)
+                    accelerator.print(f"warning: loss is {loss_value} at step {position.step + 1}; step skipped "
+                                      f"({nan_steps}/{args.allow_nan_steps} allowed)", file=sys.stderr)
                     optimizer.zero_grad(set_to_none=True)
                     continue
                 accelerator.backward(loss)
@@ -307,10 +319,12 @@ def train(args, instance_images):
 
             if accelerator.sync_gradients:
                 position.step += 1
+                stats.step_done()
+                logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
                 progress.update(1)
-                logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
                 progress.set_postfix(**logs)
                 accelerator.log(logs, step=position.step)
+                loss_history.append((position.step, loss_value))
                 if position.step % args.checkpointing_steps == 0 or stop_now:
                     path = checkpoints.save_checkpoint(accelerator, args.output_dir, position.step,
                                                        args.checkpoints_total_limit)
@@ -323,6 +337,7 @@ def train(args, instance_images):
                 if args.validation_prompt and args.validation_steps and position.step % args.validation_steps == 0 \
                         and accelerator.is_main_process:
                     sample_validation(position.step)
+                stats.pause_done()  # checkpoint and validation time is not step time
             if position.step >= max_train_steps:
                 break
         if position.step >= max_train_steps:
@@ -330,6 +345,7 @@ def train(args, instance_images):
         if args.validation_prompt and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 \
                 and accelerator.is_main_process:
             sample_validation(position.step)
+            stats.pause_done()
     progress.close()
 
     # ---- outputs: LoRA weights, model card, effective config, last validation grid -----------------------
@@ -343,7 +359,9 @@ def train(args, instance_images):
             lora_io.save_kohya_lora(args.output_dir, unet_final, te_final, args, position.step)
         if args.validation_prompt:
             sample_validation(position.step)
-        checkpoints.write_run_files(args, position.step, progress.format_dict.get("elapsed", 0))
+        report.plot_loss(loss_history, os.path.join(args.output_dir, "loss.png"))
+        stats.write(os.path.join(args.output_dir, "train_stats.json"))
+        report.write_run_files(args, position.step, progress.format_dict.get("elapsed", 0))
         accelerator.print(f"done: {position.step} steps; LoRA weights in {args.output_dir}/{lora_io.LORA_WEIGHT_NAME}")
     accelerator.end_training()
     return 0

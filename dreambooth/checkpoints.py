@@ -1,23 +1,20 @@
-"""Checkpoints, resume, signals, trackers and the run's own files (config.yaml, model card).
+"""Checkpoints, resume and signals.
 
 A checkpoint is accelerate's state (optimizer, lr schedule, RNG states, dataloader position) plus a
 pytorch_lora_weights.safetensors that load_lora_weights reads directly. It is written to
 checkpoint-N.tmp and renamed when complete, and older checkpoints are removed only after that,
 so a crash mid-save never costs the previous good checkpoint.
 """
-import datetime
-import importlib.util
 import os
 import re
-import shlex
 import shutil
 import signal
 import sys
 
 import torch
 
-from .config import UsageError, effective_config
-from .lora_io import LORA_WEIGHT_NAME, write_text
+from .config import UsageError
+from .lora_io import LORA_WEIGHT_NAME
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -144,86 +141,12 @@ class GracefulStop:
               "(send it again to exit at once)", file=sys.stderr, flush=True)
 
 
-def step_flags(accelerator, loss, stop_requested):
-    """(loss is non-finite, stop requested) agreed by all processes, so they skip or stop together."""
-    flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(bool(stop_requested))],
-                         device=accelerator.device)
+def agree(accelerator, loss, stop_requested):
+    """(loss value, stop requested) with one host sync; across processes the loss is averaged (NaN on any
+    rank makes it NaN everywhere) and a stop on any rank stops all, so they skip or stop together."""
+    flags = torch.stack([loss.detach().float(), torch.tensor(float(bool(stop_requested)), device=loss.device)])
     if accelerator.num_processes > 1:
         flags = accelerator.reduce(flags, reduction="sum")
-    return bool(flags[0] > 0), bool(flags[1] > 0)
-
-
-def available_trackers(report_to, warn=print):
-    """accelerate trackers named by --report_to that are installed; the others are skipped with a note."""
-    if report_to in (None, "", "none"):
-        return []
-    names = ["tensorboard", "wandb"] if report_to == "all" else [n.strip() for n in report_to.split(",")]
-    found = []
-    for name in names:
-        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
-        if module is None:
-            raise UsageError(f"--report_to {name}: unknown tracker; use tensorboard, wandb, all or none")
-        if importlib.util.find_spec(module) is None and not (name == "tensorboard" and
-                                                             importlib.util.find_spec("tensorboardX")):
-            warn(f"warning: --report_to {name}: {module} is not installed (pip install {module}); not logging to it")
-        else:
-            found.append(name)
-    return found
-
-
-def write_run_files(args, steps, seconds):
-    """config.yaml to repeat the run, README.md model card with the numbers that matter."""
-    import yaml
-    config = effective_config(args)
-    write_text(os.path.join(args.output_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=True))
-    command = "accelerate launch train_dreambooth_lora.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    grids = sorted(os.listdir(os.path.join(args.output_dir, "validation"))) \
-        if os.path.isdir(os.path.join(args.output_dir, "validation")) else []
-    sample = f"\n![validation](validation/{grids[-1]})\n" if grids else ""
-    card = f"""---
-base_model: {args.pretrained_model_name_or_path}
-library_name: diffusers
-license: other
-instance_prompt: {yaml.safe_dump(args.instance_prompt).strip().removesuffix('...').strip()}
-tags:
-- text-to-image
-- stable-diffusion
-- diffusers
-- lora
-- dreambooth
----
-
-# DreamBooth LoRA: {args.instance_prompt}
-
-LoRA weights for `{args.pretrained_model_name_or_path}`, trained with DreamBooth on
-`{args.instance_data_dir}` for {steps} steps ({seconds / 60:.1f} min) on {datetime.date.today().isoformat()}.
-{sample}
-| setting | value |
-| --- | --- |
-| instance prompt | `{args.instance_prompt}` |
-| prior preservation | {f'`{args.class_prompt}`, {args.num_class_images} images, weight {args.prior_loss_weight}'
-                        if args.with_prior_preservation else 'off'} |
-| resolution | {args.resolution} |
-| rank / alpha | {args.rank} / {args.lora_alpha or args.rank} |
-| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| text encoder | {'LoRA-trained' if args.train_text_encoder else 'frozen'} |
-| batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |
-| mixed precision | {args.mixed_precision or 'accelerate default'} |
-
-## Use
-
-```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")
-pipe.load_lora_weights("{args.output_dir}")
-image = pipe("{args.instance_prompt} in a bucket").images[0]
-```
-
-## Reproduce
-
-```
-{command}
-```
-or `accelerate launch train_dreambooth_lora.py --config {os.path.join(args.output_dir, 'config.yaml')}`.
-"""
-    write_text(os.path.join(args.output_dir, "README.md"), card)
+        flags[0] /= accelerator.num_processes
+    loss_value, stop = flags.tolist()
+    return loss_value, stop > 0

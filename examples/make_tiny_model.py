@@ -56,7 +56,10 @@ def write_tokenizer_files(folder, extra_words=("sks", "dog", "photo", "of", "a")
     return vocab
 
 
-def build_tiny_pipeline(prediction_type="epsilon", sample_size=32, seed=0):
+def build_tiny_pipeline(prediction_type="epsilon", sample_size=32, seed=0, unet_channels=(32, 64),
+                        cross_attention_dim=32, vae_channels=(32, 64), layers_per_block=1):
+    """SD's architecture at toy sizes. The last UNet level has no attention, as in SD; the VAE downsamples
+    2**(len(vae_channels) - 1) times (SD: 8x with four levels)."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -66,20 +69,22 @@ def build_tiny_pipeline(prediction_type="epsilon", sample_size=32, seed=0):
         tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"),
                                   model_max_length=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        vocab_size=len(vocab), hidden_size=cross_attention_dim, intermediate_size=2 * cross_attention_dim,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, projection_dim=cross_attention_dim,
         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"]))
+    levels = len(unet_channels)
     unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=32, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
+        block_out_channels=tuple(unet_channels), norm_num_groups=32, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1))
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        norm_num_groups=32, sample_size=sample_size * 2,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels),
+        layers_per_block=1, norm_num_groups=32, sample_size=sample_size * 2 ** (len(vae_channels) - 1),
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels))
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, clip_sample=False,
                               steps_offset=1, prediction_type=prediction_type)

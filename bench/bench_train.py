@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Where a DreamBooth run's time and memory go, measured on SD-architecture models built here.
+
+    python bench/bench_train.py            # about 5 minutes on 2 CPU cores
+    python bench/bench_train.py --quick    # fewer steps, for a smoke test
+
+Prints one table per question, all from the same run:
+  1. step time: the bare UNet+LoRA forward/backward at the training batch (the floor: instance + class
+     images in one call), against our steady-state seconds per step with and without caching;
+  2. class priors: our generation (batched, DPM-Solver++ 25 steps, components reused) against a plain
+     DiffusionPipeline loop at 50 steps, one image at a time; and a second run with the same settings;
+  3. memory: peak RSS of the run, and its growth over the Python+torch runtime (RSS after imports),
+     against the model weights in fp32 (+25%);
+  4. how step time grows with resolution, and 5. how setup grows with the number of instance images.
+Training runs are real subprocesses of train_dreambooth_lora.py; their numbers come from the
+train_stats.json each run writes.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+MODELS = {  # name: (builder kwargs, resolution)
+    "tiny (32,64) @64px": (dict(unet_channels=(32, 64), cross_attention_dim=32, vae_channels=(32, 64),
+                                sample_size=32), 64),
+    "small (64,128,256) x256 @128px": (dict(unet_channels=(64, 128, 256), cross_attention_dim=256,
+                                            vae_channels=(32, 64, 64, 64), sample_size=16), 128),
+}
+
+
+def build(folder, **kwargs):
+    from make_tiny_model import build_tiny_pipeline
+    if not os.path.isdir(folder):
+        build_tiny_pipeline(**kwargs).save_pretrained(folder)
+    return folder
+
+
+def make_images(folder, count, size=(160, 128)):
+    from make_subject_images import draw_dog
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        draw_dog(size, (i * 7) % 20 - 10, (i * 3) % 10 - 5, 0.8 + 0.02 * (i % 10), (200, 190 - i % 40, 170)).save(
+            os.path.join(folder, f"dog{i:03d}.png"))
+    return folder
+
+
+def bare_unet_step(model_dir, resolution, batch, iters):
+    """The floor: UNet with the same LoRA, one forward+backward on random latents and prompt states."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.train()
+    factor = resolution // unet.config.sample_size
+    size = resolution // factor
+    latents = torch.randn(batch, 4, size, size)
+    states = torch.randn(batch, 77, unet.config.cross_attention_dim)
+    times = []
+    for i in range(iters + 3):
+        t = torch.randint(0, 1000, (batch,))
+        start = time.perf_counter()
+        pred = unet(latents, t, states, return_dict=False)[0]
+        torch.nn.functional.mse_loss(pred, latents).backward()
+        unet.zero_grad(set_to_none=True)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def plain_pipeline_images_per_second(model_dir, resolution, count):
+    """What diffengine-style generation costs: load a pipeline, then one image per call at 50 steps."""
+    from diffusers import DiffusionPipeline
+    start = time.perf_counter()
+    pipe = DiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    load = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(count):
+        pipe("a photo of dog", num_inference_steps=50, height=resolution, width=resolution,
+             generator=torch.Generator().manual_seed(i))
+    return count / (time.perf_counter() - start), load
+
+
+def train(model_dir, instance_dir, out, resolution, steps, *extra):
+    cmd = [sys.executable, os.path.join(ROOT, "train_dreambooth_lora.py"),
+           "--pretrained_model_name_or_path", model_dir, "--instance_data_dir", instance_dir,
+           "--instance_prompt", "a photo of sks dog", "--resolution", str(resolution), "--train_batch_size", "1",
+           "--max_train_steps", str(steps), "--checkpointing_steps", "100000", "--seed", "0",
+           "--output_format", "diffusers", "--output_dir", out, *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if r.returncode:
+        raise SystemExit(f"training failed:\n{r.stderr[-3000:]}")
+    with open(os.path.join(out, "train_stats.json")) as f:
+        return json.load(f)
+
+
+def table(title, header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    print(f"\n{title}")
+    print("| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="Fewer steps and images (smoke test).")
+    parser.add_argument("--workdir", default=None, help="Keep models and runs here (default: a temp folder).")
+    args = parser.parse_args()
+    steps = 12 if args.quick else 40
+    n_class = 4 if args.quick else 8
+    work = args.workdir or tempfile.mkdtemp(prefix="bench-dreambooth-")
+    instance_dir = make_images(os.path.join(work, "dog5"), 5)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; work dir {work}")
+
+    step_rows, prior_rows, memory_rows = [], [], []
+    for name, (kwargs, res) in MODELS.items():
+        model = build(os.path.join(work, name.split()[0]), **kwargs)
+        floor = bare_unet_step(model, res, 2, 10 if args.quick else 30)
+        class_dir = os.path.join(work, f"class-{name.split()[0]}")
+        prior = ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_data_dir", class_dir,
+                 "--num_class_images", str(n_class), "--sample_batch_size", str(n_class)]
+        plain = train(model, instance_dir, os.path.join(work, f"run-{name.split()[0]}-plain"), res, steps, *prior)
+        cached = train(model, instance_dir, os.path.join(work, f"run-{name.split()[0]}-cached"), res, steps, *prior,
+                       "--cache_latents", "--pre_compute_text_embeddings")
+        for label, stats in (("no caching", plain), ("cache_latents + pre_compute_text_embeddings", cached)):
+            step_rows.append([name, label, f"{floor * 1000:.1f}", f"{stats['step_seconds_median'] * 1000:.1f}",
+                              f"{stats['step_seconds_median'] / floor:.2f}x", f"{stats['setup_seconds']:.1f}"])
+        ours = plain["class_images_generated"] / plain["class_generation_seconds"]
+        baseline, _ = plain_pipeline_images_per_second(model, res, 2 if args.quick else 4)
+        prior_rows.append([name, f"{baseline:.2f}", f"{ours:.2f}", f"{ours / baseline:.1f}x",
+                           f"{plain['class_images_generated']} in {plain['class_generation_seconds']:.1f}s",
+                           f"{cached['class_images_generated']} in {cached.get('class_generation_seconds', 0):.2f}s"])
+        for label, stats in (("no caching", plain), ("cached", cached)):
+            growth = stats["peak_rss_mb"] - stats["baseline_rss_mb"]
+            budget = stats["model_weights_fp32_mb"] * 1.25
+            memory_rows.append([name, label, f"{stats['peak_rss_mb']:.0f}", f"{stats['baseline_rss_mb']:.0f}",
+                                f"{growth:.0f}", f"{stats['model_weights_fp32_mb']:.1f}", f"{budget:.1f}",
+                                "yes" if growth <= budget else "no"])
+
+    table("1. Seconds per step: the floor is a bare UNet+LoRA forward+backward at batch 2 (1 instance + 1 class)",
+          ["model", "ours", "floor ms", "ours ms", "ratio", "setup s"], step_rows)
+    table(f"2. Class priors ({n_class} images): plain pipeline loop at 50 steps, 1 image/call vs ours "
+          "(DPM-Solver++ 25 steps, batched, components reused)",
+          ["model", "plain img/s", "ours img/s", "speed-up", "first run", "second run (same settings)"], prior_rows)
+    table("3. Memory (MB): peak RSS, RSS of the runtime after imports, growth, model weights fp32 (+25% budget)",
+          ["model", "run", "peak", "runtime", "growth", "weights fp32", "budget", "growth within"], memory_rows)
+
+    name = "small (64,128,256) x256 @128px"
+    kwargs, _ = MODELS[name]
+    model = os.path.join(work, "small")
+    res_rows = []
+    for res in (64, 128, 256):
+        stats = train(model, instance_dir, os.path.join(work, f"res-{res}"), res, steps // 2 + 4, "--cache_latents",
+                      "--pre_compute_text_embeddings")
+        res_rows.append([res, f"{stats['step_seconds_median'] * 1000:.1f}"])
+    table(f"4. Step time vs resolution ({name}, batch 1, cached)", ["resolution px", "ms/step"], res_rows)
+
+    setup_rows = []
+    for count in (5, 20, 80):
+        folder = make_images(os.path.join(work, f"dog{count}"), count)
+        stats = train(os.path.join(work, "tiny"), folder, os.path.join(work, f"setup-{count}"), 64, 4,
+                      "--cache_latents", "--pre_compute_text_embeddings")
+        setup_rows.append([count, f"{stats['setup_seconds']:.2f}"])
+    table("5. Setup time (flags checked -> first step, tiny model, latents cached) vs instance images",
+          ["instance images", "setup s"], setup_rows)
+
+
+if __name__ == "__main__":
+    main()

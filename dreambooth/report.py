@@ -1,0 +1,169 @@
+"""What a run reports: trackers, step timing and memory (train_stats.json), loss.png, config.yaml and the
+model card README.md."""
+import datetime
+import importlib.util
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+from PIL import Image, ImageDraw
+
+from .config import UsageError, effective_config
+from .lora_io import write_text
+
+
+def rss_mb():
+    """Peak resident memory of this process so far (Linux/macOS); current RSS elsewhere."""
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    except ImportError:
+        import psutil
+        return psutil.Process().memory_info().rss / 2**20
+
+
+class RunStats:
+    """Wall-clock split of a run: setup (flags to first step), class generation, steady-state step time
+    (median, checkpoint and validation pauses excluded), and memory."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.baseline_rss_mb = rss_mb()
+        self.values = {}
+        self.step_seconds = []
+        self._tick = None
+
+    def set(self, **values):
+        self.values.update(values)
+
+    def mark_training_start(self):
+        self.values["setup_seconds"] = time.perf_counter() - self.started - self.values.get("class_generation_seconds", 0)
+        self._tick = time.perf_counter()
+
+    def step_done(self):
+        now = time.perf_counter()
+        self.step_seconds.append(now - self._tick)
+        self._tick = now
+
+    def pause_done(self):
+        self._tick = time.perf_counter()
+
+    def summary(self):
+        steady = self.step_seconds[2:] or self.step_seconds
+        return dict(self.values, steps_timed=len(self.step_seconds),
+                    step_seconds_median=statistics.median(steady) if steady else None,
+                    baseline_rss_mb=self.baseline_rss_mb, peak_rss_mb=rss_mb(),
+                    total_seconds=time.perf_counter() - self.started)
+
+    def write(self, path):
+        write_text(path, json.dumps(self.summary(), indent=2))
+
+
+def plot_loss(history, path, width=640, height=320):
+    """Loss per step and its running mean, drawn with PIL (no plotting library needed)."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    pad = 40
+    draw.rectangle((pad, 10, width - 10, height - pad), outline=(120, 120, 120))
+    if len(history) >= 1:
+        steps = [s for s, _ in history]
+        losses = [v for _, v in history]
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1e-6
+        s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+
+        def xy(step, value):
+            return (pad + (step - s0) / (s1 - s0) * (width - pad - 10),
+                    height - pad - (value - lo) / (hi - lo) * (height - pad - 10))
+        draw.line([xy(s, v) for s, v in history], fill=(170, 190, 230), width=1)
+        window = max(1, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                  for i in range(len(losses))]
+        draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 200), width=2)
+        draw.text((pad, height - pad + 5), f"step {s0}", fill="black")
+        draw.text((width - 90, height - pad + 5), f"step {steps[-1]}", fill="black")
+        draw.text((2, 10), f"{hi:.3g}", fill="black")
+        draw.text((2, height - pad - 12), f"{lo:.3g}", fill="black")
+    draw.text((width // 2 - 30, height - 20), "training loss", fill="black")
+    from .lora_io import atomic_write
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def available_trackers(report_to, warn=print):
+    """accelerate trackers named by --report_to that are installed; the others are skipped with a note."""
+    if report_to in (None, "", "none"):
+        return []
+    names = ["tensorboard", "wandb"] if report_to == "all" else [n.strip() for n in report_to.split(",")]
+    found = []
+    for name in names:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
+        if module is None:
+            raise UsageError(f"--report_to {name}: unknown tracker; use tensorboard, wandb, all or none")
+        if importlib.util.find_spec(module) is None and not (name == "tensorboard" and
+                                                             importlib.util.find_spec("tensorboardX")):
+            warn(f"warning: --report_to {name}: {module} is not installed (pip install {module}); not logging to it")
+        else:
+            found.append(name)
+    return found
+
+
+def write_run_files(args, steps, seconds):
+    """config.yaml to repeat the run, README.md model card with the numbers that matter."""
+    import yaml
+    config = effective_config(args)
+    write_text(os.path.join(args.output_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=True))
+    command = "accelerate launch train_dreambooth_lora.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    grids = sorted(os.listdir(os.path.join(args.output_dir, "validation"))) \
+        if os.path.isdir(os.path.join(args.output_dir, "validation")) else []
+    sample = f"\n![validation](validation/{grids[-1]})\n" if grids else ""
+    card = f"""---
+base_model: {args.pretrained_model_name_or_path}
+library_name: diffusers
+license: other
+instance_prompt: {yaml.safe_dump(args.instance_prompt).strip().removesuffix('...').strip()}
+tags:
+- text-to-image
+- stable-diffusion
+- diffusers
+- lora
+- dreambooth
+---
+
+# DreamBooth LoRA: {args.instance_prompt}
+
+LoRA weights for `{args.pretrained_model_name_or_path}`, trained with DreamBooth on
+`{args.instance_data_dir}` for {steps} steps ({seconds / 60:.1f} min) on {datetime.date.today().isoformat()}.
+{sample}
+| setting | value |
+| --- | --- |
+| instance prompt | `{args.instance_prompt}` |
+| prior preservation | {f'`{args.class_prompt}`, {args.num_class_images} images, weight {args.prior_loss_weight}'
+                        if args.with_prior_preservation else 'off'} |
+| resolution | {args.resolution} |
+| rank / alpha | {args.rank} / {args.lora_alpha or args.rank} |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+| text encoder | {'LoRA-trained' if args.train_text_encoder else 'frozen'} |
+| batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |
+| mixed precision | {args.mixed_precision or 'accelerate default'} |
+
+## Use
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")
+pipe.load_lora_weights("{args.output_dir}")
+image = pipe("{args.instance_prompt} in a bucket").images[0]
+```
+
+## Reproduce
+
+```
+{command}
+```
+or `accelerate launch train_dreambooth_lora.py --config {os.path.join(args.output_dir, 'config.yaml')}`.
+"""
+    write_text(os.path.join(args.output_dir, "README.md"), card)
