@@ -174,10 +174,11 @@ def train(args, instance_images, stats):
         args.center_crop, args.random_flip, args.repeats, args.image_interpolation_mode, args.seed,
         bucket_args=(args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps) if args.enable_bucket else None)
     prompt_ids = models.tokenize(tokenizer, dataset.prompts)
-    prompt_embeds = None
+    prompt_conditioning = None  # {unet kwarg: tensor [prompts, ...]} when the fixed prompts are encoded once
     if args.pre_compute_text_embeddings:
         with torch.no_grad():
-            prompt_embeds = models.encode_prompts(text_encoder, prompt_ids).to(weight_dtype)
+            prompt_conditioning = {k: v.to(weight_dtype) for k, v in
+                                   models.encode_prompts(text_encoder, prompt_ids).items()}
         text_encoder.to("cpu")  # frees device memory; moved back only for validation
     if args.cache_latents:
         with torch.no_grad():
@@ -262,11 +263,11 @@ def train(args, instance_images, stats):
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   device=latents.device)
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-        if prompt_embeds is not None:
-            encoder_hidden_states = prompt_embeds[batch["prompt_ids"].to(prompt_embeds.device)]
+        if prompt_conditioning is not None:
+            conditioning = {k: v[batch["prompt_ids"].to(v.device)] for k, v in prompt_conditioning.items()}
         else:
-            encoder_hidden_states = models.encode_prompts(text_encoder, prompt_ids[batch["prompt_ids"]])
-        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+            conditioning = models.encode_prompts(text_encoder, prompt_ids[batch["prompt_ids"]])
+        model_pred = unet(noisy_latents, timesteps, return_dict=False, **conditioning)[0]
         target = diffusion_target(noise_scheduler, latents, noise, timesteps)
         per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if args.snr_gamma:

@@ -54,6 +54,12 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--instance_data_dir", default=None,
                    help="Folder of subject photos (jpg/png/webp/bmp). 'photo.txt' beside 'photo.jpg' is its caption.")
+    g.add_argument("--dataset_name", default=None,
+                   help="Instead of --instance_data_dir: a Hugging Face dataset id or local dataset path "
+                        "(needs the optional `datasets` package).")
+    g.add_argument("--image_column", default="image", help="Dataset column holding the images.")
+    g.add_argument("--caption_column", default=None,
+                   help="Dataset column holding per-image captions (default: --instance_prompt for all).")
     g.add_argument("--instance_prompt", default=None, help="Prompt naming the subject, e.g. 'a photo of sks dog'.")
     g.add_argument("--class_data_dir", default=None,
                    help="Folder of class-prior images; missing ones are generated (default: output_dir/class_images).")
@@ -227,6 +233,62 @@ def list_instance_images(folder):
     return images, skipped, captions
 
 
+def _instance_folder_images(folder):
+    if not folder:
+        raise UsageError("--instance_data_dir is required: a folder with 3-20 photos of the subject "
+                         "(or --dataset_name)")
+    if not os.path.isdir(folder):
+        raise UsageError(f"--instance_data_dir {folder}: folder does not exist")
+    images, skipped, captions = list_instance_images(folder)
+    if not images:
+        what = "is empty" if not os.listdir(folder) else f"has no images ({', '.join(IMAGE_EXTENSIONS)})"
+        raise UsageError(f"--instance_data_dir {folder} {what}; add photos of the subject")
+    stems = {os.path.splitext(p)[0] for p in images}
+    for cap in captions:
+        if os.path.splitext(cap)[0] not in stems:
+            raise UsageError(f"--instance_data_dir: caption file {cap} has no image of the same name; "
+                             "rename it to match an image or move it out")
+    return images, skipped
+
+
+def dataset_to_folder(name, image_column, caption_column):
+    """A `datasets` dataset written out as image + caption files in a temporary folder, so the rest of the
+    pipeline (validation, captions, caching) treats it exactly like --instance_data_dir."""
+    import atexit
+    import tempfile
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("--dataset_name needs the optional datasets package: pip install datasets")
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        loaded = datasets.load_dataset(name)
+    except Exception as e:
+        raise UsageError(f"--dataset_name {name}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0]})")
+    split = loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column is not None and column not in split.column_names:
+            raise UsageError(f"{flag} {column}: no such column in {name} (columns: {', '.join(split.column_names)})")
+    if len(split) == 0:
+        raise UsageError(f"--dataset_name {name}: the dataset has no rows")
+    folder = tempfile.mkdtemp(prefix="dreambooth-dataset-")
+    atexit.register(shutil.rmtree, folder, True)
+    images = []
+    for i, row in enumerate(split):
+        image = row[image_column]
+        if isinstance(image, str):
+            from PIL import Image
+            image = Image.open(image)
+        path = os.path.join(folder, f"{i:05d}.png")
+        image.save(path)
+        images.append(path)
+        if caption_column and row[caption_column]:
+            with open(os.path.join(folder, f"{i:05d}.txt"), "w", encoding="utf-8") as f:
+                f.write(str(row[caption_column]))
+    return images
+
+
 def _check_images(images):
     from PIL import Image
     for path in images:
@@ -265,24 +327,6 @@ def validate(args, warn=print):
 
     if not args.instance_prompt:
         raise UsageError("--instance_prompt is required, e.g. --instance_prompt 'a photo of sks dog'")
-    if not args.instance_data_dir:
-        raise UsageError("--instance_data_dir is required: a folder with 3-20 photos of the subject")
-    if not os.path.isdir(args.instance_data_dir):
-        raise UsageError(f"--instance_data_dir {args.instance_data_dir}: folder does not exist")
-    images, skipped, captions = list_instance_images(args.instance_data_dir)
-    if not images:
-        what = "is empty" if not os.listdir(args.instance_data_dir) else \
-            f"has no images ({', '.join(IMAGE_EXTENSIONS)})"
-        raise UsageError(f"--instance_data_dir {args.instance_data_dir} {what}; add photos of the subject")
-    stems = {os.path.splitext(p)[0] for p in images}
-    for cap in captions:
-        if os.path.splitext(cap)[0] not in stems:
-            raise UsageError(f"--instance_data_dir: caption file {cap} has no image of the same name; "
-                             "rename it to match an image or move it out")
-    _check_images(images)
-    if skipped:
-        notes.append(f"note: --instance_data_dir: skipping {skipped} non-image file(s)")
-
     if args.with_prior_preservation:
         if not args.class_prompt:
             raise UsageError("--with_prior_preservation needs --class_prompt, e.g. --class_prompt 'a photo of dog'")
@@ -339,6 +383,10 @@ def validate(args, warn=print):
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
                          "(PyTorch SDPA is used by default and is as fast on torch>=2)")
 
+    trackers = [t.strip() for t in (args.report_to or "none").split(",")]
+    unknown = [t for t in trackers if t not in ("tensorboard", "wandb", "all", "none")]
+    if unknown:
+        raise UsageError(f"--report_to {unknown[0]}: unknown tracker; use tensorboard, wandb, all or none")
     if os.path.isfile(args.output_dir):
         raise UsageError(f"--output_dir {args.output_dir} is a file; give a folder path")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
@@ -352,6 +400,16 @@ def validate(args, warn=print):
             notes.append("warning: --mixed_precision fp16 needs a CUDA GPU and none was found; "
                  "falling back to fp32 (--mixed_precision no). bf16 works on CPU.")
             args.mixed_precision = "no"
+    # Last: the checks that read every photo (or load a dataset), once the cheap ones have passed.
+    if args.dataset_name:
+        if args.instance_data_dir:
+            raise UsageError("give --dataset_name or --instance_data_dir, not both")
+        images, skipped = dataset_to_folder(args.dataset_name, args.image_column, args.caption_column), 0
+    else:
+        images, skipped = _instance_folder_images(args.instance_data_dir)
+    _check_images(images)
+    if skipped:
+        notes.append(f"note: --instance_data_dir: skipping {skipped} non-image file(s)")
     for note in notes:
         warn(note)
     return images

@@ -80,8 +80,10 @@ def tokenize(tokenizer, prompts):
 
 
 def encode_prompts(text_encoder, input_ids):
-    """The last hidden state conditions the UNet in SD 1.x/2.x."""
-    return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
+    """UNet conditioning for SD 1.x/2.x: the text encoder's last hidden state. Returned as the UNet's
+    keyword arguments, so a family with more conditioning (SDXL: two text encoders, pooled embeddings,
+    added time ids) changes this function and load_components, not the training loop."""
+    return {"encoder_hidden_states": text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]}
 
 
 def trainable_parameters(model):

@@ -100,9 +100,7 @@ def available_trackers(report_to, warn=print):
     names = ["tensorboard", "wandb"] if report_to == "all" else [n.strip() for n in report_to.split(",")]
     found = []
     for name in names:
-        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
-        if module is None:
-            raise UsageError(f"--report_to {name}: unknown tracker; use tensorboard, wandb, all or none")
+        module = name  # names were checked in config.validate
         if importlib.util.find_spec(module) is None and not (name == "tensorboard" and
                                                              importlib.util.find_spec("tensorboardX")):
             warn(f"warning: --report_to {name}: {module} is not installed (pip install {module}); not logging to it")
@@ -136,7 +134,7 @@ tags:
 # DreamBooth LoRA: {args.instance_prompt}
 
 LoRA weights for `{args.pretrained_model_name_or_path}`, trained with DreamBooth on
-`{args.instance_data_dir}` for {steps} steps ({seconds / 60:.1f} min) on {datetime.date.today().isoformat()}.
+`{args.dataset_name or args.instance_data_dir}` for {steps} steps ({seconds / 60:.1f} min) on {datetime.date.today().isoformat()}.
 {sample}
 | setting | value |
 | --- | --- |

@@ -58,6 +58,14 @@ def make_stray_caption(tmp_path):
     return str(folder)
 
 
+def make_dataset_folder(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    draw_subject(folder / "0.png")
+    (folder / "metadata.csv").write_text("file_name,text\n0.png,a dog\n")
+    return str(folder)
+
+
 CASES = [  # (name, overrides (callables get tmp_path), words the one-line message must contain)
     ("missing instance dir", {"instance_data_dir": "/nonexistent/dog"}, ["--instance_data_dir", "does not exist"]),
     ("empty instance dir", {"instance_data_dir": make_empty}, ["--instance_data_dir", "is empty"]),
@@ -88,6 +96,10 @@ CASES = [  # (name, overrides (callables get tmp_path), words the one-line messa
     ("text encoder + precomputed", {"train_text_encoder": True, "pre_compute_text_embeddings": True},
      ["--pre_compute_text_embeddings", "--train_text_encoder"]),
     ("bucket steps", {"enable_bucket": True, "bucket_reso_steps": 12}, ["--bucket_reso_steps", "multiple of 8"]),
+    ("unknown tracker", {"report_to": "mlflow"}, ["--report_to mlflow", "unknown tracker"]),
+    ("dataset and folder", {"dataset_name": make_dataset_folder}, ["--dataset_name", "--instance_data_dir", "not both"]),
+    ("dataset column", {"instance_data_dir": None, "dataset_name": make_dataset_folder, "caption_column": "caption"},
+     ["--caption_column caption", "no such column", "text"]),
     ("bad config key", {"config": lambda t: (t / "c.yaml").write_text("learning_rat: 1\n") and str(t / "c.yaml")},
      ["--config", "unknown key 'learning_rat'"]),
 ]
@@ -114,6 +126,21 @@ def test_8bit_adam_without_bitsandbytes(setup, capsys, monkeypatch):
     assert train_dreambooth_lora.main(argv(use_8bit_adam=True)) == 2
     err = capsys.readouterr().err.strip()
     assert "--use_8bit_adam needs bitsandbytes" in err and "\n" not in err
+    assert not os.path.exists(out)
+
+
+def test_dataset_without_datasets_package(setup, capsys, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_datasets(name, *a, **k):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    tmp_path, dog, out, argv = setup
+    assert train_dreambooth_lora.main(argv(instance_data_dir=None, dataset_name="someone/dogs")) == 2
+    assert "--dataset_name needs the optional datasets package: pip install datasets" in capsys.readouterr().err
     assert not os.path.exists(out)
 
 

@@ -97,3 +97,32 @@ def test_nan_loss_stops_with_message(tiny_model, instance_dir, tmp_path):
     assert "lower --learning_rate" in r.stderr and "Last good checkpoint: " in r.stderr
     # the last good checkpoint is kept, and no final LoRA file pretends the run finished
     assert os.path.isdir(out / "checkpoint-1") and not os.path.exists(out / "pytorch_lora_weights.safetensors")
+
+
+def test_dead_rank_does_not_hang_the_other(tiny_model, instance_dir, tmp_path):
+    """Two processes started by hand (no torchrun agent to clean up): SIGKILL rank 1 mid-training and
+    rank 0 must exit non-zero, within --ddp_timeout, instead of waiting forever in a collective."""
+    args = [sys.executable, os.path.join(ROOT, "train_dreambooth_lora.py"),
+            *train_args(tiny_model["eps"], instance_dir, tmp_path / "out", "--max_train_steps", "100000",
+                        "--checkpointing_steps", "100000", "--ddp_timeout", "30")]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                      cwd=ROOT))
+    try:
+        seen = ""
+        deadline = time.time() + 180
+        while "loss=" not in seen and time.time() < deadline:
+            seen += procs[0].stderr.read(200)
+        assert "loss=" in seen, seen[-2000:]
+        procs[1].kill()
+        started = time.time()
+        procs[0].communicate(timeout=120)
+        assert procs[0].returncode != 0
+        assert time.time() - started < 90
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

@@ -138,3 +138,36 @@ def test_two_process_run(tiny_model, instance_dir, tmp_path):
     assert len([p for p in os.listdir(class_dir) if p.endswith(".png")]) == 4
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(out / "checkpoint-2"))
     assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
+
+
+def test_dataset_and_tensorboard(tiny_model, tmp_path):
+    """--dataset_name with a local image folder through `datasets` (captions from a column), and loss, lr and
+    validation images logged to tensorboard."""
+    pytest.importorskip("datasets")
+    pytest.importorskip("tensorboard")
+    from conftest import draw_subject
+    folder = tmp_path / "hf_dataset"
+    folder.mkdir()
+    rows = ["file_name,text"]
+    for i in range(3):
+        draw_subject(folder / f"{i}.png", shift=i)
+        rows.append(f"{i}.png,a photo of sks dog number {i}")
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    r = run_script("train_dreambooth_lora.py", "--pretrained_model_name_or_path", tiny_model["eps"],
+                   "--dataset_name", folder, "--caption_column", "text", "--instance_prompt", "a photo of sks dog",
+                   "--resolution", "64", "--train_batch_size", "1", "--max_train_steps", "3", "--seed", "0",
+                   "--report_to", "tensorboard", "--validation_prompt", "a photo of sks dog",
+                   "--num_validation_images", "2", "--output_dir", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "images=3" in r.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logdir = out / "logs" / "dreambooth-lora"
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+    assert "lr" in acc.Tags()["scalars"] and "validation" in acc.Tags()["images"]
+    stats = json.load(open(out / "train_stats.json"))
+    assert stats["steps_timed"] == 3 and stats["step_seconds_median"] > 0 and stats["peak_rss_mb"] > 0
+    from PIL import Image
+    assert Image.open(out / "loss.png").size == (640, 320)

@@ -176,3 +176,89 @@ def test_free_space_check_names_the_numbers(tmp_path):
     check_free_space(str(tmp_path / "new" / "dir"), 1, "x")
     with pytest.raises(UsageError, match=r"need .* MiB, .* MiB free"):
         check_free_space(str(tmp_path), 1 << 60, "class images")
+
+
+class FakeAccelerator:
+    def __init__(self, index=0, count=1):
+        self.process_index, self.num_processes = index, count
+        self.is_main_process = self.is_local_main_process = index == 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+class FakePipe:
+    """Stands in for StableDiffusionPipeline: records what it was asked to make."""
+    device = "cpu"
+
+    def __init__(self, log):
+        self.log = log
+
+    def encode_prompt(self, prompt, device, n, cfg):
+        return torch.zeros(1, 77, 8), torch.zeros(1, 77, 8)
+
+    def __call__(self, prompt_embeds, generator, **kw):
+        self.log.append(len(generator))
+        seeds = [g.initial_seed() for g in generator]
+        return type("Out", (), {"images": [Image.new("RGB", (8, 8), (s % 256, 0, 0)) for s in seeds]})()
+
+
+def test_class_priors_generate_only_missing_and_never_mix(tmp_path, monkeypatch):
+    from dreambooth import priors
+    class_dir = str(tmp_path / "cls")
+    os.makedirs(class_dir)
+    draw_subject(os.path.join(class_dir, "mine.jpg"))  # the user's own image counts
+    settings, key = priors.prior_settings("m", "a photo of dog", 25, 0, 64, "float32")
+    log = []
+    paths, made = priors.ensure_class_images(lambda: FakePipe(log), class_dir, 6, settings, key, 2, FakeAccelerator())
+    assert made == 5 and log == [2, 2, 1] and len(paths) == 6 and len(set(paths)) == 6
+    assert os.path.join(class_dir, "mine.jpg") in paths
+    manifest = [n for n in os.listdir(class_dir) if n.endswith(".json")]
+    assert manifest == [f"priors-{key}.json"]
+    # same settings again: nothing generated; more images asked: only the difference
+    log.clear()
+    assert priors.ensure_class_images(lambda: FakePipe(log), class_dir, 6, settings, key, 2, FakeAccelerator())[1] == 0
+    assert log == []
+    paths, made = priors.ensure_class_images(lambda: FakePipe(log), class_dir, 8, settings, key, 4, FakeAccelerator())
+    assert made == 2 and len(set(paths)) == 8
+    # other settings: the generated images of the first key are not used
+    other, other_key = priors.prior_settings("m", "a photo of cat", 25, 0, 64, "float32")
+    paths, made = priors.ensure_class_images(lambda: FakePipe([]), class_dir, 3, other, other_key, 4, FakeAccelerator())
+    assert made == 2 and all(key not in p for p in paths)
+
+
+def test_class_priors_split_across_processes(tmp_path):
+    """Both ranks count the same missing images, then each makes its share; names never collide."""
+    from dreambooth import priors
+    settings, key = priors.prior_settings("m", "dog", 25, 7, 64, "float32")
+    made = []
+    for rank in (0, 1):  # each rank sees the folder as it was before generation started
+        folder = tmp_path / f"rank{rank}"
+        log = []
+        priors.ensure_class_images(lambda: FakePipe(log), str(folder), 5, settings, key, 8, FakeAccelerator(rank, 2))
+        made.append(sorted(n for n in os.listdir(folder) if n.endswith(".png")))
+        assert log == [3 - rank]
+    assert not set(made[0]) & set(made[1])
+    assert sorted(made[0] + made[1]) == [f"prior-{key}-{i:05d}.png" for i in range(5)]
+
+
+def test_class_priors_check_disk_space_first(tmp_path, monkeypatch):
+    import shutil
+    from dreambooth import priors
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    settings, key = priors.prior_settings("m", "dog", 25, 0, 512, "float32")
+    with pytest.raises(UsageError, match="not enough disk space .* for 200 class images"):
+        priors.ensure_class_images(lambda: pytest.fail("generated before checking space"), str(tmp_path / "c"), 200,
+                                   settings, key, 4, FakeAccelerator())
+
+
+def test_checkpoint_listing_ignores_incomplete_saves(tmp_path):
+    from dreambooth.checkpoints import latest, list_checkpoints, resolve_resume
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-x", "other"):
+        os.makedirs(tmp_path / name)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint-2", "checkpoint-10"]
+    assert latest(str(tmp_path)).endswith("checkpoint-10")
+    assert resolve_resume("latest", str(tmp_path)).endswith("checkpoint-10")
+    assert resolve_resume("latest", str(tmp_path / "none")) is None
+    with pytest.raises(UsageError, match="not a checkpoint-N folder"):
+        resolve_resume(str(tmp_path / "other"), str(tmp_path))
