@@ -133,6 +133,8 @@ def train(args, instance_images, stats):
         args.pretrained_model_name_or_path, args.revision, args.variant, args.tokenizer_name,
         args.single_file_config, args.prediction_type)
     models.freeze(text_encoder, vae, unet)
+    accelerator.print(f"prediction_type={noise_scheduler.config.prediction_type} "
+                      f"scheduler={type(noise_scheduler).__name__} unet_params={sum(p.numel() for p in unet.parameters())}")
     stats.set(model_weights_fp32_mb=sum(p.numel() for m in (text_encoder, vae, unet) for p in m.parameters()) * 4 / 2**20)
 
     # ---- class priors: generated with the components just loaded, before LoRA is attached -------------

@@ -72,7 +72,7 @@ def test_lora_loads_changes_image_and_unloads(tiny_model, instance_dir, tmp_path
     out = tmp_path / "run"
     r = run_script("train_dreambooth_lora.py", *train_args(
         tiny_model["eps"], instance_dir, out, "--max_train_steps", "3", "--checkpointing_steps", "2",
-        "--learning_rate", "5e-2", "--train_text_encoder"))
+        "--learning_rate", "5e-2", "--train_text_encoder", "--rank", "4", "--lora_alpha", "8"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "prior=off" in r.stdout and not os.path.exists(out / "class_images")
     keys, meta = lora_keys(out / "pytorch_lora_weights.safetensors")
@@ -86,6 +86,21 @@ def test_lora_loads_changes_image_and_unloads(tiny_model, instance_dir, tmp_path
         assert np.abs(after - before).mean() > 1e-3, f"LoRA from {folder} did not change the image"
         pipe.unload_lora_weights()
         np.testing.assert_allclose(generate(pipe), before, atol=1e-6)
+
+    # the kohya/A1111 file (alpha as .alpha tensors) and the diffusers file (alpha in metadata) are the same
+    # LoRA: same image for the same seed, to float rounding (alpha=8, rank=4 makes a wrong scale visible)
+    pipe.load_lora_weights(str(out))
+    from_diffusers = generate(pipe)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(out), weight_name="run.safetensors")
+    from_kohya = generate(pipe)
+    pipe.unload_lora_weights()
+    assert np.abs(from_diffusers - from_kohya).max() < 1e-4
+    with safe_open(out / "run.safetensors", "pt") as f:
+        kohya_keys, kohya_meta = list(f.keys()), f.metadata()
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in kohya_keys)
+    assert kohya_meta["ss_network_dim"] == "4" and kohya_meta["ss_network_alpha"] == "8.0"
+    assert kohya_meta["instance_prompt"] == "a photo of sks dog" and kohya_meta["ss_steps"] == "3"
 
     # infer.py with the diffusers folder and with the kohya file gives the same images
     for lora, dest in ((out, "a"), (out / "run.safetensors", "b")):
@@ -171,3 +186,62 @@ def test_dataset_and_tensorboard(tiny_model, tmp_path):
     assert stats["steps_timed"] == 3 and stats["step_seconds_median"] > 0 and stats["peak_rss_mb"] > 0
     from PIL import Image
     assert Image.open(out / "loss.png").size == (640, 320)
+
+
+def test_flag_matrix_reaches_the_right_places(tiny_model, instance_dir, tmp_path):
+    """One run with most of the remaining flags, each checked where it must have had its effect."""
+    from diffusers import StableDiffusionPipeline
+    variant_model = tmp_path / "tiny-fp16-variant"
+    StableDiffusionPipeline.from_pretrained(tiny_model["eps"]).save_pretrained(variant_model, variant="fp16")
+    out = tmp_path / "matrix"
+    r = run_script("train_dreambooth_lora.py", *train_args(
+        str(variant_model), instance_dir, out,
+        "--variant", "fp16", "--revision", "main", "--tokenizer_name", os.path.join(tiny_model["eps"], "tokenizer"),
+        "--prediction_type", "v_prediction", "--mixed_precision", "bf16", "--gradient_checkpointing",
+        "--use_8bit_adam", "--snr_gamma", "5", "--noise_offset", "0.1", "--repeats", "2", "--train_batch_size", "2",
+        "--scale_lr", "--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "2", "--lr_warmup_steps", "1",
+        "--lr_power", "2", "--center_crop", "--image_interpolation_mode", "bicubic", "--dataloader_num_workers", "1",
+        "--num_train_epochs", "2", "--validation_epochs", "1", "--validation_prompt", "a photo of sks dog",
+        "--num_validation_images", "1", "--use_dora", "--lora_target_modules", "to_q,to_v", "--rank", "2",
+        "--lora_alpha", "4", "--lora_dropout", "0.05", "--adam_beta1", "0.8", "--adam_beta2", "0.99",
+        "--adam_weight_decay", "0", "--adam_epsilon", "1e-7", "--max_grad_norm", "0.5", "--allow_tf32",
+        "--logging_dir", "tb", "--report_to", "tensorboard", "--checkpointing_steps", "3", "--with_prior_preservation", "--class_prompt",
+        "a photo of dog", "--prior_loss_weight", "0.5", "--num_class_images", "2", "--sample_batch_size", "2",
+        "--class_generation_steps", "2", "--prior_generation_precision", "bf16", "--allow_nan_steps", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "precision=bf16" in r.stdout and "prediction_type=v_prediction" in r.stdout
+    assert "writing the diffusers file only" in r.stderr  # --use_dora with the default --output_format both
+    assert "done: 6 steps" in r.stdout  # 2 epochs x (3 images x 2 repeats / batch 2)
+    assert sorted(os.listdir(out / "validation")) == ["step-000003.png", "step-000006.png"]  # every epoch
+    keys, meta = lora_keys(out / "pytorch_lora_weights.safetensors")
+    modules = {k.split(".lora")[0].rsplit(".", 1)[-1] for k in keys}
+    assert modules == {"to_q", "to_v"} and any("magnitude" in k for k in keys)
+    config = json.loads(meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in meta else {}
+    assert config.get("unet.lora_alpha") == 4 and config.get("unet.r") == 2 and config.get("unet.use_dora") is True
+    opt = torch.load(out / "checkpoint-3" / "optimizer.bin", weights_only=False)
+    group = opt["param_groups"][0]
+    assert group["initial_lr"] == pytest.approx(2e-3)  # --scale_lr: 1e-3 x batch 2
+    assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-7 and group["weight_decay"] == 0
+    assert "__bnb_optimizer_quant_state__" in opt["state"][0]  # bitsandbytes AdamW8bit, not torch's AdamW
+    sched = torch.load(out / "checkpoint-3" / "scheduler.bin", weights_only=False)
+    assert sched["last_epoch"] == 3
+    assert os.path.isdir(out / "tb")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model["eps"], safety_checker=None)
+    pipe.load_lora_weights(str(out))  # DoRA weights load in diffusers
+    assert np.isfinite(generate(pipe)).all()
+
+
+def test_buckets_with_prior_and_cached_latents(tiny_model, tmp_path):
+    from conftest import draw_subject
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, size in enumerate([(128, 64), (130, 66), (64, 128), (96, 96)]):
+        draw_subject(folder / f"{i}.png", size=size)
+    out = tmp_path / "bucketed"
+    r = run_script("train_dreambooth_lora.py", *train_args(
+        tiny_model["eps"], str(folder), out, "--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "128",
+        "--bucket_reso_steps", "32", "--resolution", "64", "--train_batch_size", "2", "--cache_latents",
+        "--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", "2",
+        "--class_generation_steps", "1", "--max_train_steps", "4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "done: 4 steps" in r.stdout

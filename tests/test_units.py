@@ -262,3 +262,21 @@ def test_checkpoint_listing_ignores_incomplete_saves(tmp_path):
     assert resolve_resume("latest", str(tmp_path / "none")) is None
     with pytest.raises(UsageError, match="not a checkpoint-N folder"):
         resolve_resume(str(tmp_path / "other"), str(tmp_path))
+
+
+def test_recipes_parse_and_every_flag_is_documented():
+    from conftest import ROOT
+    from dreambooth.config import build_parser
+    recipes = os.path.join(ROOT, "examples", "recipes")
+    names = sorted(os.listdir(recipes))
+    assert {"sd15_dog.yaml", "sd21_768_dog.yaml", "sd15_no_prior.yaml", "sd15_text_encoder.yaml"} <= set(names)
+    for name in names:
+        args = parse_args(["--config", os.path.join(recipes, name)])
+        assert args.instance_prompt == "a photo of sks dog" and args.output_dir.startswith("work_dirs/")
+    assert parse_args(["--config", os.path.join(recipes, "sd21_768_dog.yaml")]).resolution == 768
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for action in build_parser()._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and len(action.help) > 10, action.dest
+        assert f"`{action.option_strings[0]}`" in readme, f"{action.option_strings[0]} missing from README"
