@@ -12,13 +12,16 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dreambooth.config import OneLineParser, UsageError, missing_model_path  # noqa: E402  (stdlib-only: --help stays instant)
+
 SCHEDULERS = {"dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
               "euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler",
               "unipc": "UniPCMultistepScheduler", "default": None}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="Base model: hub id, diffusers folder, or .safetensors/.ckpt file.")
     p.add_argument("--lora", action="append", default=[],
                    help="LoRA folder or .safetensors file; repeat to stack several.")
@@ -40,21 +43,23 @@ def build_parser():
     return p
 
 
-def check(args, parser):
+def check(args):
+    if missing_model_path(args.base):
+        raise UsageError(f"--base {args.base}: no such file or folder, and not a hub id")
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
-        parser.error(f"--lora_scale given {len(args.lora_scale)} times for {len(args.lora)} --lora; give one each")
+        raise UsageError(f"--lora_scale given {len(args.lora_scale)} times for {len(args.lora)} --lora; give one each")
     for lora in args.lora:
         if not os.path.exists(lora):
-            parser.error(f"--lora {lora}: no such file or folder")
+            raise UsageError(f"--lora {lora}: no such file or folder")
         if os.path.isdir(lora) and not any(n.endswith(".safetensors") for n in os.listdir(lora)):
-            parser.error(f"--lora {lora}: folder has no .safetensors file")
+            raise UsageError(f"--lora {lora}: folder has no .safetensors file")
     if args.num_images < 1 or args.steps < 1:
-        parser.error("--num_images and --steps must be >= 1")
+        raise UsageError("--num_images and --steps must be >= 1")
     for flag in ("height", "width"):
         if getattr(args, flag) is not None and getattr(args, flag) % 8:
-            parser.error(f"--{flag} must be a multiple of 8")
+            raise UsageError(f"--{flag} must be a multiple of 8")
     if os.path.isfile(args.output):
-        parser.error(f"--output {args.output} is a file; give a folder")
+        raise UsageError(f"--output {args.output} is a file; give a folder")
 
 
 def pick_device(name):
@@ -80,15 +85,17 @@ def load_lora(pipe, path, adapter_name):
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check(args, parser)
+    try:
+        args = build_parser().parse_args(argv)
+        check(args)
+    except UsageError as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 2
 
     import diffusers
     import torch
     from diffusers import StableDiffusionPipeline
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from dreambooth.validation import image_grid
     from train_dreambooth_lora import quiet_libraries
     quiet_libraries()

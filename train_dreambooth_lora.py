@@ -98,7 +98,11 @@ def train(args, instance_images, stats):
     from dreambooth import checkpoints, data, lora_io, models, priors, report, validation
 
     quiet_libraries()
-    stats.baseline_rss_mb = report.rss_mb()  # the runtime's own share: python, torch, diffusers imported
+    # diffusers and transformers import lazily: load the model code now, so this baseline is the runtime's
+    # own memory (python, torch, libraries) and everything above it is the run's.
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel  # noqa: F401
+    stats.baseline_rss_mb = report.current_rss_mb()
 
     # ---- accelerate: devices, mixed precision, accumulation, trackers -------------------------------
     trackers = report.available_trackers(args.report_to, warn=log_main)
@@ -202,6 +206,7 @@ def train(args, instance_images, stats):
     if args.train_text_encoder:
         param_groups.append({"params": models.trainable_parameters(text_encoder),
                              "lr": (args.text_encoder_lr or args.learning_rate) * lr_scale})
+    lora_parameters = [p for group in param_groups for p in group["params"]]
     if args.use_8bit_adam:
         import bitsandbytes as bnb
         optimizer_class = bnb.optim.AdamW8bit
@@ -315,7 +320,7 @@ def train(args, instance_images, stats):
                     continue
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], args.max_grad_norm)
+                    accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a DreamBooth run's time and memory go, measured on SD-architecture models built here.
 
-    python bench/bench_train.py            # about 5 minutes on 2 CPU cores
+    python bench/bench_train.py            # about 6 minutes on 2 CPU cores
     python bench/bench_train.py --quick    # fewer steps, for a smoke test
 
 Prints one table per question, all from the same run:
@@ -9,8 +9,8 @@ Prints one table per question, all from the same run:
      images in one call), against our steady-state seconds per step with and without caching;
   2. class priors: our generation (batched, DPM-Solver++ 25 steps, components reused) against a plain
      DiffusionPipeline loop at 50 steps, one image at a time; and a second run with the same settings;
-  3. memory: peak RSS of the run, and its growth over the Python+torch runtime (RSS after imports),
-     against the model weights in fp32 (+25%);
+  3. memory: peak RSS of the run and during the training steps, and the training peak's growth over the
+     Python+torch runtime (RSS after imports) against the model weights in fp32 (+25%);
   4. how step time grows with resolution, and 5. how setup grows with the number of instance images.
 Training runs are real subprocesses of train_dreambooth_lora.py; their numbers come from the
 train_stats.json each run writes.
@@ -79,6 +79,15 @@ def bare_unet_step(model_dir, resolution, batch, iters):
     return statistics.median(times)
 
 
+def floor_in_subprocess(model_dir, resolution, iters):
+    """The floor measured in a fresh process, like the training runs it is compared with."""
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--floor", model_dir, str(resolution), str(iters)],
+                       capture_output=True, text=True, cwd=ROOT)
+    if r.returncode:
+        raise SystemExit(f"floor measurement failed:\n{r.stderr[-3000:]}")
+    return float(r.stdout.strip().splitlines()[-1])
+
+
 def plain_pipeline_images_per_second(model_dir, resolution, count):
     """What diffengine-style generation costs: load a pipeline, then one image per call at 50 steps."""
     from diffusers import DiffusionPipeline
@@ -119,7 +128,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Fewer steps and images (smoke test).")
     parser.add_argument("--workdir", default=None, help="Keep models and runs here (default: a temp folder).")
+    parser.add_argument("--floor", nargs=3, metavar=("MODEL", "RES", "ITERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor:  # internal: one floor measurement, printed in seconds
+        print(bare_unet_step(args.floor[0], int(args.floor[1]), 2, int(args.floor[2])))
+        return
     steps = 12 if args.quick else 40
     n_class = 4 if args.quick else 8
     work = args.workdir or tempfile.mkdtemp(prefix="bench-dreambooth-")
@@ -127,28 +140,38 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; work dir {work}")
 
     step_rows, prior_rows, memory_rows = [], [], []
+    rounds = 1 if args.quick else 3
     for name, (kwargs, res) in MODELS.items():
-        model = build(os.path.join(work, name.split()[0]), **kwargs)
-        floor = bare_unet_step(model, res, 2, 10 if args.quick else 30)
-        class_dir = os.path.join(work, f"class-{name.split()[0]}")
+        short = name.split()[0]
+        model = build(os.path.join(work, short), **kwargs)
+        class_dir = os.path.join(work, f"class-{short}")
         prior = ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_data_dir", class_dir,
                  "--num_class_images", str(n_class), "--sample_batch_size", str(n_class)]
-        plain = train(model, instance_dir, os.path.join(work, f"run-{name.split()[0]}-plain"), res, steps, *prior)
-        cached = train(model, instance_dir, os.path.join(work, f"run-{name.split()[0]}-cached"), res, steps, *prior,
-                       "--cache_latents", "--pre_compute_text_embeddings")
-        for label, stats in (("no caching", plain), ("cache_latents + pre_compute_text_embeddings", cached)):
-            step_rows.append([name, label, f"{floor * 1000:.1f}", f"{stats['step_seconds_median'] * 1000:.1f}",
-                              f"{stats['step_seconds_median'] / floor:.2f}x", f"{stats['setup_seconds']:.1f}"])
-        ours = plain["class_images_generated"] / plain["class_generation_seconds"]
+        # This machine's speed drifts by 20% over minutes: floor and runs alternate, medians of the rounds.
+        floors, plains, cacheds = [], [], []
+        for r in range(rounds):
+            floors.append(floor_in_subprocess(model, res, 10 if args.quick else 30))
+            plains.append(train(model, instance_dir, os.path.join(work, f"run-{short}-plain{r}"), res, steps, *prior))
+            cacheds.append(train(model, instance_dir, os.path.join(work, f"run-{short}-cached{r}"), res, steps,
+                                 *prior, "--cache_latents", "--pre_compute_text_embeddings"))
+        floor = statistics.median(floors)
+        for label, runs in (("no caching", plains), ("cache_latents + pre_compute_text_embeddings", cacheds)):
+            ours = statistics.median(run["step_seconds_median"] for run in runs)
+            setup = statistics.median(run["setup_seconds"] for run in runs)
+            step_rows.append([name, label, f"{floor * 1000:.1f}", f"{ours * 1000:.1f}", f"{ours / floor:.2f}x",
+                              f"{setup:.1f}"])
+        first, again = plains[0], cacheds[0]
+        ours = first["class_images_generated"] / first["class_generation_seconds"]
         baseline, _ = plain_pipeline_images_per_second(model, res, 2 if args.quick else 4)
         prior_rows.append([name, f"{baseline:.2f}", f"{ours:.2f}", f"{ours / baseline:.1f}x",
-                           f"{plain['class_images_generated']} in {plain['class_generation_seconds']:.1f}s",
-                           f"{cached['class_images_generated']} in {cached.get('class_generation_seconds', 0):.2f}s"])
-        for label, stats in (("no caching", plain), ("cached", cached)):
-            growth = stats["peak_rss_mb"] - stats["baseline_rss_mb"]
+                           f"{first['class_images_generated']} in {first['class_generation_seconds']:.1f}s",
+                           f"{again['class_images_generated']} in {again.get('class_generation_seconds', 0):.2f}s"])
+        for label, stats in (("no caching (+class generation)", first), ("cached", again)):
+            growth = stats["train_peak_rss_mb"] - stats["baseline_rss_mb"]
             budget = stats["model_weights_fp32_mb"] * 1.25
-            memory_rows.append([name, label, f"{stats['peak_rss_mb']:.0f}", f"{stats['baseline_rss_mb']:.0f}",
-                                f"{growth:.0f}", f"{stats['model_weights_fp32_mb']:.1f}", f"{budget:.1f}",
+            memory_rows.append([name, label, f"{stats['peak_rss_mb']:.0f}", f"{stats['train_peak_rss_mb']:.0f}",
+                                f"{stats['baseline_rss_mb']:.0f}", f"{growth:.0f}",
+                                f"{stats['model_weights_fp32_mb']:.1f}", f"{budget:.1f}",
                                 "yes" if growth <= budget else "no"])
 
     table("1. Seconds per step: the floor is a bare UNet+LoRA forward+backward at batch 2 (1 instance + 1 class)",
@@ -156,8 +179,10 @@ def main():
     table(f"2. Class priors ({n_class} images): plain pipeline loop at 50 steps, 1 image/call vs ours "
           "(DPM-Solver++ 25 steps, batched, components reused)",
           ["model", "plain img/s", "ours img/s", "speed-up", "first run", "second run (same settings)"], prior_rows)
-    table("3. Memory (MB): peak RSS, RSS of the runtime after imports, growth, model weights fp32 (+25% budget)",
-          ["model", "run", "peak", "runtime", "growth", "weights fp32", "budget", "growth within"], memory_rows)
+    table("3. Memory (MB): peak RSS of the whole run and during training steps; the runtime's RSS after imports "
+          "(python, torch, diffusers); training growth over it vs model weights in fp32 +25%",
+          ["model", "run", "run peak", "training peak", "runtime", "training growth", "weights fp32", "budget",
+           "within"], memory_rows)
 
     name = "small (64,128,256) x256 @128px"
     kwargs, _ = MODELS[name]

@@ -300,8 +300,11 @@ def _check_images(images):
                              "fix or remove the file")
 
 
-def _looks_like_path(value):
-    return value.startswith((".", "/", "~")) or os.sep in value.strip("/").split("/", 1)[-1] \
+def missing_model_path(value):
+    """True when value names no existing file or folder and cannot be a hub id ('org/name') either."""
+    if os.path.exists(value):
+        return False
+    return value.startswith((".", "/", "~")) or value.count("/") > 1 \
         or value.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or not HUB_ID.match(value)
 
 
@@ -321,7 +324,7 @@ def validate(args, warn=print):
         if not model.endswith((".safetensors", ".ckpt")):
             raise UsageError(f"--pretrained_model_name_or_path {model}: a single-file model must be .safetensors "
                              "or .ckpt")
-    elif _looks_like_path(model) or model.count("/") > 1:
+    elif missing_model_path(model):
         raise UsageError(f"--pretrained_model_name_or_path {model}: no such file or folder, and not a hub id "
                          "like 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
 

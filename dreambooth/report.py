@@ -26,6 +26,11 @@ def rss_mb():
         return psutil.Process().memory_info().rss / 2**20
 
 
+def current_rss_mb():
+    import psutil  # an accelerate dependency
+    return psutil.Process().memory_info().rss / 2**20
+
+
 class RunStats:
     """Wall-clock split of a run: setup (flags to first step), class generation, steady-state step time
     (median, checkpoint and validation pauses excluded), and memory."""
@@ -35,6 +40,7 @@ class RunStats:
         self.baseline_rss_mb = rss_mb()
         self.values = {}
         self.step_seconds = []
+        self.train_peak_rss_mb = 0.0
         self._tick = None
 
     def set(self, **values):
@@ -47,7 +53,9 @@ class RunStats:
     def step_done(self):
         now = time.perf_counter()
         self.step_seconds.append(now - self._tick)
-        self._tick = now
+        if len(self.step_seconds) % 10 in (1, 3):  # memory during training proper, sampled (tens of microseconds)
+            self.train_peak_rss_mb = max(self.train_peak_rss_mb, current_rss_mb())
+        self._tick = time.perf_counter()
 
     def pause_done(self):
         self._tick = time.perf_counter()
@@ -57,6 +65,7 @@ class RunStats:
         return dict(self.values, steps_timed=len(self.step_seconds),
                     step_seconds_median=statistics.median(steady) if steady else None,
                     baseline_rss_mb=self.baseline_rss_mb, peak_rss_mb=rss_mb(),
+                    train_peak_rss_mb=self.train_peak_rss_mb,
                     total_seconds=time.perf_counter() - self.started)
 
     def write(self, path):
