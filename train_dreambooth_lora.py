@@ -121,9 +121,7 @@ def train(args, instance_images, stats):
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     resume_dir = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        check_free_space(args.output_dir, 50 * 2**20, "LoRA weights and checkpoints")
+    check_free_space(args.output_dir, 50 * 2**20, "LoRA weights and checkpoints")
     accelerator.print(
         f"dreambooth-lora {__version__} | model={args.pretrained_model_name_or_path} images={len(instance_images)} "
         f"prior={'on (' + str(args.num_class_images) + ')' if args.with_prior_preservation else 'off'} "
@@ -137,6 +135,7 @@ def train(args, instance_images, stats):
         args.pretrained_model_name_or_path, args.revision, args.variant, args.tokenizer_name,
         args.single_file_config, args.prediction_type)
     models.freeze(text_encoder, vae, unet)
+    models.check_lora_targets(unet, args.lora_target_modules)
     accelerator.print(f"prediction_type={noise_scheduler.config.prediction_type} "
                       f"scheduler={type(noise_scheduler).__name__} unet_params={sum(p.numel() for p in unet.parameters())}")
     stats.set(model_weights_fp32_mb=sum(p.numel() for m in (text_encoder, vae, unet) for p in m.parameters()) * 4 / 2**20)
@@ -237,6 +236,7 @@ def train(args, instance_images, stats):
         accelerator.print(f"resumed from {resume_dir} at step {position.step}")
     first_epoch, skip_batches = position.epoch, position.batches
     if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)  # only now: a run that failed above leaves nothing behind
         accelerator.init_trackers("dreambooth-lora", config={k: v for k, v in effective_config(args).items()
                                                              if isinstance(v, (int, float, str, bool))})
 

@@ -55,16 +55,23 @@ def lora_config(args, target_modules):
                       init_lora_weights="gaussian", target_modules=target_modules, use_dora=args.use_dora)
 
 
+def check_lora_targets(unet, target_modules):
+    """Names in --lora_target_modules must exist in this UNet: checked right after loading, before any
+    class image is generated or any output is written."""
+    from .config import UsageError
+    names = [n for n, _ in unet.named_modules()]
+    targets = [m.strip() for m in target_modules.split(",") if m.strip()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise UsageError(f"--lora_target_modules: no UNet module named {', '.join(missing)}; "
+                         "the default is to_q,to_k,to_v,to_out.0")
+    return targets
+
+
 def add_lora(unet, text_encoder, args):
     """LoRA on the UNet attention (and the text encoder when asked); trainable params kept in fp32 so
     fp16 mixed precision never tries to unscale fp16 gradients."""
-    targets = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
-    names = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()} | {n for n, _ in unet.named_modules()}
-    missing = [t for t in targets if t not in names and not any(n.endswith("." + t) for n in names)]
-    if missing:
-        raise ValueError(f"--lora_target_modules: no UNet module named {', '.join(missing)}; "
-                         "the default is to_q,to_k,to_v,to_out.0")
-    unet.add_adapter(lora_config(args, targets))
+    unet.add_adapter(lora_config(args, check_lora_targets(unet, args.lora_target_modules)))
     if args.train_text_encoder:
         text_encoder.add_adapter(lora_config(args, TEXT_ENCODER_TARGETS))
     for model in (unet, text_encoder if args.train_text_encoder else None):

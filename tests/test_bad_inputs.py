@@ -4,7 +4,7 @@ import os
 import pytest
 
 import train_dreambooth_lora
-from conftest import draw_subject, run_script
+from conftest import draw_subject, run_script, train_args
 
 
 @pytest.fixture
@@ -155,6 +155,18 @@ def test_warnings_do_not_stop(setup, capsys):
     assert any("ignored without --with_prior_preservation" in m for m in messages)
     assert any("skipping 1 non-image" in m for m in messages)
     assert any("falling back to fp32" in m for m in messages) and args.mixed_precision == "no"
+
+
+@pytest.mark.slow
+def test_bad_lora_target_after_model_load_writes_nothing(tiny_model, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    r = run_script("train_dreambooth_lora.py", *train_args(tiny_model["eps"], instance_dir, out,
+                                                            "--lora_target_modules", "to_q,attn_qkv",
+                                                            "--with_prior_preservation", "--class_prompt", "dog"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == ("train_dreambooth_lora.py: error: --lora_target_modules: no UNet "
+                                                 "module named attn_qkv; the default is to_q,to_k,to_v,to_out.0")
+    assert not os.path.exists(out)
 
 
 @pytest.mark.slow

@@ -128,7 +128,10 @@ def test_v_prediction_and_single_file(tiny_model, instance_dir, tmp_path):
 def test_resume_latest_continues_step_count(tiny_model, instance_dir, tmp_path):
     out = tmp_path / "run"
     base = train_args(tiny_model["eps"], instance_dir, out, "--checkpointing_steps", "2")
-    r = run_script("train_dreambooth_lora.py", *base, "--max_train_steps", "2")
+    import sys
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    r = run_script("train_dreambooth_lora.py", *base, "--max_train_steps", "2", launcher=launcher)  # accelerate launch
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_script("train_dreambooth_lora.py", *base, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
     assert r.returncode == 0, r.stderr[-3000:]

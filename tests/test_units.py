@@ -280,3 +280,27 @@ def test_recipes_parse_and_every_flag_is_documented():
             continue
         assert action.help and len(action.help) > 10, action.dest
         assert f"`{action.option_strings[0]}`" in readme, f"{action.option_strings[0]} missing from README"
+
+
+def test_only_lora_trains_and_stays_fp32_over_half_precision_weights():
+    from argparse import Namespace
+    from dreambooth import models
+    from make_tiny_model import build_tiny_pipeline
+    pipe = build_tiny_pipeline()
+    unet, te = pipe.unet, pipe.text_encoder
+    models.freeze(unet, te, pipe.vae)
+    unet.to(dtype=torch.bfloat16)
+    te.to(dtype=torch.bfloat16)
+    args = Namespace(rank=4, lora_alpha=None, lora_dropout=0.0, use_dora=False, train_text_encoder=True,
+                     lora_target_modules="to_q,to_k,to_v,to_out.0")
+    models.add_lora(unet, te, args)
+    for model in (unet, te):
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable)
+        assert all(p.dtype == torch.float32 for p in trainable.values())
+        frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
+        assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert not any(p.requires_grad for p in pipe.vae.parameters())
+    args.lora_target_modules = "to_q,not_a_module"
+    with pytest.raises(UsageError, match="--lora_target_modules: no UNet module named not_a_module"):
+        models.add_lora(build_tiny_pipeline().unet, None, Namespace(**{**vars(args), "train_text_encoder": False}))
