@@ -206,6 +206,7 @@ def train(args, instance_images, stats):
         param_groups.append({"params": models.trainable_parameters(text_encoder),
                              "lr": (args.text_encoder_lr or args.learning_rate) * lr_scale})
     lora_parameters = [p for group in param_groups for p in group["params"]]
+    checkpoint_bytes = 3 * 4 * sum(p.numel() for p in lora_parameters) + 2**20  # weights + two Adam moments
     if args.use_8bit_adam:
         import bitsandbytes as bnb
         optimizer_class = bnb.optim.AdamW8bit
@@ -335,7 +336,7 @@ def train(args, instance_images, stats):
                 loss_history.append((position.step, loss_value))
                 if position.step % args.checkpointing_steps == 0 or stop_now:
                     path = checkpoints.save_checkpoint(accelerator, args.output_dir, position.step,
-                                                       args.checkpoints_total_limit)
+                                                       args.checkpoints_total_limit, checkpoint_bytes)
                     if stop_now:
                         accelerator.print(
                             f"stopped by signal at step {position.step}; checkpoint saved to {path}\n"

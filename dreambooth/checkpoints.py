@@ -47,7 +47,10 @@ def resolve_resume(value, output_dir):
     return value
 
 
-def save_checkpoint(accelerator, output_dir, step, total_limit=None):
+def save_checkpoint(accelerator, output_dir, step, total_limit=None, needed_bytes=0):
+    """Raises UsageError (with the numbers) when the disk cannot hold it; the previous checkpoint stays."""
+    from .config import check_free_space
+    check_free_space(output_dir, needed_bytes, f"checkpoint-{step}")
     final = os.path.join(output_dir, f"checkpoint-{step}")
     staging = final + ".tmp"
     if accelerator.is_main_process and os.path.isdir(staging):

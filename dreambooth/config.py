@@ -402,12 +402,17 @@ def validate(args, warn=print):
         raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: folder does not exist; "
                          "use 'latest' or an output_dir/checkpoint-N folder")
 
-    if args.mixed_precision == "fp16":
+    if "fp16" in (args.mixed_precision, args.prior_generation_precision):
         import torch
         if not torch.cuda.is_available():
-            notes.append("warning: --mixed_precision fp16 needs a CUDA GPU and none was found; "
-                 "falling back to fp32 (--mixed_precision no). bf16 works on CPU.")
-            args.mixed_precision = "no"
+            if args.mixed_precision == "fp16":
+                notes.append("warning: --mixed_precision fp16 needs a CUDA GPU and none was found; "
+                             "falling back to fp32 (--mixed_precision no). bf16 works on CPU.")
+                args.mixed_precision = "no"
+            if args.prior_generation_precision == "fp16":
+                notes.append("warning: --prior_generation_precision fp16 needs a CUDA GPU and none was found; "
+                             "generating class images in fp32")
+                args.prior_generation_precision = "fp32"
     # Last: the checks that read every photo (or load a dataset), once the cheap ones have passed.
     if args.dataset_name:
         if args.instance_data_dir:
