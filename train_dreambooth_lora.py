@@ -13,8 +13,6 @@ gets pytorch_lora_weights.safetensors that `pipe.load_lora_weights(output_dir)` 
 """
 import math
 import os
-import shutil
-import signal
 import sys
 import time
 
@@ -133,7 +131,7 @@ def train(args, instance_images, stats):
     # ---- base model: frozen, in the weight dtype ------------------------------------------------------
     tokenizer, text_encoder, vae, unet, noise_scheduler = models.load_components(
         args.pretrained_model_name_or_path, args.revision, args.variant, args.tokenizer_name,
-        args.single_file_config, args.prediction_type)
+        args.single_file_config, args.prediction_type, weight_dtype)
     models.freeze(text_encoder, vae, unet)
     models.check_lora_targets(unet, args.lora_target_modules)
     accelerator.print(f"prediction_type={noise_scheduler.config.prediction_type} "

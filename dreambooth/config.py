@@ -32,7 +32,6 @@ def build_parser():
     p = OneLineParser(
         description="DreamBooth LoRA training for Stable Diffusion 1.x/2.x (diffusers-compatible flags).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
 
     g = p.add_argument_group("config file")
     g.add_argument("--config", default=None,

@@ -6,19 +6,19 @@ or one .safetensors/.ckpt file. The training loop only ever sees these component
 """
 import os
 
-import torch
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def load_components(model, revision=None, variant=None, tokenizer_name=None, single_file_config=None,
-                    prediction_type=None):
-    """tokenizer, text_encoder, vae, unet and a DDPM noise scheduler (training needs DDPM's add_noise)."""
+                    prediction_type=None, dtype=None):
+    """tokenizer, text_encoder, vae, unet and a DDPM noise scheduler (training needs DDPM's add_noise).
+    Weights are loaded straight into `dtype`: no transient fp32 copy of a model that trains in fp16."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
     if os.path.isfile(model):
-        kwargs = {"safety_checker": None, "requires_safety_checker": False}
+        kwargs = {"safety_checker": None, "requires_safety_checker": False, "torch_dtype": dtype}
         if single_file_config:
             kwargs["config"] = single_file_config
         if prediction_type:
@@ -30,10 +30,10 @@ def load_components(model, revision=None, variant=None, tokenizer_name=None, sin
     else:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model, revision=revision,
                                                   **({} if tokenizer_name else {"subfolder": "tokenizer"}))
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", revision=revision,
-                                                     variant=variant)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", revision=revision, variant=variant)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", revision=revision, variant=variant)
+        common = {"revision": revision, "variant": variant, "torch_dtype": dtype}
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **common)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **common)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **common)
         scheduler_config = DDPMScheduler.load_config(model, subfolder="scheduler", revision=revision)
     if tokenizer_name and os.path.isfile(model):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, revision=revision)

@@ -11,7 +11,7 @@ import time
 
 from PIL import Image, ImageDraw
 
-from .config import UsageError, effective_config
+from .config import effective_config
 from .lora_io import write_text
 
 

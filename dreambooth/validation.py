@@ -1,6 +1,5 @@
 """Sampling with the components being trained: validation grids during training, class priors before."""
 import math
-import os
 
 import torch
 from PIL import Image

@@ -127,7 +127,6 @@ def test_prior_preservation_loss_and_targets():
 
 def test_kohya_keys_follow_the_ecosystem_names():
     from peft import LoraConfig
-    from transformers import CLIPTextConfig, CLIPTextModel
     from dreambooth.lora_io import kohya_state_dict
     from make_tiny_model import build_tiny_pipeline
     pipe = build_tiny_pipeline()
