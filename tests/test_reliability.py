@@ -98,6 +98,14 @@ def test_nan_loss_stops_with_message(tiny_model, instance_dir, tmp_path):
     # the last good checkpoint is kept, and no final LoRA file pretends the run finished
     assert os.path.isdir(out / "checkpoint-1") and not os.path.exists(out / "pytorch_lora_weights.safetensors")
 
+    # --allow_nan_steps 2: two bad steps are skipped (weights untouched), the third stops the run
+    r = run_script("train_dreambooth_lora.py", *train_args(tiny_model["eps"], instance_dir, tmp_path / "nan2",
+                                                            "--max_train_steps", "6", "--checkpointing_steps", "1",
+                                                            "--learning_rate", "1e30", "--max_grad_norm", "1e30",
+                                                            "--allow_nan_steps", "2"))
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert r.stderr.count("step skipped") == 2 and "(2/2 allowed)" in r.stderr
+
 
 def test_dead_rank_does_not_hang_the_other(tiny_model, instance_dir, tmp_path):
     """Two processes started by hand (no torchrun agent to clean up): SIGKILL rank 1 mid-training and

@@ -248,3 +248,18 @@ def test_buckets_with_prior_and_cached_latents(tiny_model, tmp_path):
         "--class_generation_steps", "1", "--max_train_steps", "4"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "done: 4 steps" in r.stdout
+
+
+def test_wandb_offline_gets_loss_and_validation_images(tiny_model, instance_dir, tmp_path):
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    r = run_script("train_dreambooth_lora.py", *train_args(
+        tiny_model["eps"], instance_dir, out, "--max_train_steps", "2", "--report_to", "wandb",
+        "--validation_prompt", "a photo of sks dog", "--num_validation_images", "2"),
+        env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    images = list((runs[0] / "files" / "media" / "images").glob("validation_*.png"))
+    assert len(images) == 2
+    assert list(runs[0].glob("run-*.wandb"))
