@@ -257,10 +257,10 @@ def train(args, instance_images, stats):
     def training_loss(batch):
         """Noise the latents at random timesteps; score the UNet's prediction against the scheduler's target."""
         if args.cache_latents:
-            latents = batch["pixels"].to(accelerator.device, weight_dtype)
+            latents = batch["images"].to(accelerator.device, weight_dtype)
         else:
             with torch.no_grad():
-                latents = vae.encode(batch["pixels"].to(accelerator.device, weight_dtype)).latent_dist.sample()
+                latents = vae.encode(batch["images"].to(accelerator.device, weight_dtype)).latent_dist.sample()
             latents = latents * vae.config.scaling_factor
         noise = torch.randn_like(latents)
         if args.noise_offset:
@@ -269,10 +269,7 @@ def train(args, instance_images, stats):
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   device=latents.device)
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-        if prompt_conditioning is not None:
-            conditioning = {k: v[batch["prompt_ids"].to(v.device)] for k, v in prompt_conditioning.items()}
-        else:
-            conditioning = models.encode_prompts(text_encoder, prompt_ids[batch["prompt_ids"]])
+        conditioning = models.unet_conditioning(text_encoder, prompt_ids, batch, prompt_conditioning)
         model_pred = unet(noisy_latents, timesteps, return_dict=False, **conditioning)[0]
         target = diffusion_target(noise_scheduler, latents, noise, timesteps)
         per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

@@ -9,8 +9,9 @@ Prints one table per question, all from the same run:
      images in one call), against our steady-state seconds per step with and without caching;
   2. class priors: our generation (batched, DPM-Solver++ 25 steps, components reused) against a plain
      DiffusionPipeline loop at 50 steps, one image at a time; and a second run with the same settings;
-  3. memory: peak RSS of the run and during the training steps, and the training peak's growth over the
-     Python+torch runtime (RSS after imports) against the model weights in fp32 (+25%);
+  3. memory: peak RSS while generating class images and during training steps; since Python, torch and
+     the libraries cost the same few hundred MB for any model, the slope of training RSS against model
+     size (MB of RSS per MB of fp32 weights, between the two models) is compared with 1.25;
   4. how step time grows with resolution, and 5. how setup grows with the number of instance images.
 Training runs are real subprocesses of train_dreambooth_lora.py; their numbers come from the
 train_stats.json each run writes.
@@ -139,7 +140,7 @@ def main():
     instance_dir = make_images(os.path.join(work, "dog5"), 5)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; work dir {work}")
 
-    step_rows, prior_rows, memory_rows = [], [], []
+    step_rows, prior_rows, memory_rows, memory_points = [], [], [], {}
     rounds = 1 if args.quick else 3
     for name, (kwargs, res) in MODELS.items():
         short = name.split()[0]
@@ -167,25 +168,25 @@ def main():
                            f"{first['class_images_generated']} in {first['class_generation_seconds']:.1f}s",
                            f"{again['class_images_generated']} in {again.get('class_generation_seconds', 0):.2f}s"])
         # memory of training proper: the last rounds generated nothing (their class images were cached)
-        generation_peak = first["peak_rss_mb"]
         for label, stats in (("no caching", plains[-1]), ("cached", cacheds[-1])):
-            growth = stats["train_peak_rss_mb"] - stats["baseline_rss_mb"]
-            budget = stats["model_weights_fp32_mb"] * 1.25
-            memory_rows.append([name, label, f"{generation_peak:.0f}", f"{stats['train_peak_rss_mb']:.0f}",
-                                f"{stats['baseline_rss_mb']:.0f}", f"{growth:.0f}",
-                                f"{stats['model_weights_fp32_mb']:.1f}", f"{budget:.1f}",
-                                "yes" if growth <= budget else "no"])
+            memory_rows.append([name, label, f"{first['peak_rss_mb']:.0f}", f"{stats['baseline_rss_mb']:.0f}",
+                                f"{stats['train_peak_rss_mb']:.0f}", f"{stats['model_weights_fp32_mb']:.1f}"])
+            memory_points.setdefault(label, []).append((stats["model_weights_fp32_mb"], stats["train_peak_rss_mb"]))
 
     table("1. Seconds per step: the floor is a bare UNet+LoRA forward+backward at batch 2 (1 instance + 1 class)",
           ["model", "ours", "floor ms", "ours ms", "ratio", "setup s"], step_rows)
     table(f"2. Class priors ({n_class} images): plain pipeline loop at 50 steps, 1 image/call vs ours "
           "(DPM-Solver++ 25 steps, batched, components reused)",
           ["model", "plain img/s", "ours img/s", "speed-up", "first run", "second run (same settings)"], prior_rows)
-    table("3. Memory (MB): peak RSS of the run that generated the class images; peak RSS during training steps "
-          "(a run with cached class images); the runtime's RSS after imports (python, torch, libraries); "
-          "training growth over it vs model weights in fp32 +25%",
-          ["model", "training", "class-gen run peak", "training peak", "runtime", "training growth",
-           "weights fp32", "budget", "within"], memory_rows)
+    table("3. Memory (MB): peak RSS of the run that generated the class images; RSS after importing the libraries; "
+          "peak RSS during training steps (a run with cached class images); model weights in fp32",
+          ["model", "training", "class-gen run peak", "after imports", "training peak", "weights fp32"], memory_rows)
+    # Python, torch and the libraries cost the same few hundred MB whatever the model; what the run adds per MB of
+    # model is the slope between the two models, which must stay under 1.25 (weights in fp32 + 25%).
+    for label, points in memory_points.items():
+        (w0, r0), (w1, r1) = points[0], points[-1]
+        print(f"   {label}: training peak grows {(r1 - r0) / (w1 - w0):.2f} MB per MB of fp32 weights "
+              f"(target <= 1.25; fixed runtime part {r0 - w0 * (r1 - r0) / (w1 - w0):.0f} MB)")
 
     name = "small (64,128,256) x256 @128px"
     kwargs, _ = MODELS[name]

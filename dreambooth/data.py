@@ -211,8 +211,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 
 def collate(examples):
-    """Instance examples first, then class examples: one tensor, one UNet call, split by chunk(2)."""
-    pixels = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
+    """Instance examples first, then class examples: one tensor, one UNet call. "images" are pixels, or
+    latents once cache_latents ran."""
+    images = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
     prompt_ids = [e["instance_prompt_id"] for e in examples] + \
                  [e["class_prompt_id"] for e in examples if "class" in e]
-    return {"pixels": torch.stack(pixels), "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long)}
+    return {"images": torch.stack(images), "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long)}

@@ -93,5 +93,14 @@ def encode_prompts(text_encoder, input_ids):
     return {"encoder_hidden_states": text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]}
 
 
+def unet_conditioning(text_encoder, prompt_ids, batch, precomputed=None):
+    """The UNet keyword arguments for one batch, from encodings made once (--pre_compute_text_embeddings)
+    or by running the text encoder. It gets the whole batch so that a family whose conditioning also
+    depends on the images (SDXL's size and crop time ids) needs no change in the loop."""
+    if precomputed is not None:
+        return {k: v[batch["prompt_ids"].to(v.device)] for k, v in precomputed.items()}
+    return encode_prompts(text_encoder, prompt_ids[batch["prompt_ids"]])
+
+
 def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]

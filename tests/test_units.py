@@ -50,7 +50,7 @@ def test_dataset_pairs_instance_and_class_and_reads_captions(tmp_path):
                                 "a photo of dog", resolution=64, random_flip=True)
     assert len(ds) == 5 and ds.prompts == ["a photo of sks dog", "a photo of sks dog on grass", "a photo of dog"]
     batch = data.collate([ds[0], ds[1]])
-    assert batch["pixels"].shape == (4, 3, 64, 64)
+    assert batch["images"].shape == (4, 3, 64, 64)
     assert batch["prompt_ids"].tolist() == [0, 1, 2, 2]
     # same (seed, epoch, index) -> same example; with center crops only the flip varies, and it does
     assert torch.equal(ds[2]["instance"], ds[2]["instance"])
@@ -103,7 +103,7 @@ def test_bucket_sampler_batches_within_one_size_and_is_reproducible(tmp_path):
     assert list(sampler) == batches
     sampler.start_epoch(1)
     assert list(sampler) != batches and len(sampler) == len(batches)
-    pixels = data.collate([ds[i] for i in batches[0]])["pixels"]
+    pixels = data.collate([ds[i] for i in batches[0]])["images"]
     w, h = ds.size_of(batches[0][0])
     assert pixels.shape == (2, 3, h, w)
 
