@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a DreamBooth run's time and memory go, measured on SD-architecture models built here.
 
-    python bench/bench_train.py            # about 6 minutes on 2 CPU cores
+    python bench/bench_train.py            # about 7 minutes on 2 CPU cores
     python bench/bench_train.py --quick    # fewer steps, for a smoke test
 
 Prints one table per question, all from the same run:
