@@ -26,6 +26,10 @@ def test_exif_rotation_alpha_and_greyscale(tmp_path):
     Image.new("L", (8, 8), 128).save(tmp_path / "grey.bmp")
     assert data.load_rgb(tmp_path / "grey.bmp").getpixel((3, 3)) == (128, 128, 128)
 
+    Image.new("RGB", (12, 10), (0, 200, 0)).save(tmp_path / "leaf.webp", lossless=True)
+    assert data.load_rgb(tmp_path / "leaf.webp").getpixel((5, 5)) == (0, 200, 0)
+    assert data.list_images(tmp_path) == [str(tmp_path / n) for n in ("cut.png", "grey.bmp", "leaf.webp", "rot.jpg")]
+
 
 def test_resize_and_crop_covers_target_without_distortion():
     import random
