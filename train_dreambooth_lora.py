@@ -46,9 +46,15 @@ def main(argv=None):
 
 def quiet_libraries():
     """Our progress bar and settings line are the output; the libraries' per-component chatter is not."""
+    import warnings
+
     import diffusers
     import transformers
+    # diffusers >= 0.36 renamed torch_dtype to dtype; older releases, which requirements.txt allows, only know
+    # torch_dtype, so we keep passing it and silence the rename notice.
+    warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated.*", category=FutureWarning)
     diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
