@@ -6,8 +6,6 @@ import os
 import shutil
 import tempfile
 
-import torch
-
 from . import __version__
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -35,6 +33,7 @@ def write_text(path, text):
 
 
 def _peft_state_dict(model):
+    import torch
     from peft.utils import get_peft_model_state_dict
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
@@ -83,6 +82,7 @@ def lora_file_bytes(unet, text_encoder=None):
 def kohya_state_dict(unet, text_encoder=None, alpha=None):
     """The layout kohya sd-scripts write and A1111/ComfyUI read: lora_unet_<module_path>.lora_down/up
     with a per-module .alpha; text-encoder modules as lora_te_text_model_encoder_layers_N_..."""
+    import torch
     out = {}
     parts = [("lora_unet_", unet)] + ([("lora_te_", text_encoder)] if text_encoder is not None else [])
     for prefix, model in parts:
