@@ -290,6 +290,12 @@ def train(args, instance_images, stats):
                     disable=not accelerator.is_local_main_process)
     stats.mark_training_start()
     nan_steps, loss_history = 0, []
+
+    def say(message):
+        """Messages during the loop go above the progress bar, not into its line (main process only)."""
+        if accelerator.is_main_process:
+            progress.write(message, file=sys.stderr)
+
     for epoch in range(first_epoch, num_train_epochs):
         unet.train()
         if args.train_text_encoder:
@@ -309,15 +315,15 @@ def train(args, instance_images, stats):
                 if not math.isfinite(loss_value):
                     nan_steps += 1
                     if nan_steps > args.allow_nan_steps:
-                        accelerator.print(
+                        say(
                             f"{PROG}: error: loss is {loss_value} at step {position.step + 1}; lower --learning_rate "
                             f"(now {args.learning_rate}) or use --mixed_precision bf16. Last good checkpoint: "
                             f"{checkpoints.latest(args.output_dir) or 'none'} (--allow_nan_steps N skips a few such "
-                            "steps)", file=sys.stderr)
+                            "steps)")
                         accelerator.end_training()
                         return 3
-                    accelerator.print(f"warning: loss is {loss_value} at step {position.step + 1}; step skipped "
-                                      f"({nan_steps}/{args.allow_nan_steps} allowed)", file=sys.stderr)
+                    say(f"warning: loss is {loss_value} at step {position.step + 1}; step skipped "
+                        f"({nan_steps}/{args.allow_nan_steps} allowed)")
                     optimizer.zero_grad(set_to_none=True)
                     continue
                 accelerator.backward(loss)
@@ -339,9 +345,8 @@ def train(args, instance_images, stats):
                     path = checkpoints.save_checkpoint(accelerator, args.output_dir, position.step,
                                                        args.checkpoints_total_limit, checkpoint_bytes)
                     if stop_now:
-                        accelerator.print(
-                            f"stopped by signal at step {position.step}; checkpoint saved to {path}\n"
-                            f"resume with the same command plus --resume_from_checkpoint latest", file=sys.stderr)
+                        say(f"stopped by signal at step {position.step}; checkpoint saved to {path}\n"
+                            f"resume with the same command plus --resume_from_checkpoint latest")
                         accelerator.end_training()
                         return 128 + stopper.requested
                 if args.validation_prompt and args.validation_steps and position.step % args.validation_steps == 0 \
