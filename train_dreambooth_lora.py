@@ -210,7 +210,8 @@ def train(args, instance_images, stats):
         param_groups.append({"params": models.trainable_parameters(text_encoder),
                              "lr": (args.text_encoder_lr or args.learning_rate) * lr_scale})
     lora_parameters = [p for group in param_groups for p in group["params"]]
-    checkpoint_bytes = 3 * 4 * sum(p.numel() for p in lora_parameters) + 2**20  # weights + two Adam moments
+    lora_bytes = 4 * sum(p.numel() for p in lora_parameters) + 2**20  # fp32 LoRA file, for free-space checks
+    checkpoint_bytes = 3 * lora_bytes  # the LoRA weights plus AdamW's two moments
     if args.use_8bit_adam:
         import bitsandbytes as bnb
         optimizer_class = bnb.optim.AdamW8bit
@@ -368,7 +369,7 @@ def train(args, instance_images, stats):
     if accelerator.is_main_process:
         unet_final = accelerator.unwrap_model(unet)
         te_final = accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None
-        check_free_space(args.output_dir, lora_io.lora_file_bytes(unet_final, te_final), "the LoRA weights")
+        check_free_space(args.output_dir, lora_bytes, "the LoRA weights")
         lora_io.save_diffusers_lora(args.output_dir, unet_final, te_final)
         if args.output_format in ("kohya", "both"):
             lora_io.save_kohya_lora(args.output_dir, unet_final, te_final, args, position.step)

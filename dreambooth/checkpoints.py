@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from .config import UsageError
+from .config import UsageError, check_free_space
 from .lora_io import LORA_WEIGHT_NAME
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -49,7 +49,6 @@ def resolve_resume(value, output_dir):
 
 def save_checkpoint(accelerator, output_dir, step, total_limit=None, needed_bytes=0):
     """Raises UsageError (with the numbers) when the disk cannot hold it; the previous checkpoint stays."""
-    from .config import check_free_space
     check_free_space(output_dir, needed_bytes, f"checkpoint-{step}")
     final = os.path.join(output_dir, f"checkpoint-{step}")
     staging = final + ".tmp"
@@ -96,7 +95,7 @@ def load_lora_into(folder, unet, text_encoder=None):
     from safetensors.torch import load_file
 
     state = load_file(os.path.join(folder, LORA_WEIGHT_NAME))
-    parts = [("unet.", unet, lambda sd: convert_unet_state_dict_to_peft(sd))]
+    parts = [("unet.", unet, convert_unet_state_dict_to_peft)]
     if text_encoder is not None:
         def te_convert(sd):
             sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))

@@ -73,12 +73,6 @@ def save_diffusers_lora(folder, unet, text_encoder=None):
     return unet_layers, te_layers
 
 
-def lora_file_bytes(unet, text_encoder=None):
-    """Expected size of a LoRA file, for the free-space check before saving."""
-    params = [p for m in (unet, text_encoder) if m is not None for p in m.parameters() if p.requires_grad]
-    return sum(p.numel() * 4 for p in params) + 1_000_000
-
-
 def kohya_state_dict(unet, text_encoder=None, alpha=None):
     """The layout kohya sd-scripts write and A1111/ComfyUI read: lora_unet_<module_path>.lora_down/up
     with a per-module .alpha; text-encoder modules as lora_te_text_model_encoder_layers_N_..."""
