@@ -22,8 +22,7 @@ def rss_mb():
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
     except ImportError:
-        import psutil
-        return psutil.Process().memory_info().rss / 2**20
+        return current_rss_mb()
 
 
 def current_rss_mb():
@@ -31,16 +30,39 @@ def current_rss_mb():
     return psutil.Process().memory_info().rss / 2**20
 
 
+def restart_peak_rss():
+    """Linux lets a process restart its peak-RSS counter (VmHWM), so the training steps' own peak can be read
+    exactly afterwards instead of sampled; loading a model maps its whole file and would otherwise hide it.
+    False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_restart_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 class RunStats:
     """Wall-clock split of a run: setup (flags to first step), class generation, steady-state step time
-    (median, checkpoint and validation pauses excluded), and memory."""
+    (median, checkpoint and validation pauses excluded), and memory: the process's peak RSS, and the peak
+    during the training steps alone (exact on Linux, sampled after steps elsewhere)."""
 
     def __init__(self):
         self.started = time.perf_counter()
         self.baseline_rss_mb = rss_mb()
         self.values = {}
         self.step_seconds = []
-        self.train_peak_rss_mb = 0.0
+        self.setup_peak_rss_mb = 0.0
+        self.exact_train_peak = False
+        self.sampled_train_peak_rss_mb = 0.0
         self._tick = None
 
     def set(self, **values):
@@ -48,13 +70,15 @@ class RunStats:
 
     def mark_training_start(self):
         self.values["setup_seconds"] = time.perf_counter() - self.started - self.values.get("class_generation_seconds", 0)
+        self.setup_peak_rss_mb = rss_mb()  # read before the restart: on Linux ru_maxrss follows VmHWM down
+        self.exact_train_peak = restart_peak_rss()
         self._tick = time.perf_counter()
 
     def step_done(self):
         now = time.perf_counter()
         self.step_seconds.append(now - self._tick)
-        if len(self.step_seconds) % 10 in (1, 3):  # memory during training proper, sampled (tens of microseconds)
-            self.train_peak_rss_mb = max(self.train_peak_rss_mb, current_rss_mb())
+        if not self.exact_train_peak and len(self.step_seconds) % 10 in (1, 3):  # tens of microseconds
+            self.sampled_train_peak_rss_mb = max(self.sampled_train_peak_rss_mb, current_rss_mb())
         self._tick = time.perf_counter()
 
     def pause_done(self):
@@ -62,10 +86,11 @@ class RunStats:
 
     def summary(self):
         steady = self.step_seconds[2:] or self.step_seconds
+        train_peak = peak_rss_since_restart_mb() if self.exact_train_peak else self.sampled_train_peak_rss_mb
         return dict(self.values, steps_timed=len(self.step_seconds),
                     step_seconds_median=statistics.median(steady) if steady else None,
-                    baseline_rss_mb=self.baseline_rss_mb, peak_rss_mb=rss_mb(),
-                    train_peak_rss_mb=self.train_peak_rss_mb,
+                    baseline_rss_mb=self.baseline_rss_mb, peak_rss_mb=max(self.setup_peak_rss_mb, rss_mb()),
+                    setup_peak_rss_mb=self.setup_peak_rss_mb, train_peak_rss_mb=train_peak,
                     total_seconds=time.perf_counter() - self.started)
 
     def write(self, path):

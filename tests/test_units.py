@@ -307,3 +307,23 @@ def test_only_lora_trains_and_stays_fp32_over_half_precision_weights():
     args.lora_target_modules = "to_q,not_a_module"
     with pytest.raises(UsageError, match="--lora_target_modules: no UNet module named not_a_module"):
         models.add_lora(build_tiny_pipeline().unet, None, Namespace(**{**vars(args), "train_text_encoder": False}))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only: restarting the peak-RSS counter")
+def test_training_peak_memory_excludes_what_came_before():
+    """The training peak is the true peak inside the steps (a backward pass frees its activations before the
+    step ends, so sampling between steps would miss it), not a bigger one from setup (a model file mapped while
+    loading); the process peak still includes that."""
+    from dreambooth.report import RunStats, current_rss_mb
+    stats = RunStats()
+    stats.set(class_generation_seconds=0.0)
+    big = np.ones(400 * 2**20 // 8)  # 400 MB during "setup"
+    del big
+    stats.mark_training_start()
+    at_start = current_rss_mb()
+    activations = np.ones(100 * 2**20 // 8)  # 100 MB inside a step, freed before it ends
+    del activations
+    stats.step_done()
+    summary = stats.summary()
+    assert at_start + 90 <= summary["train_peak_rss_mb"] <= at_start + 200
+    assert summary["peak_rss_mb"] >= at_start + 350
