@@ -45,6 +45,7 @@ def test_prior_preservation_run_writes_everything(tiny_model, instance_dir, tmp_
     ckpt = out / "checkpoint-4"
     assert {"optimizer.bin", "scheduler.bin", "random_states_0.pkl", "pytorch_lora_weights.safetensors"} <= set(
         os.listdir(ckpt))
+    assert torch.load(ckpt / "optimizer.bin", weights_only=False)["param_groups"][0]["fused"]  # one kernel, no loop
     keys, _ = lora_keys(out / "pytorch_lora_weights.safetensors")
     assert keys and all(k.startswith("unet.") for k in keys)
     assert any(".to_q.lora.down.weight" in k for k in keys)
@@ -186,7 +187,10 @@ def test_dataset_and_tensorboard(tiny_model, tmp_path):
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
     assert "lr" in acc.Tags()["scalars"] and "validation" in acc.Tags()["images"]
     stats = json.load(open(out / "train_stats.json"))
-    assert stats["steps_timed"] == 3 and stats["step_seconds_median"] > 0 and stats["peak_rss_mb"] > 0
+    assert stats["steps_timed"] == 3 and stats["step_seconds_median"] > 0
+    # the model is loaded before the peak counter restarts, and the process peak covers both phases
+    assert stats["baseline_rss_mb"] < stats["train_peak_rss_mb"] <= stats["peak_rss_mb"]
+    assert stats["setup_peak_rss_mb"] <= stats["peak_rss_mb"]
     from PIL import Image
     assert Image.open(out / "loss.png").size == (640, 320)
 
