@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a DreamBooth run's time and memory go, measured on SD-architecture models built here.
 
-    python bench/bench_train.py            # about 7 minutes on 2 CPU cores
+    python bench/bench_train.py            # about 15 minutes on 2 CPU cores, 8 GB of RAM, 5 GB of disk
     python bench/bench_train.py --quick    # fewer steps, for a smoke test
 
 Prints one table per question, all from the same run:
@@ -9,9 +9,8 @@ Prints one table per question, all from the same run:
      images in one call), against our steady-state seconds per step with and without caching;
   2. class priors: our generation (batched, DPM-Solver++ 25 steps, components reused) against a plain
      DiffusionPipeline loop at 50 steps, one image at a time; and a second run with the same settings;
-  3. memory: peak RSS during training for three model sizes (6, 58 and 218 MB of fp32 weights); since
-     Python, torch and the libraries cost the same few hundred MB for any model, the slope of training
-     RSS against model size (MB of RSS per MB of fp32 weights) is what is compared with 1.25;
+  3. memory: peak RSS during the training steps of a model with SD 1.5's sizes (random weights, 4.3 GB in
+     fp32) at 512 px, with and without the memory options, against the size of its weights in fp32;
   4. how step time grows with resolution, and 5. how setup grows with the number of instance images.
 Training runs are real subprocesses of train_dreambooth_lora.py; their numbers come from the
 train_stats.json each run writes.
@@ -31,18 +30,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
-MODELS = {  # name: (builder kwargs, resolution)
-    "tiny (32,64) @64px": (dict(unet_channels=(32, 64), cross_attention_dim=32, vae_channels=(32, 64),
-                                sample_size=32), 64),
+MODELS = {  # name: (builder kwargs, resolution); the VAE downsamples 8x as SD's does
+    "tiny (32,64) @64px": (dict(unet_channels=(32, 64), cross_attention_dim=32, vae_channels=(32, 64, 64, 64),
+                                sample_size=8), 64),
     "small (64,128,256) x256 @128px": (dict(unet_channels=(64, 128, 256), cross_attention_dim=256,
                                             vae_channels=(32, 64, 64, 64), sample_size=16), 128),
 }
-
-
-MEMORY_MODELS = {  # only for the memory slope: enough weights that RSS noise does not decide it
-    "medium (128,256,512) x512 @128px": (dict(unet_channels=(128, 256, 512), cross_attention_dim=512,
-                                              vae_channels=(32, 64, 64, 64), sample_size=16), 128),
-}
+# Class priors only: the tiny UNet on 32x32 latents (a 2x VAE), where 2 CPU cores are saturated at batch 1 and
+# batching cannot help, so only the step count does.
+COMPUTE_BOUND = {"tiny, 2x VAE (32x32 latents) @64px": (dict(unet_channels=(32, 64), cross_attention_dim=32,
+                                                             vae_channels=(32, 64), sample_size=32), 64)}
 
 
 def build(folder, **kwargs):
@@ -135,9 +132,46 @@ def table(title, header, rows):
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
 
 
+def prior_row(name, model, res, first, again, quick):
+    """Our class-image rate (from a training run's stats) against the plain pipeline loop on the same model."""
+    ours = first["class_images_generated"] / first["class_generation_seconds"]
+    baseline, _ = plain_pipeline_images_per_second(model, res, 2 if quick else 4)
+    return [name, f"{baseline:.2f}", f"{ours:.2f}", f"{ours / baseline:.1f}x",
+            f"{first['class_images_generated']} in {first['class_generation_seconds']:.1f}s",
+            f"{again['class_images_generated']} in {again.get('class_generation_seconds', 0):.2f}s"]
+
+
+MEMORY_SETUPS = {  # label: extra training flags
+    "fp32, gradient checkpointing": ["--gradient_checkpointing"],
+    "bf16, cached latents + text embeddings": ["--mixed_precision", "bf16", "--cache_latents",
+                                               "--pre_compute_text_embeddings"],
+    "bf16, cached, gradient checkpointing, 8-bit AdamW": ["--mixed_precision", "bf16", "--cache_latents",
+                                                          "--pre_compute_text_embeddings", "--gradient_checkpointing",
+                                                          "--use_8bit_adam"],
+}
+
+
+def memory_rows(model, res, work, steps):
+    """Peak RSS while training a model the size users train, with and without the memory options, against the
+    size of all its weights in fp32. Batch 2: one instance and one (given) class image."""
+    instance_dir = make_images(os.path.join(work, "dog3-large"), 3, size=(res * 5 // 4, res))
+    class_dir = make_images(os.path.join(work, "class1-large"), 1, size=(res * 5 // 4, res))
+    rows = []
+    for i, (label, flags) in enumerate(MEMORY_SETUPS.items()):
+        stats = train(model, instance_dir, os.path.join(work, f"mem-{i}"), res, steps, "--with_prior_preservation",
+                      "--class_prompt", "a photo of dog", "--class_data_dir", class_dir, "--num_class_images", "1",
+                      *flags)
+        weights = stats["model_weights_fp32_mb"]
+        rows.append([label, f"{weights / 1024:.2f}", f"{stats['baseline_rss_mb'] / 1024:.2f}",
+                     f"{stats['train_peak_rss_mb'] / 1024:.2f}", f"{stats['train_peak_rss_mb'] / weights:.2f}",
+                     f"{stats['setup_peak_rss_mb'] / 1024:.2f}", f"{stats['step_seconds_median']:.1f}"])
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Fewer steps and images (smoke test).")
+    parser.add_argument("--quick", action="store_true",
+                        help="Fewer steps and images, and the memory table on the small model (smoke test).")
     parser.add_argument("--workdir", default=None, help="Keep models and runs here (default: a temp folder).")
     parser.add_argument("--floor", nargs=3, metavar=("MODEL", "RES", "ITERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,67 +184,57 @@ def main():
     instance_dir = make_images(os.path.join(work, "dog5"), 5)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; work dir {work}")
 
+    def prior_flags(short):
+        return ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_data_dir",
+                os.path.join(work, f"class-{short}"), "--num_class_images", str(n_class),
+                "--sample_batch_size", str(n_class)]
+
     step_rows, prior_rows = [], []
     rounds = 1 if args.quick else 3
     for name, (kwargs, res) in MODELS.items():
         short = name.split()[0]
         model = build(os.path.join(work, short), **kwargs)
-        class_dir = os.path.join(work, f"class-{short}")
-        prior = ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_data_dir", class_dir,
-                 "--num_class_images", str(n_class), "--sample_batch_size", str(n_class)]
         # This machine's speed drifts by 20% over minutes: floor and runs alternate, medians of the rounds.
         floors, plains, cacheds = [], [], []
         for r in range(rounds):
             floors.append(floor_in_subprocess(model, res, 10 if args.quick else 30)[0])
-            plains.append(train(model, instance_dir, os.path.join(work, f"run-{short}-plain{r}"), res, steps, *prior))
+            plains.append(train(model, instance_dir, os.path.join(work, f"run-{short}-plain{r}"), res, steps,
+                                *prior_flags(short)))
             cacheds.append(train(model, instance_dir, os.path.join(work, f"run-{short}-cached{r}"), res, steps,
-                                 *prior, "--cache_latents", "--pre_compute_text_embeddings"))
+                                 *prior_flags(short), "--cache_latents", "--pre_compute_text_embeddings"))
         floor = statistics.median(floors)
         for label, runs in (("no caching", plains), ("cache_latents + pre_compute_text_embeddings", cacheds)):
             ours = statistics.median(run["step_seconds_median"] for run in runs)
             setup = statistics.median(run["setup_seconds"] for run in runs)
             step_rows.append([name, label, f"{floor * 1000:.1f}", f"{ours * 1000:.1f}", f"{ours / floor:.2f}x",
                               f"{setup:.1f}"])
-        first, again = plains[0], cacheds[0]
-        ours = first["class_images_generated"] / first["class_generation_seconds"]
-        baseline, _ = plain_pipeline_images_per_second(model, res, 2 if args.quick else 4)
-        prior_rows.append([name, f"{baseline:.2f}", f"{ours:.2f}", f"{ours / baseline:.1f}x",
-                           f"{first['class_images_generated']} in {first['class_generation_seconds']:.1f}s",
-                           f"{again['class_images_generated']} in {again.get('class_generation_seconds', 0):.2f}s"])
+        prior_rows.append(prior_row(name, model, res, plains[0], cacheds[0], args.quick))
+    for name, (kwargs, res) in COMPUTE_BOUND.items():
+        model = build(os.path.join(work, "tiny-2x-vae"), **kwargs)
+        first, again = (train(model, instance_dir, os.path.join(work, f"run-2x-vae-{i}"), res, 2,
+                              *prior_flags("2x-vae")) for i in range(2))
+        prior_rows.append(prior_row(name, model, res, first, again, args.quick))
 
     table("1. Seconds per step: the floor is a bare UNet+LoRA forward+backward at batch 2 (1 instance + 1 class)",
           ["model", "ours", "floor ms", "ours ms", "ratio", "setup s"], step_rows)
     table(f"2. Class priors ({n_class} images): plain pipeline loop at 50 steps, 1 image/call vs ours "
           "(DPM-Solver++ 25 steps, batched, components reused)",
           ["model", "plain img/s", "ours img/s", "speed-up", "first run", "second run (same settings)"], prior_rows)
-    # Memory: Python, torch and the libraries cost the same few hundred MB whatever the model, and RSS wobbles by
-    # tens of MB between runs, so the check is the slope of training RSS against model size over three models
-    # (MB of RSS per MB of fp32 weights), which must stay under 1.25.
-    memory_rows, points = [], []
-    sizes = dict(MEMORY_MODELS, **{k: v for k, v in MODELS.items()})
-    for name in ["tiny (32,64) @64px", "small (64,128,256) x256 @128px", "medium (128,256,512) x512 @128px"]:
-        kwargs, res = sizes[name]
-        model = build(os.path.join(work, name.split()[0]), **kwargs)
-        stats = train(model, instance_dir, os.path.join(work, f"mem-{name.split()[0]}"), res, 8,
-                      "--train_batch_size", "2")
-        points.append((stats["model_weights_fp32_mb"], stats["train_peak_rss_mb"]))
-        _, bare_growth = floor_in_subprocess(model, res, 3)
-        memory_rows.append([name, f"{stats['model_weights_fp32_mb']:.1f}", f"{stats['baseline_rss_mb']:.0f}",
-                            f"{stats['train_peak_rss_mb']:.0f}", f"{stats['train_peak_rss_mb'] - stats['baseline_rss_mb']:.0f}",
-                            f"{bare_growth:.0f}"])
-    mean_w = sum(w for w, _ in points) / len(points)
-    mean_r = sum(r for _, r in points) / len(points)
-    slope = sum((w - mean_w) * (r - mean_r) for w, r in points) / sum((w - mean_w) ** 2 for w, _ in points)
-    table("3. Memory (MB) while training (batch 2, no prior, no caching): all weights in fp32, RSS after importing "
-          "the libraries, peak RSS during training steps, its growth over the imports, and the growth a bare "
-          "UNet+LoRA forward+backward alone causes (same batch, fresh process)",
-          ["model", "weights fp32", "after imports", "training peak", "training growth", "bare UNet step growth"],
-          memory_rows)
-    print(f"   training peak RSS grows {slope:.2f} MB per MB of fp32 weights (least squares over the three models; "
-          f"target <= 1.25); the fixed runtime part is {mean_r - slope * mean_w:.0f} MB")
+
+    if args.quick:
+        mem_name, (mem_kwargs, mem_res), mem_steps = "small (64,128,256) x256 @128px", MODELS[
+            "small (64,128,256) x256 @128px"], 3
+    else:
+        from make_tiny_model import SD15_SIZE
+        mem_name, (mem_kwargs, mem_res), mem_steps = "SD 1.5 size (random weights) @512px", (SD15_SIZE, 512), 3
+    mem_model = build(os.path.join(work, mem_name.split()[0] + "-mem"), **mem_kwargs)
+    table(f"3. Memory (GB) training {mem_name}, batch 2 (1 instance + 1 class): all weights in fp32, RSS after "
+          "importing the libraries, peak RSS during the training steps, its ratio to the fp32 weights (target "
+          "< 1.25), peak RSS while loading (the mapped fp32 files count; the kernel can drop them), s/step",
+          ["setup", "weights fp32", "after imports", "training peak", "ratio", "loading peak", "s/step"],
+          memory_rows(mem_model, mem_res, work, mem_steps))
 
     name = "small (64,128,256) x256 @128px"
-    kwargs, _ = MODELS[name]
     model = os.path.join(work, "small")
     res_rows = []
     for res in (64, 128, 256):

@@ -56,10 +56,17 @@ def write_tokenizer_files(folder, extra_words=("sks", "dog", "photo", "of", "a")
     return vocab
 
 
+# SD 1.5's sizes (UNet 860M, text encoder 123M, VAE 84M parameters; 4.3 GB in fp32) with random weights,
+# for measuring memory at the scale users train at.
+SD15_SIZE = dict(sample_size=64, unet_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                 vae_channels=(128, 256, 512, 512), layers_per_block=2, text_layers=12, text_vocab_size=49408)
+
+
 def build_tiny_pipeline(prediction_type="epsilon", sample_size=32, seed=0, unet_channels=(32, 64),
-                        cross_attention_dim=32, vae_channels=(32, 64), layers_per_block=1):
+                        cross_attention_dim=32, vae_channels=(32, 64), layers_per_block=1, text_layers=2,
+                        text_vocab_size=None):
     """SD's architecture at toy sizes. The last UNet level has no attention, as in SD; the VAE downsamples
-    2**(len(vae_channels) - 1) times (SD: 8x with four levels)."""
+    2**(len(vae_channels) - 1) times (SD: 8x with four levels). SD15_SIZE gives SD 1.5's own sizes."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -69,8 +76,9 @@ def build_tiny_pipeline(prediction_type="epsilon", sample_size=32, seed=0, unet_
         tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"),
                                   model_max_length=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=cross_attention_dim, intermediate_size=2 * cross_attention_dim,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, projection_dim=cross_attention_dim,
+        vocab_size=text_vocab_size or len(vocab), hidden_size=cross_attention_dim,
+        intermediate_size=4 * cross_attention_dim, num_hidden_layers=text_layers,
+        num_attention_heads=max(4, cross_attention_dim // 64), max_position_embeddings=77, projection_dim=cross_attention_dim,
         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"]))
     levels = len(unet_channels)
@@ -82,7 +90,7 @@ def build_tiny_pipeline(prediction_type="epsilon", sample_size=32, seed=0, unet_
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1))
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels),
-        layers_per_block=1, norm_num_groups=32, sample_size=sample_size * 2 ** (len(vae_channels) - 1),
+        layers_per_block=layers_per_block, norm_num_groups=32, sample_size=sample_size * 2 ** (len(vae_channels) - 1),
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(vae_channels))
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
