@@ -294,11 +294,20 @@ def train(args, instance_images, stats):
                     disable=not accelerator.is_local_main_process)
     stats.mark_training_start()
     nan_steps, loss_history = 0, []
+    micro_losses = []  # this step's micro-batch losses, on the device
+    unread = []  # (step, lr, loss, grad norm) not yet read back: reading makes the CPU wait for the GPU
 
     def say(message):
         """Messages during the loop go above the progress bar, not into its line (main process only)."""
         if accelerator.is_main_process:
             progress.write(message, file=sys.stderr)
+
+    def nan_stop(what, value, step):
+        say(f"{PROG}: error: {what} is {value} at step {step}; lower --learning_rate (now {args.learning_rate}) or "
+            f"use --mixed_precision bf16. Last good checkpoint: {checkpoints.latest(args.output_dir) or 'none'} "
+            "(--allow_nan_steps N skips a few such steps)")
+        accelerator.end_training()
+        return 3
 
     for epoch in range(first_epoch, num_train_epochs):
         unet.train()
@@ -313,26 +322,21 @@ def train(args, instance_images, stats):
             position.batches += 1
             with accelerator.accumulate(*trained):
                 loss = training_loss(batch)
-                # The step's only host sync: the loss value (agreed across processes, with the stop flag), so
-                # a NaN is caught before it reaches the weights. fp16's GradScaler syncs per step anyway.
-                loss_value, stop_now = checkpoints.agree(accelerator, loss, stopper.requested)
-                if not math.isfinite(loss_value):
-                    nan_steps += 1
-                    if nan_steps > args.allow_nan_steps:
-                        say(
-                            f"{PROG}: error: loss is {loss_value} at step {position.step + 1}; lower --learning_rate "
-                            f"(now {args.learning_rate}) or use --mixed_precision bf16. Last good checkpoint: "
-                            f"{checkpoints.latest(args.output_dir) or 'none'} (--allow_nan_steps N skips a few such "
-                            "steps)")
-                        accelerator.end_training()
-                        return 3
-                    say(f"warning: loss is {loss_value} at step {position.step + 1}; step skipped "
-                        f"({nan_steps}/{args.allow_nan_steps} allowed)")
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
+                if args.allow_nan_steps:  # skipping a bad step needs its loss before the update: a sync per step
+                    (loss_value,), _ = checkpoints.agree(accelerator, [loss], False)
+                    if not math.isfinite(loss_value):
+                        nan_steps += 1
+                        if nan_steps > args.allow_nan_steps:
+                            return nan_stop("loss", loss_value, position.step + 1)
+                        say(f"warning: loss is {loss_value} at step {position.step + 1}; step skipped "
+                            f"({nan_steps}/{args.allow_nan_steps} allowed)")
+                        optimizer.zero_grad(set_to_none=True)
+                        micro_losses = []
+                        continue
                 accelerator.backward(loss)
+                micro_losses.append(loss.detach())
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -340,12 +344,32 @@ def train(args, instance_images, stats):
             if accelerator.sync_gradients:
                 position.step += 1
                 stats.step_done()
-                logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}
                 progress.update(1)
-                progress.set_postfix(**logs)
-                accelerator.log(logs, step=position.step)
-                loss_history.append((position.step, loss_value))
-                if position.step % args.checkpointing_steps == 0 or stop_now:
+                unread.append((position.step, lr_scheduler.get_last_lr()[0], torch.stack(micro_losses).mean(),
+                               grad_norm))
+                micro_losses = []
+                checkpoint_due = position.step % args.checkpointing_steps == 0
+                validation_due = args.validation_prompt and args.validation_steps and \
+                    position.step % args.validation_steps == 0
+                read_now = (position.step % args.logging_steps == 0 or checkpoint_due or validation_due
+                            or position.step >= max_train_steps
+                            or (stopper.requested and accelerator.num_processes == 1))  # several: agreed at reads
+                if not read_now:
+                    continue  # nothing read back this step: the GPU keeps its queue
+                # The only host sync of the loop: losses and gradient norms since the last read (agreed across
+                # processes, with the stop flag). A checkpoint is saved only after its steps were read as finite.
+                values, stop_now = checkpoints.agree(accelerator, [v for u in unread for v in u[2:]],
+                                                     stopper.requested)
+                for (step, lr, _, _), loss_value, norm in zip(unread, values[::2], values[1::2]):
+                    if not math.isfinite(loss_value):
+                        return nan_stop("loss", loss_value, step)
+                    if not math.isfinite(norm) and accelerator.scaler is None:  # fp16's scaler skips those steps
+                        return nan_stop("gradient norm", norm, step)
+                    accelerator.log({"loss": loss_value, "lr": lr}, step=step)
+                    loss_history.append((step, loss_value))
+                progress.set_postfix(loss=loss_history[-1][1], lr=unread[-1][1])
+                unread = []
+                if checkpoint_due or stop_now:
                     path = checkpoints.save_checkpoint(accelerator, args.output_dir, position.step,
                                                        args.checkpoints_total_limit, checkpoint_bytes)
                     if stop_now:
@@ -353,8 +377,7 @@ def train(args, instance_images, stats):
                             f"resume with the same command plus --resume_from_checkpoint latest")
                         accelerator.end_training()
                         return 128 + stopper.requested
-                if args.validation_prompt and args.validation_steps and position.step % args.validation_steps == 0 \
-                        and accelerator.is_main_process:
+                if validation_due and accelerator.is_main_process:
                     sample_validation(position.step)
                 stats.pause_done()  # checkpoint and validation time is not step time
             if position.step >= max_train_steps:

@@ -194,20 +194,26 @@ def main():
     for name, (kwargs, res) in MODELS.items():
         short = name.split()[0]
         model = build(os.path.join(work, short), **kwargs)
-        # This machine's speed drifts by 20% over minutes: floor and runs alternate, medians of the rounds.
-        floors, plains, cacheds = [], [], []
+        # This machine's speed drifts by 20% over minutes: each run is compared with the mean of the floors
+        # measured just before and just after it, and the table shows medians over the rounds.
+        def floor():
+            return floor_in_subprocess(model, res, 10 if args.quick else 30)[0]
+        floors, plains, cacheds, ratios = [floor()], [], [], {"plain": [], "cached": []}
         for r in range(rounds):
-            floors.append(floor_in_subprocess(model, res, 10 if args.quick else 30)[0])
             plains.append(train(model, instance_dir, os.path.join(work, f"run-{short}-plain{r}"), res, steps,
                                 *prior_flags(short)))
+            floors.append(floor())
+            ratios["plain"].append(plains[-1]["step_seconds_median"] * 2 / (floors[-2] + floors[-1]))
             cacheds.append(train(model, instance_dir, os.path.join(work, f"run-{short}-cached{r}"), res, steps,
                                  *prior_flags(short), "--cache_latents", "--pre_compute_text_embeddings"))
-        floor = statistics.median(floors)
-        for label, runs in (("no caching", plains), ("cache_latents + pre_compute_text_embeddings", cacheds)):
+            floors.append(floor())
+            ratios["cached"].append(cacheds[-1]["step_seconds_median"] * 2 / (floors[-2] + floors[-1]))
+        for label, runs, key in (("no caching", plains, "plain"),
+                                 ("cache_latents + pre_compute_text_embeddings", cacheds, "cached")):
             ours = statistics.median(run["step_seconds_median"] for run in runs)
             setup = statistics.median(run["setup_seconds"] for run in runs)
-            step_rows.append([name, label, f"{floor * 1000:.1f}", f"{ours * 1000:.1f}", f"{ours / floor:.2f}x",
-                              f"{setup:.1f}"])
+            step_rows.append([name, label, f"{statistics.median(floors) * 1000:.1f}", f"{ours * 1000:.1f}",
+                              f"{statistics.median(ratios[key]):.2f}x", f"{setup:.1f}"])
         prior_rows.append(prior_row(name, model, res, plains[0], cacheds[0], args.quick))
     for name, (kwargs, res) in COMPUTE_BOUND.items():
         model = build(os.path.join(work, "tiny-2x-vae"), **kwargs)
@@ -215,7 +221,8 @@ def main():
                               *prior_flags("2x-vae")) for i in range(2))
         prior_rows.append(prior_row(name, model, res, first, again, args.quick))
 
-    table("1. Seconds per step: the floor is a bare UNet+LoRA forward+backward at batch 2 (1 instance + 1 class)",
+    table("1. Seconds per step: the floor is a bare UNet+LoRA forward+backward at batch 2 (1 instance + 1 class); "
+          "ratio: each run against the floors measured just before and after it, median of the rounds",
           ["model", "ours", "floor ms", "ours ms", "ratio", "setup s"], step_rows)
     table(f"2. Class priors ({n_class} images): plain pipeline loop at 50 steps, 1 image/call vs ours "
           "(DPM-Solver++ 25 steps, batched, components reused)",

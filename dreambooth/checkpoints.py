@@ -143,12 +143,13 @@ class GracefulStop:
               "(send it again to exit at once)", file=sys.stderr, flush=True)
 
 
-def agree(accelerator, loss, stop_requested):
-    """(loss value, stop requested) with one host sync; across processes the loss is averaged (NaN on any
-    rank makes it NaN everywhere) and a stop on any rank stops all, so they skip or stop together."""
-    flags = torch.stack([loss.detach().float(), torch.tensor(float(bool(stop_requested)), device=loss.device)])
+def agree(accelerator, values, stop_requested):
+    """(values as floats, stop requested) with one host sync; across processes each value is averaged (NaN on
+    any rank makes it NaN everywhere) and a stop on any rank stops all, so they skip or stop together."""
+    flags = torch.stack([v.detach().float() for v in values] +
+                        [torch.tensor(float(bool(stop_requested)), device=values[0].device)])
     if accelerator.num_processes > 1:
         flags = accelerator.reduce(flags, reduction="sum")
-        flags[0] /= accelerator.num_processes
-    loss_value, stop = flags.tolist()
-    return loss_value, stop > 0
+        flags[:-1] /= accelerator.num_processes
+    *floats, stop = flags.tolist()
+    return floats, stop > 0

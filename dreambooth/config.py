@@ -125,7 +125,8 @@ def build_parser():
                    help="Seconds a process waits for the others before giving up (multi-GPU), so a dead rank "
                         "ends the run instead of hanging it.")
     g.add_argument("--allow_nan_steps", type=int, default=0,
-                   help="How many non-finite-loss steps to skip before stopping.")
+                   help="How many non-finite-loss steps to skip before stopping. Above 0 the loss is read back "
+                        "before every update (a host sync per step).")
 
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate of the UNet LoRA.")
@@ -163,6 +164,10 @@ def build_parser():
                    help="Trackers for accelerate: tensorboard, wandb, all or none (skipped with a warning "
                         "when not installed).")
     g.add_argument("--logging_dir", default="logs", help="Tracker log folder, relative to output_dir.")
+    g.add_argument("--logging_steps", type=int, default=10,
+                   help="Read the losses back from the GPU every N steps (progress bar, trackers, NaN check; every "
+                        "step is still logged). Each read makes the CPU wait for the GPU; checkpoints, validation "
+                        "and the last step always read first.")
     return p
 
 
@@ -348,7 +353,7 @@ def validate(args, warn=print):
         raise UsageError(f"--resolution must be a multiple of 8 and at least 64 (got {args.resolution}); "
                          "try 512 for SD 1.5, 768 for SD 2.1")
     for flag in ("train_batch_size", "rank", "gradient_accumulation_steps", "repeats", "num_train_epochs",
-                 "checkpointing_steps", "num_validation_images"):
+                 "checkpointing_steps", "num_validation_images", "logging_steps"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
     for flag in ("max_train_steps", "validation_steps", "validation_epochs", "checkpoints_total_limit"):

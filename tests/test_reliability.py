@@ -107,6 +107,20 @@ def test_nan_loss_stops_with_message(tiny_model, instance_dir, tmp_path):
     assert r.stderr.count("step skipped") == 2 and "(2/2 allowed)" in r.stderr
 
 
+def test_nan_found_at_a_later_read_names_its_step_and_saves_no_checkpoint(tiny_model, instance_dir, tmp_path):
+    """Losses are read back every --logging_steps steps; a NaN found then names the step it happened at, and
+    the checkpoint due at that read is not written (it would hold NaN weights)."""
+    out = tmp_path / "nan-late"
+    r = run_script("train_dreambooth_lora.py", *train_args(tiny_model["eps"], instance_dir, out,
+                                                            "--max_train_steps", "8", "--checkpointing_steps", "4",
+                                                            "--logging_steps", "4", "--learning_rate", "1e30",
+                                                            "--max_grad_norm", "1e30"))
+    assert r.returncode == 3, r.stderr[-2000:]
+    message = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(message) == 1 and " at step 2;" in message[0] and "Last good checkpoint: none" in message[0]
+    assert not any(p.startswith("checkpoint-") for p in os.listdir(out))
+
+
 def test_dead_rank_does_not_hang_the_other(tiny_model, instance_dir, tmp_path):
     """Two processes started by hand (no torchrun agent to clean up): SIGKILL rank 1 mid-training and
     rank 0 must exit non-zero, within --ddp_timeout, instead of waiting forever in a collective."""

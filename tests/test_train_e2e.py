@@ -177,14 +177,14 @@ def test_dataset_and_tensorboard(tiny_model, tmp_path):
                    "--dataset_name", folder, "--caption_column", "text", "--instance_prompt", "a photo of sks dog",
                    "--resolution", "64", "--train_batch_size", "1", "--max_train_steps", "3", "--seed", "0",
                    "--report_to", "tensorboard", "--validation_prompt", "a photo of sks dog",
-                   "--num_validation_images", "2", "--output_dir", out)
+                   "--num_validation_images", "2", "--logging_steps", "2", "--output_dir", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "images=3" in r.stdout
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     logdir = out / "logs" / "dreambooth-lora"
     acc = EventAccumulator(str(logdir))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]  # read back at steps 2 and 3, every step logged
     assert "lr" in acc.Tags()["scalars"] and "validation" in acc.Tags()["images"]
     stats = json.load(open(out / "train_stats.json"))
     assert stats["steps_timed"] == 3 and stats["step_seconds_median"] > 0
