@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a DreamBooth run's time and memory go, measured on SD-architecture models built here.
 
-    python bench/bench_train.py            # about 15 minutes on 2 CPU cores, 8 GB of RAM, 5 GB of disk
+    python bench/bench_train.py            # about 11 minutes on 2 CPU cores; needs 9 GB of RAM and 5 GB of disk
     python bench/bench_train.py --quick    # fewer steps, for a smoke test
 
 Prints one table per question, all from the same run:

@@ -89,6 +89,8 @@ class RunStats:
         train_peak = peak_rss_since_restart_mb() if self.exact_train_peak else self.sampled_train_peak_rss_mb
         return dict(self.values, steps_timed=len(self.step_seconds),
                     step_seconds_median=statistics.median(steady) if steady else None,
+                    # on a GPU the host waits only at loss reads (--logging_steps), so the mean is the honest one
+                    step_seconds_mean=statistics.fmean(steady) if steady else None,
                     baseline_rss_mb=self.baseline_rss_mb, peak_rss_mb=max(self.setup_peak_rss_mb, rss_mb()),
                     setup_peak_rss_mb=self.setup_peak_rss_mb, train_peak_rss_mb=train_peak,
                     total_seconds=time.perf_counter() - self.started)

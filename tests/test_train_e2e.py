@@ -187,7 +187,7 @@ def test_dataset_and_tensorboard(tiny_model, tmp_path):
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]  # read back at steps 2 and 3, every step logged
     assert "lr" in acc.Tags()["scalars"] and "validation" in acc.Tags()["images"]
     stats = json.load(open(out / "train_stats.json"))
-    assert stats["steps_timed"] == 3 and stats["step_seconds_median"] > 0
+    assert stats["steps_timed"] == 3 and stats["step_seconds_median"] > 0 and stats["step_seconds_mean"] > 0
     # the model is loaded before the peak counter restarts, and the process peak covers both phases
     assert stats["baseline_rss_mb"] < stats["train_peak_rss_mb"] <= stats["peak_rss_mb"]
     assert stats["setup_peak_rss_mb"] <= stats["peak_rss_mb"]
