@@ -9,7 +9,7 @@ Prints one table per question, all from the same run:
      images in one call), against our steady-state seconds per step with and without caching;
   2. class priors: our generation (batched, DPM-Solver++ 25 steps, components reused) against a plain
      DiffusionPipeline loop at 50 steps, one image at a time; and a second run with the same settings;
-  3. memory: peak RSS during the training steps of a model with SD 1.5's sizes (random weights, 4.3 GB in
+  3. memory: peak RSS during the training steps of a model with SD 1.5's sizes (random weights, 4.0 GiB in
      fp32) at 512 px, with and without the memory options, against the size of its weights in fp32;
   4. how step time grows with resolution, and 5. how setup grows with the number of instance images.
 Training runs are real subprocesses of train_dreambooth_lora.py; their numbers come from the
@@ -60,11 +60,9 @@ def make_images(folder, count, size=(160, 128)):
 
 def bare_unet_step(model_dir, resolution, batch, iters):
     """The floor: UNet with the same LoRA, one forward+backward on random latents and prompt states.
-    Returns (median seconds per step, RSS growth in MB from before loading the UNet to after the steps)."""
-    import psutil
+    Returns the median seconds per step."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
-    before = psutil.Process().memory_info().rss
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
@@ -83,7 +81,7 @@ def bare_unet_step(model_dir, resolution, batch, iters):
         unet.zero_grad(set_to_none=True)
         if i >= 3:
             times.append(time.perf_counter() - start)
-    return statistics.median(times), (psutil.Process().memory_info().rss - before) / 2**20
+    return statistics.median(times)
 
 
 def floor_in_subprocess(model_dir, resolution, iters):
@@ -92,8 +90,7 @@ def floor_in_subprocess(model_dir, resolution, iters):
                        capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         raise SystemExit(f"floor measurement failed:\n{r.stderr[-3000:]}")
-    seconds, growth = r.stdout.strip().splitlines()[-1].split()
-    return float(seconds), float(growth)
+    return float(r.stdout.strip().splitlines()[-1])
 
 
 def plain_pipeline_images_per_second(model_dir, resolution, count):
@@ -176,7 +173,7 @@ def main():
     parser.add_argument("--floor", nargs=3, metavar=("MODEL", "RES", "ITERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:  # internal: one floor measurement, printed in seconds
-        print(*bare_unet_step(args.floor[0], int(args.floor[1]), 2, int(args.floor[2])))
+        print(bare_unet_step(args.floor[0], int(args.floor[1]), 2, int(args.floor[2])))
         return
     steps = 12 if args.quick else 40
     n_class = 4 if args.quick else 8
@@ -197,7 +194,7 @@ def main():
         # This machine's speed drifts by 20% over minutes: each run is compared with the mean of the floors
         # measured just before and just after it, and the table shows medians over the rounds.
         def floor():
-            return floor_in_subprocess(model, res, 10 if args.quick else 30)[0]
+            return floor_in_subprocess(model, res, 10 if args.quick else 30)
         floors, plains, cacheds, ratios = [floor()], [], [], {"plain": [], "cached": []}
         for r in range(rounds):
             plains.append(train(model, instance_dir, os.path.join(work, f"run-{short}-plain{r}"), res, steps,
@@ -235,7 +232,7 @@ def main():
         from make_tiny_model import SD15_SIZE
         mem_name, (mem_kwargs, mem_res), mem_steps = "SD 1.5 size (random weights) @512px", (SD15_SIZE, 512), 3
     mem_model = build(os.path.join(work, mem_name.split()[0] + "-mem"), **mem_kwargs)
-    table(f"3. Memory (GB) training {mem_name}, batch 2 (1 instance + 1 class): all weights in fp32, RSS after "
+    table(f"3. Memory (GiB) training {mem_name}, batch 2 (1 instance + 1 class): all weights in fp32, RSS after "
           "importing the libraries, peak RSS during the training steps, its ratio to the fp32 weights (target "
           "< 1.25), peak RSS while loading (the mapped fp32 files count; the kernel can drop them), s/step",
           ["setup", "weights fp32", "after imports", "training peak", "ratio", "loading peak", "s/step"],

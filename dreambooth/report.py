@@ -70,7 +70,8 @@ class RunStats:
 
     def mark_training_start(self):
         self.values["setup_seconds"] = time.perf_counter() - self.started - self.values.get("class_generation_seconds", 0)
-        self.setup_peak_rss_mb = rss_mb()  # read before the restart: on Linux ru_maxrss follows VmHWM down
+        # read before the restart: on Linux ru_maxrss follows VmHWM down (and the two can differ by a few pages)
+        self.setup_peak_rss_mb = rss_mb()
         self.exact_train_peak = restart_peak_rss()
         self._tick = time.perf_counter()
 
@@ -91,7 +92,7 @@ class RunStats:
                     step_seconds_median=statistics.median(steady) if steady else None,
                     # on a GPU the host waits only at loss reads (--logging_steps), so the mean is the honest one
                     step_seconds_mean=statistics.fmean(steady) if steady else None,
-                    baseline_rss_mb=self.baseline_rss_mb, peak_rss_mb=max(self.setup_peak_rss_mb, rss_mb()),
+                    baseline_rss_mb=self.baseline_rss_mb, peak_rss_mb=max(self.setup_peak_rss_mb, train_peak, rss_mb()),
                     setup_peak_rss_mb=self.setup_peak_rss_mb, train_peak_rss_mb=train_peak,
                     total_seconds=time.perf_counter() - self.started)
 

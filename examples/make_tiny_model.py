@@ -56,7 +56,7 @@ def write_tokenizer_files(folder, extra_words=("sks", "dog", "photo", "of", "a")
     return vocab
 
 
-# SD 1.5's sizes (UNet 860M, text encoder 123M, VAE 84M parameters; 4.3 GB in fp32) with random weights,
+# SD 1.5's sizes (UNet 860M, text encoder 123M, VAE 84M parameters; 4.0 GiB in fp32) with random weights,
 # for measuring memory at the scale users train at.
 SD15_SIZE = dict(sample_size=64, unet_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
                  vae_channels=(128, 256, 512, 512), layers_per_block=2, text_layers=12, text_vocab_size=49408)
@@ -78,7 +78,8 @@ def build_tiny_pipeline(prediction_type="epsilon", sample_size=32, seed=0, unet_
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=text_vocab_size or len(vocab), hidden_size=cross_attention_dim,
         intermediate_size=4 * cross_attention_dim, num_hidden_layers=text_layers,
-        num_attention_heads=max(4, cross_attention_dim // 64), max_position_embeddings=77, projection_dim=cross_attention_dim,
+        num_attention_heads=max(4, cross_attention_dim // 64), max_position_embeddings=77,
+        projection_dim=cross_attention_dim,
         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"]))
     levels = len(unet_channels)
