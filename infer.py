@@ -92,13 +92,13 @@ def main(argv=None):
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2
 
+    from train_dreambooth_lora import quiet_libraries
+    quiet_libraries()  # first: some notices are printed at import time
     import diffusers
     import torch
     from diffusers import StableDiffusionPipeline
 
     from dreambooth.validation import image_grid
-    from train_dreambooth_lora import quiet_libraries
-    quiet_libraries()
 
     device = pick_device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -131,7 +131,7 @@ def main(argv=None):
             image.save(os.path.join(args.output, f"{p:02d}-{k:02d}-{slug}.png"))
         images += batch
     image_grid(images).save(os.path.join(args.output, "grid.png"))
-    print(f"wrote {len(images)} images and grid.png to {args.output}")
+    print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} and grid.png to {args.output}")
     return 0
 
 

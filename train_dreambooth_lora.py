@@ -45,8 +45,11 @@ def main(argv=None):
 
 
 def quiet_libraries():
-    """Our progress bar and settings line are the output; the libraries' per-component chatter is not."""
+    """Our progress bar and settings line are the output; the libraries' per-component chatter is not.
+    Call it before importing pipelines: some notices are printed at import time."""
+    import logging
     import warnings
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU-kernel notices at import are not ours
 
     import diffusers
     import transformers
@@ -89,9 +92,8 @@ def prior_preservation_loss(per_example_loss, num_instance, prior_loss_weight):
 def train(args, instance_images, stats):
     # Heavy imports after the flags are checked: a typo costs a second, not a model load.
     import datetime
-    import logging
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU-kernel notices at import are not ours
 
+    quiet_libraries()  # first: some notices are printed at import time
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -101,7 +103,6 @@ def train(args, instance_images, stats):
 
     from dreambooth import checkpoints, data, lora_io, models, priors, report, validation
 
-    quiet_libraries()
     # diffusers and transformers import lazily: load the model code now, so this baseline is the runtime's
     # own memory (python, torch, libraries) and everything above it is the run's.
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401

@@ -112,6 +112,9 @@ def main(argv=None):
     parser.add_argument("--single_file", default=None,
                         help="Also write the pipeline as one original-layout (A1111/ComfyUI style) .safetensors file.")
     args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from train_dreambooth_lora import quiet_libraries
+    quiet_libraries()
     pipe = build_tiny_pipeline(args.prediction_type, args.sample_size, args.seed)
     pipe.save_pretrained(args.out)
     if args.single_file:
