@@ -304,9 +304,11 @@ def train(args, instance_images, stats):
             progress.write(message, file=sys.stderr)
 
     def nan_stop(what, value, step):
+        """A non-finite loss or gradient ruins the LoRA: stop, naming the step, the fix and the checkpoint to
+        resume from (written only after its steps were read as finite)."""
         say(f"{PROG}: error: {what} is {value} at step {step}; lower --learning_rate (now {args.learning_rate}) or "
-            f"use --mixed_precision bf16. Last good checkpoint: {checkpoints.latest(args.output_dir) or 'none'} "
-            "(--allow_nan_steps N skips a few such steps)")
+            f"use --mixed_precision bf16. Last good checkpoint: {checkpoints.latest(args.output_dir) or 'none'}"
+            + (" (--allow_nan_steps N skips a few such steps)" if what == "loss" else ""))
         accelerator.end_training()
         return 3
 

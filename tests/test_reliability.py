@@ -121,6 +121,28 @@ def test_nan_found_at_a_later_read_names_its_step_and_saves_no_checkpoint(tiny_m
     assert not any(p.startswith("checkpoint-") for p in os.listdir(out))
 
 
+def test_non_finite_gradient_norm_stops(tiny_model, instance_dir, tmp_path, monkeypatch, capsys):
+    """A finite loss with an infinite gradient norm would still write inf/NaN into the LoRA: the run stops at
+    the read. (A tiny model reaches NaN loss first at any learning rate, so the norm is made infinite here.)"""
+    import accelerate
+    import train_dreambooth_lora
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_",
+                        lambda self, parameters, max_norm, norm_type=2: torch.tensor(float("inf")))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        code = train_dreambooth_lora.main([str(a) for a in train_args(
+            tiny_model["eps"], instance_dir, tmp_path / "inf-norm", "--max_train_steps", "3", "--logging_steps", "1")])
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps it per process
+    err = capsys.readouterr().err
+    assert code == 3, err[-2000:]
+    assert "error: gradient norm is inf at step 1;" in err and "--allow_nan_steps" not in err
+    assert not os.path.exists(tmp_path / "inf-norm" / "pytorch_lora_weights.safetensors")
+
+
 def test_dead_rank_does_not_hang_the_other(tiny_model, instance_dir, tmp_path):
     """Two processes started by hand (no torchrun agent to clean up): SIGKILL rank 1 mid-training and
     rank 0 must exit non-zero, within --ddp_timeout, instead of waiting forever in a collective."""
