@@ -17,7 +17,8 @@ import sys
 import time
 
 from dreambooth import __version__
-from dreambooth.config import UsageError, check_free_space, effective_config, parse_args, validate
+from dreambooth.config import check_free_space, effective_config, parse_args, validate
+from dreambooth.errors import run_cli
 
 PROG = "train_dreambooth_lora.py"
 
@@ -29,19 +30,16 @@ def log_main(message):
 
 
 def main(argv=None):
+    """Exit codes: 0 done, 2 bad input (one line), 3 non-finite loss, 128+N stopped by signal N, 1 a bug."""
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv):
     from dreambooth.report import RunStats
     stats = RunStats()
-    try:
-        args = parse_args(argv)
-        instance_images = validate(args, warn=log_main)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return train(args, instance_images, stats)
-    except UsageError as e:  # checks that needed the model or the disk, still before any output is written
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    args = parse_args(argv)
+    instance_images = validate(args, warn=log_main)
+    return train(args, instance_images, stats)
 
 
 def quiet_libraries():

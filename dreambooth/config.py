@@ -11,14 +11,12 @@ import re
 import shutil
 import sys
 
+from .errors import UsageError  # noqa: F401  (re-exported: callers import it from here too)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 INTERPOLATION_MODES = ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class UsageError(Exception):
-    """A bad flag or input file: printed as one line, exit code 2, nothing written."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -37,6 +35,9 @@ def build_parser():
     g.add_argument("--config", default=None,
                    help="YAML or TOML file whose keys are flag names (without --). Command-line flags win. "
                         "The effective config is saved as output_dir/config.yaml.")
+
+    g.add_argument("--debug", action="store_true",
+                   help="Show the full Python traceback on errors (for bug reports); same as DREAMBOOTH_DEBUG=1.")
 
     g = p.add_argument_group("base model")
     g.add_argument("--pretrained_model_name_or_path", default=None,

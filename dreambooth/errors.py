@@ -1,0 +1,53 @@
+"""How a command ends when something goes wrong: one line, never a traceback, unless asked for.
+
+Every module raises UsageError for a problem the user can fix (a flag, a file, a model, the network);
+`run_cli` turns it into `prog: error: <message>` and exit code 2. Anything else is a bug: one line
+saying so, how to get the traceback and where to report it (`--debug` or DREAMBOOTH_DEBUG=1).
+Stdlib only: imported before the flags are read, so `--help` and flag errors stay instant.
+"""
+import os
+import sys
+
+DEBUG_ENV = "DREAMBOOTH_DEBUG"
+
+
+class UsageError(Exception):
+    """A bad flag or input file: printed as one line, exit code 2, nothing written."""
+
+
+def debug_requested(argv):
+    """--debug anywhere on the command line, or DREAMBOOTH_DEBUG=1: show full tracebacks."""
+    return "--debug" in (argv or []) or os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "no")
+
+
+def first_line(exc):
+    """The first non-empty line of an exception's message (library messages run to paragraphs)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def run_cli(prog, main, argv=None):
+    """Call main(argv) and turn every way out into an exit code and at most one line on stderr."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = debug_requested(argv)
+    try:
+        return main(argv)
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: keep the line short, say how to get the details
+        if debug:
+            raise
+        print(f"{prog}: internal error: {type(e).__name__}: {first_line(e)} -- this is a bug: rerun the same command "
+              f"with --debug (or {DEBUG_ENV}=1) and report it with that traceback (README.md, 'Reporting a bug')",
+              file=sys.stderr)
+        return 1
