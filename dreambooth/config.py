@@ -19,6 +19,24 @@ INTERPOLATION_MODES = ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamm
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def finite_float(text):
+    """argparse type: a float that is a number. float('nan') and float('inf') parse, and a NaN learning rate
+    or guidance scale trains or samples garbage without a word."""
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def seed_int(text):
+    """argparse type: a seed every RNG accepts. accelerate's set_seed also seeds numpy, whose range is
+    0 .. 2**32-1 (torch alone would take 64 bits), so a larger seed would fail after the model loads."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0..4294967295 (the range numpy and torch both accept)")
+    return value
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints the whole usage block on error; we print one line that names the flag."""
 
