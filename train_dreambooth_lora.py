@@ -123,7 +123,7 @@ def train(args, instance_images, stats):
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    resume_dir = checkpoints.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    resume_dir = args.resume_from_checkpoint  # resolved and checked by validate()
     check_free_space(args.output_dir, 50 * 2**20, "LoRA weights and checkpoints")
     accelerator.print(
         f"dreambooth-lora {__version__} | model={args.pretrained_model_name_or_path} images={len(instance_images)} "
@@ -139,6 +139,7 @@ def train(args, instance_images, stats):
         args.single_file_config, args.prediction_type, weight_dtype)
     models.freeze(text_encoder, vae, unet)
     models.check_lora_targets(unet, args.lora_target_modules)
+    models.check_resolution(vae, unet, args.resolution, args.bucket_reso_steps if args.enable_bucket else None)
     accelerator.print(f"prediction_type={noise_scheduler.config.prediction_type} "
                       f"scheduler={type(noise_scheduler).__name__} unet_params={sum(p.numel() for p in unet.parameters())}")
     stats.set(model_weights_fp32_mb=sum(p.numel() for m in (text_encoder, vae, unet) for p in m.parameters()) * 4 / 2**20)
@@ -154,13 +155,21 @@ def train(args, instance_images, stats):
         class_dir = args.class_data_dir or os.path.join(args.output_dir, "class_images")
 
         def generation_pipeline():
+            # Cast only where it loses nothing (up to fp32, or to the dtype the weights already have); otherwise
+            # autocast: fp16 generation must not leave fp32 training weights rounded to fp16.
+            cast = gen_dtype if gen_dtype in (torch.float32, weight_dtype) else weight_dtype
             for m in (text_encoder, vae, unet):
-                m.to(accelerator.device, dtype=gen_dtype)
-            return validation.sampling_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler)
+                m.to(accelerator.device, dtype=cast)
+            pipe = validation.sampling_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler)
+            return pipe, torch.autocast(accelerator.device.type, dtype=gen_dtype, enabled=cast != gen_dtype)
 
         started = time.perf_counter()
-        class_images, generated = priors.ensure_class_images(generation_pipeline, class_dir, args.num_class_images,
-                                                             settings, key, args.sample_batch_size, accelerator)
+        try:
+            class_images, generated = priors.ensure_class_images(generation_pipeline, class_dir, args.num_class_images,
+                                                                 settings, key, args.sample_batch_size, accelerator)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"interrupted while generating class images; the finished ones are kept in "
+                                    f"{class_dir} and the same command continues from there") from None
         seconds = time.perf_counter() - started
         stats.set(class_images_generated=generated, class_generation_seconds=seconds)
         accelerator.print(f"class images: {len(class_images)} in {class_dir} ({generated} generated in {seconds:.1f}s)")
@@ -181,12 +190,13 @@ def train(args, instance_images, stats):
         instance_images, args.instance_prompt, class_images, args.class_prompt, args.resolution,
         args.center_crop, args.random_flip, args.repeats, args.image_interpolation_mode, args.seed,
         bucket_args=(args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps) if args.enable_bucket else None)
-    prompt_ids = models.tokenize(tokenizer, dataset.prompts)
+    prompt_tokens = models.tokenize(tokenizer, dataset.prompts, args.tokenizer_max_length)
     prompt_conditioning = None  # {unet kwarg: tensor [prompts, ...]} when the fixed prompts are encoded once
     if args.pre_compute_text_embeddings:
         with torch.no_grad():
             prompt_conditioning = {k: v.to(weight_dtype) for k, v in
-                                   models.encode_prompts(text_encoder, prompt_ids).items()}
+                                   models.encode_prompts(text_encoder, prompt_tokens,
+                                                         args.text_encoder_use_attention_mask).items()}
         text_encoder.to("cpu")  # frees device memory; moved back only for validation
     if args.cache_latents:
         with torch.no_grad():
@@ -224,6 +234,8 @@ def train(args, instance_images, stats):
     steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    if resume_dir:
+        checkpoints.check_resume_step(resume_dir, max_train_steps)  # when it comes from epochs, known only now
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes,
@@ -240,7 +252,7 @@ def train(args, instance_images, stats):
     position = checkpoints.RunPosition()
     accelerator.register_for_checkpointing(position)
     if resume_dir:
-        accelerator.load_state(resume_dir)
+        checkpoints.load_checkpoint(accelerator, resume_dir)
         accelerator.print(f"resumed from {resume_dir} at step {position.step}")
     first_epoch, skip_batches = position.epoch, position.batches
     if accelerator.is_main_process:
@@ -278,7 +290,8 @@ def train(args, instance_images, stats):
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   device=latents.device)
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-        conditioning = models.unet_conditioning(text_encoder, prompt_ids, batch, prompt_conditioning)
+        conditioning = models.unet_conditioning(text_encoder, prompt_tokens, batch, prompt_conditioning,
+                                                args.text_encoder_use_attention_mask)
         model_pred = unet(noisy_latents, timesteps, return_dict=False, **conditioning)[0]
         target = diffusion_target(noise_scheduler, latents, noise, timesteps)
         per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -372,7 +385,8 @@ def train(args, instance_images, stats):
                 unread = []
                 if checkpoint_due or stop_now:
                     path = checkpoints.save_checkpoint(accelerator, args.output_dir, position.step,
-                                                       args.checkpoints_total_limit, checkpoint_bytes)
+                                                       checkpoints.lora_settings(args), args.checkpoints_total_limit,
+                                                       checkpoint_bytes)
                     if stop_now:
                         say(f"stopped by signal at step {position.step}; checkpoint saved to {path}\n"
                             f"resume with the same command plus --resume_from_checkpoint latest")
@@ -403,6 +417,7 @@ def train(args, instance_images, stats):
         if args.validation_prompt:
             sample_validation(position.step)
         report.plot_loss(loss_history, os.path.join(args.output_dir, "loss.png"))
+        stats.set(final_step=position.step)  # also how a later --resume_from_checkpoint knows the run finished
         stats.write(os.path.join(args.output_dir, "train_stats.json"))
         report.write_run_files(args, position.step, progress.format_dict.get("elapsed", 0))
         accelerator.print(f"done: {position.step} steps; LoRA weights in {args.output_dir}/{lora_io.LORA_WEIGHT_NAME}")

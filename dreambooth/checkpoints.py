@@ -5,18 +5,21 @@ pytorch_lora_weights.safetensors that load_lora_weights reads directly. It is wr
 checkpoint-N.tmp and renamed when complete, and older checkpoints are removed only after that,
 so a crash mid-save never costs the previous good checkpoint.
 """
+import json
 import os
 import re
 import shutil
 import signal
 import sys
+import zipfile
 
-import torch
-
-from .config import UsageError, check_free_space
-from .lora_io import LORA_WEIGHT_NAME
+from .config import UsageError, check_free_space, sniff_weights_file
+from .lora_io import LORA_WEIGHT_NAME, write_text
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+SETTINGS_NAME = "lora_settings.json"
+# What accelerate's save_state writes for our run (the LoRA weights go through our hook instead of model.safetensors).
+STATE_FILES = ("optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl")
 
 
 def list_checkpoints(output_dir):
@@ -32,8 +35,45 @@ def latest(output_dir):
     return found[-1] if found else None
 
 
-def resolve_resume(value, output_dir):
-    """'latest' with no checkpoint yet starts fresh (diffusers' behaviour); a path must be a checkpoint."""
+def checkpoint_step(path):
+    return int(CHECKPOINT.match(os.path.basename(os.path.normpath(path))).group(1))
+
+
+def lora_settings(args):
+    """The flags that decide the shape of the LoRA and what trains: a checkpoint only fits a run with the same."""
+    return {"rank": args.rank, "lora_alpha": args.lora_alpha or args.rank, "use_dora": bool(args.use_dora),
+            "lora_target_modules": ",".join(sorted(m.strip() for m in args.lora_target_modules.split(",") if m.strip())),
+            "train_text_encoder": bool(args.train_text_encoder)}
+
+
+def _flag_text(flag, value):
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"no --{flag}"
+    return f"--{flag} {value}"
+
+
+def checkpoint_problem(path):
+    """Why a checkpoint folder cannot be resumed from (missing, empty or truncated files), or None. Reads file
+    headers and zip directories only: cheap enough to run before the model loads."""
+    for name in STATE_FILES + (LORA_WEIGHT_NAME,):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) == 0:
+            return f"{name} is empty"
+    problem = sniff_weights_file(os.path.join(path, LORA_WEIGHT_NAME))
+    if problem:
+        return f"{LORA_WEIGHT_NAME} {problem}"
+    for name in ("optimizer.bin", "scheduler.bin"):  # torch.save writes zip archives: a cut file has no directory
+        if not zipfile.is_zipfile(os.path.join(path, name)):
+            return f"{name} is truncated or not a torch file"
+    return None
+
+
+def check_resume(args):
+    """Resolve --resume_from_checkpoint before any model loads and refuse what cannot work: 'latest' (none yet:
+    start fresh, as diffusers does), a bare 'checkpoint-N' inside output_dir (diffusers' reading) or a path."""
+    value, output_dir = args.resume_from_checkpoint, args.output_dir
     if not value:
         return None
     if value == "latest":
@@ -41,13 +81,60 @@ def resolve_resume(value, output_dir):
         if path is None:
             print(f"note: --resume_from_checkpoint latest: no checkpoint in {output_dir}, starting fresh",
                   file=sys.stderr)
-        return path
-    if not CHECKPOINT.match(os.path.basename(os.path.normpath(value))):
+            return None
+    elif os.path.isdir(value):
+        path = value
+    elif os.sep not in value and os.path.isdir(os.path.join(output_dir, value)):
+        path = os.path.join(output_dir, value)
+    else:
+        raise UsageError(f"--resume_from_checkpoint {value}: folder does not exist (nor in --output_dir "
+                         f"{output_dir}); use 'latest', a checkpoint-N name or an output_dir/checkpoint-N path")
+    if not CHECKPOINT.match(os.path.basename(os.path.normpath(path))):
         raise UsageError(f"--resume_from_checkpoint {value}: not a checkpoint-N folder")
-    return value
+    problem = checkpoint_problem(path)
+    if problem:
+        earlier = [p for p in list_checkpoints(os.path.dirname(os.path.abspath(path)))
+                   if checkpoint_step(p) < checkpoint_step(path) and not checkpoint_problem(p)]
+        offer = f"resume from the previous one: --resume_from_checkpoint {earlier[-1]}" if earlier else \
+            "no earlier checkpoint is usable; start again without --resume_from_checkpoint"
+        raise UsageError(f"--resume_from_checkpoint {path} is corrupt or incomplete ({problem}); {offer}")
+    settings_file = os.path.join(path, SETTINGS_NAME)
+    if os.path.isfile(settings_file):
+        with open(settings_file, encoding="utf-8") as f:
+            saved = json.load(f)
+        ours = lora_settings(args)
+        differ = [k for k in ours if k in saved and saved[k] != ours[k]]
+        if differ:
+            raise UsageError(f"--resume_from_checkpoint {path} was saved with "
+                             f"{', '.join(_flag_text(k, saved[k]) for k in differ)}; this run has "
+                             f"{', '.join(_flag_text(k, ours[k]) for k in differ)}: use the same flags to resume, or "
+                             "start a new run in another --output_dir")
+    check_resume_step(path, args.max_train_steps)
+    stats_file = os.path.join(output_dir, "train_stats.json")  # written last by a run that finished
+    if args.max_train_steps and os.path.isfile(stats_file):
+        with open(stats_file, encoding="utf-8") as f:
+            final_step = json.load(f).get("final_step")
+        if final_step is not None and final_step >= args.max_train_steps:
+            raise UsageError(f"--resume_from_checkpoint {value}: the run in {output_dir} already finished at step "
+                             f"{final_step} (--max_train_steps {args.max_train_steps}); raise --max_train_steps to "
+                             "train further")
+    return path
 
 
-def save_checkpoint(accelerator, output_dir, step, total_limit=None, needed_bytes=0):
+def check_resume_step(path, max_train_steps):
+    """A checkpoint at or past the run's end: nothing to train (said, not silently trained past)."""
+    if max_train_steps is None:
+        return
+    step = checkpoint_step(path)
+    if step > max_train_steps:
+        raise UsageError(f"--resume_from_checkpoint {path} is at step {step}, past --max_train_steps "
+                         f"{max_train_steps}; raise --max_train_steps to train on, or resume an earlier checkpoint")
+    if step == max_train_steps:
+        raise UsageError(f"--resume_from_checkpoint {path} is already at --max_train_steps {max_train_steps}: the "
+                         "run is finished; raise --max_train_steps to train further")
+
+
+def save_checkpoint(accelerator, output_dir, step, settings, total_limit=None, needed_bytes=0):
     """Raises UsageError (with the numbers) when the disk cannot hold it; the previous checkpoint stays."""
     check_free_space(output_dir, needed_bytes, f"checkpoint-{step}")
     final = os.path.join(output_dir, f"checkpoint-{step}")
@@ -58,6 +145,7 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None, needed_byte
     accelerator.save_state(staging)  # every rank saves its own RNG state; the LoRA hook writes on rank 0
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_text(os.path.join(staging, SETTINGS_NAME), json.dumps(settings, indent=2))
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -66,6 +154,21 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None, needed_byte
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator, path):
+    """accelerate's load_state, with what it raises about the files turned into one line that offers the
+    previous checkpoint (check_resume already caught missing and truncated files; this catches the rest)."""
+    try:
+        accelerator.load_state(path)
+    except Exception as e:
+        from .errors import first_line
+        earlier = [p for p in list_checkpoints(os.path.dirname(os.path.abspath(path)))
+                   if checkpoint_step(p) < checkpoint_step(path)]
+        offer = f"resume from the previous one: --resume_from_checkpoint {earlier[-1]}" if earlier else \
+            "start again without --resume_from_checkpoint"
+        raise UsageError(f"--resume_from_checkpoint {path}: cannot load it ({type(e).__name__}: {first_line(e)}); "
+                         f"{offer}") from e
 
 
 def register_lora_state_hooks(accelerator, unet, text_encoder=None):
@@ -146,6 +249,7 @@ class GracefulStop:
 def agree(accelerator, values, stop_requested):
     """(values as floats, stop requested) with one host sync; across processes each value is averaged (NaN on
     any rank makes it NaN everywhere) and a stop on any rank stops all, so they skip or stop together."""
+    import torch
     flags = torch.stack([v.detach().float() for v in values] +
                         [torch.tensor(float(bool(stop_requested)), device=values[0].device)])
     if accelerator.num_processes > 1:

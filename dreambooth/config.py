@@ -12,10 +12,13 @@ import shutil
 import sys
 
 from .errors import UsageError  # noqa: F401  (re-exported: callers import it from here too)
+from .lora_io import LORA_WEIGHT_NAME
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 INTERPOLATION_MODES = ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+TRACKERS = ("tensorboard", "wandb", "comet_ml")
+IF_ONLY_FLAGS = ("validation_images", "class_labels_conditioning")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -37,6 +40,40 @@ def seed_int(text):
     return value
 
 
+def path_arg(text):
+    """argparse type for paths: `~` and `$VARS` expanded, on the command line (where a quoted or `--flag=~/x`
+    path reaches us unexpanded) and in --config files alike. Hub ids pass through unchanged."""
+    return os.path.expanduser(os.path.expandvars(text))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout (the example command) and shows each default once: not for flags
+    that are off or unset, nor where the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower():
+            return text
+        return f"{text} (default: {action.default})"
+
+
+DESCRIPTION = """\
+Teach a Stable Diffusion model one subject from 3-20 photos and save a LoRA that diffusers
+(pipe.load_lora_weights), ComfyUI and AUTOMATIC1111 load. Flags follow diffusers'
+examples/dreambooth/train_dreambooth_lora.py, with the same meanings and defaults.
+
+required: --pretrained_model_name_or_path, --instance_data_dir (or --dataset_name), --instance_prompt
+
+example:
+  accelerate launch train_dreambooth_lora.py \\
+    --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+    --instance_data_dir ./dog --instance_prompt "a photo of sks dog" \\
+    --with_prior_preservation --class_prompt "a photo of dog" --output_dir work_dirs/sd15_dog
+
+Every on/off flag has a --no-... form (to turn off what a --config file turned on).
+"""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints the whole usage block on error; we print one line that names the flag."""
 
@@ -45,12 +82,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser():
-    p = OneLineParser(
-        description="DreamBooth LoRA training for Stable Diffusion 1.x/2.x (diffusers-compatible flags).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="train_dreambooth_lora.py", description=DESCRIPTION, formatter_class=HelpFormatter,
+                      usage="%(prog)s --pretrained_model_name_or_path MODEL --instance_data_dir DIR "
+                            "--instance_prompt PROMPT [options]")
 
     g = p.add_argument_group("config file")
-    g.add_argument("--config", default=None,
+    g.add_argument("--config", type=path_arg, default=None,
                    help="YAML or TOML file whose keys are flag names (without --). Command-line flags win. "
                         "The effective config is saved as output_dir/config.yaml.")
 
@@ -58,50 +95,52 @@ def build_parser():
                    help="Show the full Python traceback on errors (for bug reports); same as DREAMBOOTH_DEBUG=1.")
 
     g = p.add_argument_group("base model")
-    g.add_argument("--pretrained_model_name_or_path", default=None,
+    g.add_argument("--pretrained_model_name_or_path", type=path_arg, default=None,
                    help="Hub id, local diffusers folder, or a single .safetensors/.ckpt checkpoint file.")
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the base model.")
     g.add_argument("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
-    g.add_argument("--tokenizer_name", default=None, help="Tokenizer to use instead of the base model's own.")
-    g.add_argument("--single_file_config", default=None,
+    g.add_argument("--tokenizer_name", type=path_arg, default=None, help="Tokenizer to use instead of the base model's own.")
+    g.add_argument("--single_file_config", type=path_arg, default=None,
                    help="For a single-file base model: hub id or diffusers folder whose configs describe its "
                         "architecture (default: let diffusers infer it, which needs the hub).")
     g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
                    help="Override the scheduler's prediction type (default: the base model's own).")
 
     g = p.add_argument_group("data")
-    g.add_argument("--instance_data_dir", default=None,
+    g.add_argument("--instance_data_dir", type=path_arg, default=None,
                    help="Folder of subject photos (jpg/png/webp/bmp). 'photo.txt' beside 'photo.jpg' is its caption.")
-    g.add_argument("--dataset_name", default=None,
+    g.add_argument("--dataset_name", type=path_arg, default=None,
                    help="Instead of --instance_data_dir: a Hugging Face dataset id or local dataset path "
                         "(needs the optional `datasets` package).")
     g.add_argument("--image_column", default="image", help="Dataset column holding the images.")
     g.add_argument("--caption_column", default=None,
                    help="Dataset column holding per-image captions (default: --instance_prompt for all).")
     g.add_argument("--instance_prompt", default=None, help="Prompt naming the subject, e.g. 'a photo of sks dog'.")
-    g.add_argument("--class_data_dir", default=None,
+    g.add_argument("--class_data_dir", type=path_arg, default=None,
                    help="Folder of class-prior images; missing ones are generated (default: output_dir/class_images).")
     g.add_argument("--class_prompt", default=None, help="Prompt for the class, e.g. 'a photo of dog'.")
-    g.add_argument("--resolution", type=int, default=512, help="Training resolution in pixels (multiple of 8).")
-    g.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop to the resolution.")
-    g.add_argument("--random_flip", action="store_true", help="Randomly flip training images horizontally.")
+    g.add_argument("--resolution", type=int, default=512,
+                   help="Training resolution in pixels: a multiple of what the model can take (checked once it "
+                        "loads: the VAE's scale factor times the UNet's downsampling, 64 for SD 1.x/2.x).")
+    g.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=False, help="Center-crop instead of random-crop to the resolution.")
+    g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False, help="Randomly flip training images horizontally.")
     g.add_argument("--repeats", type=int, default=1, help="How many times each instance image is seen per epoch.")
     g.add_argument("--image_interpolation_mode", default="lanczos", choices=INTERPOLATION_MODES,
                    help="Resampling filter used when resizing images.")
     g.add_argument("--dataloader_num_workers", type=int, default=0,
                    help="DataLoader worker processes (0 = load in the main process).")
-    g.add_argument("--enable_bucket", action="store_true",
+    g.add_argument("--enable_bucket", action=argparse.BooleanOptionalAction, default=False,
                    help="Aspect-ratio bucketing: non-square photos keep their shape instead of being cropped square.")
     g.add_argument("--min_bucket_reso", type=int, default=256, help="Smallest bucket side in pixels.")
     g.add_argument("--max_bucket_reso", type=int, default=1024, help="Largest bucket side in pixels.")
     g.add_argument("--bucket_reso_steps", type=int, default=64, help="Bucket sides are multiples of this.")
-    g.add_argument("--cache_latents", action="store_true",
+    g.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=False,
                    help="Encode every image with the VAE once and free the VAE during training.")
 
     g = p.add_argument_group("prior preservation")
-    g.add_argument("--with_prior_preservation", action="store_true",
+    g.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=False,
                    help="Train on class images too, so the model keeps its idea of the class.")
-    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the class (prior) loss.")
+    g.add_argument("--prior_loss_weight", type=finite_float, default=1.0, help="Weight of the class (prior) loss.")
     g.add_argument("--num_class_images", type=int, default=100,
                    help="How many class images to use; missing ones are generated with the base model.")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
@@ -112,34 +151,43 @@ def build_parser():
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank (dimension of the update matrices).")
-    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/rank "
+    g.add_argument("--lora_alpha", type=finite_float, default=None, help="LoRA alpha; the update is scaled by alpha/rank "
                    "(default: equal to rank, scale 1).")
-    g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch.")
-    g.add_argument("--use_dora", action="store_true", help="Weight-decomposed LoRA (DoRA).")
+    g.add_argument("--lora_dropout", type=finite_float, default=0.0, help="Dropout on the LoRA branch.")
+    g.add_argument("--use_dora", action=argparse.BooleanOptionalAction, default=False, help="Weight-decomposed LoRA (DoRA).")
     g.add_argument("--lora_target_modules", default="to_q,to_k,to_v,to_out.0",
                    help="Comma-separated UNet module names that get LoRA.")
-    g.add_argument("--train_text_encoder", action="store_true",
+    g.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=False,
                    help="Also train LoRA on the text encoder's attention (q,k,v,out projections).")
+    g.add_argument("--tokenizer_max_length", type=int, default=None,
+                   help="Tokens per prompt (default: the tokenizer's own, 77 for CLIP); longer prompts are cut.")
+    g.add_argument("--text_encoder_use_attention_mask", action=argparse.BooleanOptionalAction, default=False,
+                   help="Pass the padding mask to the text encoder (SD's CLIP was trained without one).")
 
     g = p.add_argument_group("training")
-    g.add_argument("--output_dir", default="lora-dreambooth-model", help="Where weights and checkpoints go.")
-    g.add_argument("--seed", type=int, default=None, help="Seed for reproducible training and class images.")
+    g.add_argument("--output_dir", type=path_arg, default="lora-dreambooth-model", help="Where weights and checkpoints go.")
+    g.add_argument("--overwrite_output_dir", action=argparse.BooleanOptionalAction, default=False,
+                   help="Train into an --output_dir that already holds a finished run, replacing its LoRA files "
+                        "(without it that is refused; --resume_from_checkpoint continues a run instead).")
+    g.add_argument("--seed", type=seed_int, default=None, help="Seed for reproducible training and class images.")
     g.add_argument("--train_batch_size", type=int, default=4, help="Instance images per device per step.")
     g.add_argument("--num_train_epochs", type=int, default=1, help="Epochs (ignored when max_train_steps is set).")
     g.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides epochs.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    g.add_argument("--gradient_checkpointing", action="store_true",
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="Recompute activations in backward to save memory (slower).")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="Mixed precision (default: from `accelerate config`). Frozen weights use this dtype, "
                         "LoRA weights stay fp32.")
-    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+    g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=False, help="Allow TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action=argparse.BooleanOptionalAction, default=False,
                    help="Use xformers attention (default is PyTorch SDPA).")
-    g.add_argument("--pre_compute_text_embeddings", action="store_true",
+    g.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=False,
                    help="Encode the fixed prompts once and free the text encoder (not with --train_text_encoder).")
-    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is common).")
-    g.add_argument("--noise_offset", type=float, default=0.0, help="Noise offset (0.1 is common).")
+    g.add_argument("--snr_gamma", type=finite_float, default=None, help="Min-SNR loss weighting gamma (5.0 is common).")
+    g.add_argument("--noise_offset", type=finite_float, default=0.0, help="Noise offset (0.1 is common).")
+    g.add_argument("--local_rank", type=int, default=-1,
+                   help="Set by older distributed launchers; the process rank comes from the environment (accelerate).")
     g.add_argument("--ddp_timeout", type=int, default=1800,
                    help="Seconds a process waits for the others before giving up (multi-GPU), so a dead rank "
                         "ends the run instead of hanging it.")
@@ -148,21 +196,22 @@ def build_parser():
                         "before every update (a host sync per step).")
 
     g = p.add_argument_group("optimizer and schedule")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate of the UNet LoRA.")
-    g.add_argument("--text_encoder_lr", type=float, default=None,
+    g.add_argument("--learning_rate", type=finite_float, default=5e-4, help="Learning rate of the UNet LoRA.")
+    g.add_argument("--text_encoder_lr", type=finite_float, default=None,
                    help="Learning rate of the text-encoder LoRA (default: learning_rate).")
-    g.add_argument("--scale_lr", action="store_true",
+    g.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False,
                    help="Multiply learning rates by batch size x accumulation x processes.")
     g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule.")
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the schedule.")
+    g.add_argument("--lr_warmup_steps", type=int, default=500,
+                   help="Warm-up steps of the schedule (the constant schedule has none; use constant_with_warmup).")
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts for cosine_with_restarts.")
-    g.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (less optimizer memory).")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    g.add_argument("--lr_power", type=finite_float, default=1.0, help="Power of the polynomial schedule.")
+    g.add_argument("--use_8bit_adam", action=argparse.BooleanOptionalAction, default=False, help="bitsandbytes 8-bit AdamW (less optimizer memory).")
+    g.add_argument("--adam_beta1", type=finite_float, default=0.9, help="AdamW beta1.")
+    g.add_argument("--adam_beta2", type=finite_float, default=0.999, help="AdamW beta2.")
+    g.add_argument("--adam_weight_decay", type=finite_float, default=1e-2, help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=finite_float, default=1e-8, help="AdamW epsilon.")
+    g.add_argument("--max_grad_norm", type=finite_float, default=1.0, help="Gradient clipping norm.")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=500,
@@ -171,22 +220,37 @@ def build_parser():
                    help="diffusers: pytorch_lora_weights.safetensors (always written, for load_lora_weights and "
                         "resume); kohya/both: also <output_dir name>.safetensors for ComfyUI/A1111.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help="'latest' or a checkpoint folder path to resume from.")
+    g.add_argument("--resume_from_checkpoint", type=path_arg, default=None,
+                   help="'latest', a checkpoint name inside output_dir ('checkpoint-500', as diffusers reads it) "
+                        "or a checkpoint folder path.")
 
     g = p.add_argument_group("validation and logging")
     g.add_argument("--validation_prompt", default=None, help="Prompt for validation images.")
     g.add_argument("--num_validation_images", type=int, default=4, help="Validation images per run.")
     g.add_argument("--validation_steps", type=int, default=None, help="Run validation every N steps.")
-    g.add_argument("--validation_epochs", type=int, default=None, help="Run validation every N epochs.")
-    g.add_argument("--report_to", default="none",
-                   help="Trackers for accelerate: tensorboard, wandb, all or none (skipped with a warning "
-                        "when not installed).")
+    g.add_argument("--validation_epochs", type=int, default=50,
+                   help="Run validation every N epochs (with --validation_prompt).")
+    g.add_argument("--report_to", default="tensorboard",
+                   help="Trackers for accelerate: tensorboard, wandb, comet_ml, all or none, comma-separated "
+                        "(each skipped with a warning when not installed).")
     g.add_argument("--logging_dir", default="logs", help="Tracker log folder, relative to output_dir.")
     g.add_argument("--logging_steps", type=int, default=10,
                    help="Read the losses back from the GPU every N steps (progress bar, trackers, NaN check; every "
                         "step is still logged). Each read makes the CPU wait for the GPU; checkpoints, validation "
                         "and the last step always read first.")
+
+    g = p.add_argument_group("Hugging Face Hub")
+    g.add_argument("--push_to_hub", action=argparse.BooleanOptionalAction, default=False,
+                   help="Create the Hub repo before training (so a bad token fails in seconds) and upload the "
+                        "output folder (LoRA files, model card, validation grids; no checkpoints) at the end.")
+    g.add_argument("--hub_model_id", default=None,
+                   help="Repo to push to, 'user/name' or 'name' (default: the output_dir folder's name).")
+    g.add_argument("--hub_token", default=None,
+                   help="Hub token with write access (default: the one saved by `huggingface-cli login` or HF_TOKEN).")
+
+    g = p.add_argument_group("not supported (DeepFloyd IF only in diffusers; refused with one line)")
+    for flag in IF_ONLY_FLAGS:
+        g.add_argument(f"--{flag}", nargs="*", default=None, help="DeepFloyd IF only; refused here.")
     return p
 
 
@@ -210,6 +274,41 @@ def _read_config_file(path):
     return data
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _config_tokens(parser, data, path):
+    """A config file's keys as command-line tokens, so its values go through exactly the same parser as the
+    command line: types, choices, finite floats, `~` expansion. ("false" is false, 4.5 is no int.)"""
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    tokens = []
+    for key, value in data.items():
+        action = actions.get(key)
+        if action is None or key in ("help", "config"):
+            raise UsageError(f"--config {path}: unknown key '{key}' (keys are flag names without --)")
+        flag = action.option_strings[0]
+        if value is None:
+            continue  # `key:` with no value means "the default"
+        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # an on/off flag
+            word = str(value).strip().lower()
+            if word not in TRUE_WORDS + FALSE_WORDS:
+                raise UsageError(f"--config {path}: {key}: expected true or false, got {value!r}")
+            on = word in TRUE_WORDS
+            if isinstance(action, argparse.BooleanOptionalAction):
+                tokens.append(flag if on else "--no-" + flag[2:])
+            elif on:
+                tokens.append(flag)
+        elif isinstance(value, list) and key == "lora_target_modules":
+            tokens.append(f"{flag}={','.join(map(str, value))}")
+        elif isinstance(value, (list, dict)):
+            if action.nargs not in ("*", "+"):
+                raise UsageError(f"--config {path}: {key}: expected one value, got {type(value).__name__} {value!r}")
+            tokens += [flag, *map(str, value)]
+        else:
+            tokens.append(f"{flag}={value}")  # one token: a value starting with '-' is not taken for a flag
+    return tokens
+
+
 def parse_args(argv=None):
     """Command line over --config file over built-in defaults."""
     parser = build_parser()
@@ -217,26 +316,29 @@ def parse_args(argv=None):
     config_path = None
     for i, a in enumerate(argv):
         if a == "--config" and i + 1 < len(argv):
-            config_path = argv[i + 1]
+            config_path = path_arg(argv[i + 1])
         elif a.startswith("--config="):
-            config_path = a.split("=", 1)[1]
+            config_path = path_arg(a.split("=", 1)[1])
+    tokens = []
     if config_path:
-        data = _read_config_file(config_path)
-        known = {a.dest: a for a in parser._actions}
-        for key, value in data.items():
-            if key not in known or key in ("help", "config"):
-                raise UsageError(f"--config {config_path}: unknown key '{key}' (keys are flag names without --)")
-            if isinstance(value, list) and key == "lora_target_modules":
-                value = ",".join(value)
-            parser.set_defaults(**{key: value})
-    args = parser.parse_args(argv)
+        tokens = _config_tokens(parser, _read_config_file(config_path), config_path)
+        try:
+            parser.parse_args(tokens)  # alone first, so a bad value is reported as the file's
+        except UsageError as e:
+            raise UsageError(f"--config {config_path}: {e}")
+    args = parser.parse_args(tokens + argv)  # later tokens win: the command line over the file
     args.config = config_path
+    if args.local_rank == -1 and os.environ.get("LOCAL_RANK", "").isdigit():  # as diffusers: the launcher's env wins
+        args.local_rank = int(os.environ["LOCAL_RANK"])
     return args
 
 
+NOT_SAVED = ("config", "hub_token", "debug", "local_rank")  # secrets and per-launch facts: not part of a recipe
+
+
 def effective_config(args):
-    """The flags as a plain dict, for output_dir/config.yaml and the model card."""
-    return {k: v for k, v in sorted(vars(args).items()) if k != "config" and not k.startswith("_")}
+    """The flags as a plain dict, for output_dir/config.yaml and the model card (never the Hub token)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SAVED and not k.startswith("_")}
 
 
 def list_instance_images(folder):
@@ -331,13 +433,38 @@ def missing_model_path(value):
         or value.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or not HUB_ID.match(value)
 
 
-def validate(args, warn=print):
-    """Every check that needs no model: one-line UsageError naming the flag and the fix. Warnings are
-    printed only once all checks pass, so a failing run prints exactly one line."""
-    notes = []
-    if not args.pretrained_model_name_or_path:
-        raise UsageError("--pretrained_model_name_or_path is required (hub id, diffusers folder or .safetensors file)")
+def sniff_weights_file(path):
+    """What a single-file model or LoRA file really is, from its first bytes (no torch, no full read): None
+    when it looks like what its name says, else the reason. A .ckpt is a torch zip or a pickle; a
+    .safetensors starts with its header length and a JSON header that fits in the file."""
+    import json
+    import struct
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if path.endswith(".safetensors"):
+            if len(head) < 8:
+                return f"is {size} bytes, too short for a safetensors file"
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, 100 * 2**20):
+                return "is not a safetensors file (no valid header; a text or HTML file saved under that name?)"
+            try:
+                header = json.loads(f.read(header_len))
+            except ValueError:
+                return "has a corrupt safetensors header"
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + header_len + end > size:
+                return f"is truncated ({size} of {8 + header_len + end} bytes; download it again)"
+            return None
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        return "is not a torch checkpoint (neither zip nor pickle; a text or HTML file saved under that name?)"
+    return None
+
+
+def _check_model(args):
     model = args.pretrained_model_name_or_path
+    if not model or not model.strip():
+        raise UsageError("--pretrained_model_name_or_path is required (hub id, diffusers folder or .safetensors file)")
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")) and \
                 not os.path.isdir(os.path.join(model, "unet")):
@@ -347,47 +474,64 @@ def validate(args, warn=print):
         if not model.endswith((".safetensors", ".ckpt")):
             raise UsageError(f"--pretrained_model_name_or_path {model}: a single-file model must be .safetensors "
                              "or .ckpt")
+        problem = sniff_weights_file(model)
+        if problem:
+            raise UsageError(f"--pretrained_model_name_or_path {model} {problem}")
     elif missing_model_path(model):
         raise UsageError(f"--pretrained_model_name_or_path {model}: no such file or folder, and not a hub id "
                          "like 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
 
-    if not args.instance_prompt:
+
+def _check_prompts(args, notes):
+    if args.instance_prompt is None:
         raise UsageError("--instance_prompt is required, e.g. --instance_prompt 'a photo of sks dog'")
+    for flag in ("instance_prompt", "class_prompt", "validation_prompt"):
+        value = getattr(args, flag)
+        if value is not None and not value.strip():
+            raise UsageError(f"--{flag} is empty or only whitespace; give a prompt, e.g. 'a photo of sks dog'")
     if args.with_prior_preservation:
         if not args.class_prompt:
             raise UsageError("--with_prior_preservation needs --class_prompt, e.g. --class_prompt 'a photo of dog'")
-        if args.num_class_images < 1:
-            raise UsageError(f"--num_class_images must be >= 1 (got {args.num_class_images})")
-        if args.sample_batch_size < 1:
-            raise UsageError(f"--sample_batch_size must be >= 1 (got {args.sample_batch_size})")
-        if args.class_generation_steps < 1:
-            raise UsageError(f"--class_generation_steps must be >= 1 (got {args.class_generation_steps})")
         if args.class_data_dir and os.path.isfile(args.class_data_dir):
             raise UsageError(f"--class_data_dir {args.class_data_dir} is a file; give a folder")
-    else:
-        if args.class_prompt or args.class_data_dir:
-            notes.append("warning: --class_prompt/--class_data_dir are ignored without --with_prior_preservation")
+    elif args.class_prompt or args.class_data_dir:
+        notes.append("warning: --class_prompt/--class_data_dir are ignored without --with_prior_preservation")
 
-    if args.resolution % 8 or args.resolution < 64:
-        raise UsageError(f"--resolution must be a multiple of 8 and at least 64 (got {args.resolution}); "
+
+def _check_numbers(args, notes):
+    """Ranges argparse's types cannot express. NaN/inf never get here (finite_float)."""
+    if args.resolution % 8 or args.resolution < 8:
+        raise UsageError(f"--resolution must be a positive multiple of 8 (got {args.resolution}); "
                          "try 512 for SD 1.5, 768 for SD 2.1")
-    for flag in ("train_batch_size", "rank", "gradient_accumulation_steps", "repeats", "num_train_epochs",
-                 "checkpointing_steps", "num_validation_images", "logging_steps"):
+    at_least_one = ["train_batch_size", "rank", "gradient_accumulation_steps", "repeats", "num_train_epochs",
+                    "checkpointing_steps", "num_validation_images", "logging_steps"]
+    if args.with_prior_preservation:
+        at_least_one += ["num_class_images", "sample_batch_size", "class_generation_steps"]
+    for flag in at_least_one:
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
-    for flag in ("max_train_steps", "validation_steps", "validation_epochs", "checkpoints_total_limit"):
+    for flag in ("max_train_steps", "validation_steps", "validation_epochs", "checkpoints_total_limit",
+                 "tokenizer_max_length"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
     if args.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be > 0 (got {args.learning_rate}); 1e-4 is a good start")
-    if args.text_encoder_lr is not None and args.text_encoder_lr <= 0:
-        raise UsageError(f"--text_encoder_lr must be > 0 (got {args.text_encoder_lr})")
-    if not 0 <= args.lora_dropout < 1:
-        raise UsageError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
-    if args.lora_alpha is not None and args.lora_alpha <= 0:
-        raise UsageError(f"--lora_alpha must be > 0 (got {args.lora_alpha})")
-    if args.lr_warmup_steps < 0 or args.allow_nan_steps < 0 or args.dataloader_num_workers < 0:
-        raise UsageError("--lr_warmup_steps, --allow_nan_steps and --dataloader_num_workers must be >= 0")
+    positive = {"text_encoder_lr": args.text_encoder_lr, "lora_alpha": args.lora_alpha, "snr_gamma": args.snr_gamma,
+                "max_grad_norm": args.max_grad_norm, "adam_epsilon": args.adam_epsilon, "lr_power": args.lr_power}
+    for flag, value in positive.items():
+        if value is not None and value <= 0:
+            raise UsageError(f"--{flag} must be > 0 (got {value})")
+    for flag in ("prior_loss_weight", "noise_offset", "adam_weight_decay"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
+    for flag in ("adam_beta1", "adam_beta2", "lora_dropout"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be in [0, 1) (got {getattr(args, flag)})")
+    for flag in ("lr_warmup_steps", "allow_nan_steps", "dataloader_num_workers", "lr_num_cycles"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
+    if args.ddp_timeout < 1:
+        raise UsageError(f"--ddp_timeout must be >= 1 second (got {args.ddp_timeout})")
     if args.enable_bucket:
         if args.bucket_reso_steps < 8 or args.bucket_reso_steps % 8:
             raise UsageError(f"--bucket_reso_steps must be a multiple of 8 (got {args.bucket_reso_steps})")
@@ -396,8 +540,19 @@ def validate(args, warn=print):
                              f"{args.min_bucket_reso} and --max_bucket_reso {args.max_bucket_reso}")
         if args.min_bucket_reso % args.bucket_reso_steps or args.max_bucket_reso % args.bucket_reso_steps:
             raise UsageError("--min_bucket_reso and --max_bucket_reso must be multiples of --bucket_reso_steps")
-    if args.ddp_timeout < 1:
-        raise UsageError(f"--ddp_timeout must be >= 1 second (got {args.ddp_timeout})")
+    warmup_used = args.lr_scheduler != "constant" and args.lr_warmup_steps
+    if warmup_used and args.max_train_steps and args.lr_warmup_steps >= args.max_train_steps:
+        notes.append(f"warning: --lr_warmup_steps {args.lr_warmup_steps} >= --max_train_steps "
+                     f"{args.max_train_steps}: the learning rate never reaches --learning_rate (diffusers' default "
+                     "warm-up is 500 steps; lower --lr_warmup_steps)")
+
+
+def _check_flags(args, notes):
+    """Combinations and optional packages."""
+    for flag in IF_ONLY_FLAGS:
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag} is a DeepFloyd IF option of diffusers' script; this trainer supports "
+                             "Stable Diffusion only: drop the flag")
     if not [m for m in args.lora_target_modules.split(",") if m.strip()]:
         raise UsageError("--lora_target_modules is empty; the default is to_q,to_k,to_v,to_out.0")
     if args.train_text_encoder and args.pre_compute_text_embeddings:
@@ -413,18 +568,10 @@ def validate(args, warn=print):
     if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
                          "(PyTorch SDPA is used by default and is as fast on torch>=2)")
-
     trackers = [t.strip() for t in (args.report_to or "none").split(",")]
-    unknown = [t for t in trackers if t not in ("tensorboard", "wandb", "all", "none")]
+    unknown = [t for t in trackers if t not in TRACKERS + ("all", "none")]
     if unknown:
-        raise UsageError(f"--report_to {unknown[0]}: unknown tracker; use tensorboard, wandb, all or none")
-    if os.path.isfile(args.output_dir):
-        raise UsageError(f"--output_dir {args.output_dir} is a file; give a folder path")
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" \
-            and not os.path.isdir(args.resume_from_checkpoint):
-        raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: folder does not exist; "
-                         "use 'latest' or an output_dir/checkpoint-N folder")
-
+        raise UsageError(f"--report_to {unknown[0]}: unknown tracker; use {', '.join(TRACKERS)}, all or none")
     if "fp16" in (args.mixed_precision, args.prior_generation_precision):
         import torch
         if not torch.cuda.is_available():
@@ -436,7 +583,44 @@ def validate(args, warn=print):
                 notes.append("warning: --prior_generation_precision fp16 needs a CUDA GPU and none was found; "
                              "generating class images in fp32")
                 args.prior_generation_precision = "fp32"
-    # Last: the checks that read every photo (or load a dataset), once the cheap ones have passed.
+
+
+def writable_folder_problem(folder):
+    """None if `folder` exists and we can create files in it, or could create it; else the reason."""
+    probe = folder
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    probe = probe or "."
+    if not os.path.isdir(probe):
+        return f"{probe} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return None
+
+
+def _check_output(args):
+    """Checked before anything loads: a read-only disk or a finished run must not cost a model load."""
+    if not args.output_dir or not args.output_dir.strip():
+        raise UsageError("--output_dir is empty; give a folder path, e.g. --output_dir work_dirs/sd15_dog")
+    if os.path.isfile(args.output_dir):
+        raise UsageError(f"--output_dir {args.output_dir} is a file; give a folder path")
+    problem = writable_folder_problem(args.output_dir)
+    if problem:
+        raise UsageError(f"--output_dir {args.output_dir}: {problem}; choose another folder or fix its permissions")
+    finished = os.path.join(args.output_dir, LORA_WEIGHT_NAME)
+    if os.path.isfile(finished) and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+        raise UsageError(f"--output_dir {args.output_dir} already holds a finished run ({LORA_WEIGHT_NAME}); "
+                         "choose another folder, add --overwrite_output_dir to replace it, or continue it with "
+                         "--resume_from_checkpoint latest and a higher --max_train_steps")
+    if args.with_prior_preservation and args.class_data_dir:
+        problem = writable_folder_problem(args.class_data_dir)
+        if problem:
+            raise UsageError(f"--class_data_dir {args.class_data_dir}: {problem} (missing class images are "
+                             "generated into it); choose another folder")
+
+
+def _check_data(args, notes):
+    """Last: the checks that read every photo (or load a dataset), once the cheap ones have passed."""
     if args.dataset_name:
         if args.instance_data_dir:
             raise UsageError("give --dataset_name or --instance_data_dir, not both")
@@ -446,6 +630,21 @@ def validate(args, warn=print):
     _check_images(images)
     if skipped:
         notes.append(f"note: --instance_data_dir: skipping {skipped} non-image file(s)")
+    return images
+
+
+def validate(args, warn=print):
+    """Every check that needs no model: one-line UsageError naming the flag and the fix. Warnings are
+    printed only once all checks pass, so a failing run prints exactly one line."""
+    from .checkpoints import check_resume
+    notes = []
+    _check_model(args)
+    _check_prompts(args, notes)
+    _check_numbers(args, notes)
+    _check_flags(args, notes)
+    _check_output(args)
+    args.resume_from_checkpoint = check_resume(args)
+    images = _check_data(args, notes)
     for note in notes:
         warn(note)
     return images

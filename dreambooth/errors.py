@@ -39,10 +39,10 @@ def run_cli(prog, main, argv=None):
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # raised with a message where there is something to say (what was kept)
         if debug:
             raise
-        print(f"\n{prog}: interrupted", file=sys.stderr)
+        print(f"\n{prog}: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: keep the line short, say how to get the details
         if debug:

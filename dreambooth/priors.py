@@ -57,18 +57,20 @@ def ensure_class_images(pipe_factory, class_dir, num_images, settings, key, batc
             check_free_space(class_dir, missing * settings["resolution"] ** 2 * 3, f"{missing} class images")
         accelerator.wait_for_everyone()
         mine = indices[accelerator.process_index::accelerator.num_processes]
-        pipe = pipe_factory()
-        prompt_embeds, negative_embeds = pipe.encode_prompt(settings["prompt"], pipe.device, 1, True)
+        pipe, precision = pipe_factory()  # precision: the autocast context generation runs under
+        with precision:
+            prompt_embeds, negative_embeds = pipe.encode_prompt(settings["prompt"], pipe.device, 1, True)
         bar = tqdm(total=missing, desc=f"Generating {missing} class images",
                    disable=not accelerator.is_local_main_process)
         for start in range(0, len(mine), batch_size):
             chunk = mine[start:start + batch_size]
             # One generator per image, seeded by its index: the same image whatever the batching or GPUs.
             generators = [torch.Generator(device="cpu").manual_seed(settings["seed"] * 100003 + idx) for idx in chunk]
-            images = pipe(prompt_embeds=prompt_embeds.expand(len(chunk), -1, -1),
-                          negative_prompt_embeds=negative_embeds.expand(len(chunk), -1, -1),
-                          num_inference_steps=settings["steps"], height=settings["resolution"],
-                          width=settings["resolution"], generator=generators).images
+            with precision:
+                images = pipe(prompt_embeds=prompt_embeds.expand(len(chunk), -1, -1),
+                              negative_prompt_embeds=negative_embeds.expand(len(chunk), -1, -1),
+                              num_inference_steps=settings["steps"], height=settings["resolution"],
+                              width=settings["resolution"], generator=generators).images
             for idx, image in zip(chunk, images):
                 save_png(image, os.path.join(class_dir, f"prior-{key}-{idx:05d}.png"))
             bar.update(len(chunk) * accelerator.num_processes)

@@ -1,4 +1,5 @@
 """Fast tests of the pieces: image handling, buckets, losses, LoRA key layouts, config files."""
+import contextlib
 import os
 
 import numpy as np
@@ -213,20 +214,20 @@ def test_class_priors_generate_only_missing_and_never_mix(tmp_path, monkeypatch)
     draw_subject(os.path.join(class_dir, "mine.jpg"))  # the user's own image counts
     settings, key = priors.prior_settings("m", "a photo of dog", 25, 0, 64, "float32")
     log = []
-    paths, made = priors.ensure_class_images(lambda: FakePipe(log), class_dir, 6, settings, key, 2, FakeAccelerator())
+    paths, made = priors.ensure_class_images(lambda: (FakePipe(log), contextlib.nullcontext()), class_dir, 6, settings, key, 2, FakeAccelerator())
     assert made == 5 and log == [2, 2, 1] and len(paths) == 6 and len(set(paths)) == 6
     assert os.path.join(class_dir, "mine.jpg") in paths
     manifest = [n for n in os.listdir(class_dir) if n.endswith(".json")]
     assert manifest == [f"priors-{key}.json"]
     # same settings again: nothing generated; more images asked: only the difference
     log.clear()
-    assert priors.ensure_class_images(lambda: FakePipe(log), class_dir, 6, settings, key, 2, FakeAccelerator())[1] == 0
+    assert priors.ensure_class_images(lambda: (FakePipe(log), contextlib.nullcontext()), class_dir, 6, settings, key, 2, FakeAccelerator())[1] == 0
     assert log == []
-    paths, made = priors.ensure_class_images(lambda: FakePipe(log), class_dir, 8, settings, key, 4, FakeAccelerator())
+    paths, made = priors.ensure_class_images(lambda: (FakePipe(log), contextlib.nullcontext()), class_dir, 8, settings, key, 4, FakeAccelerator())
     assert made == 2 and len(set(paths)) == 8
     # other settings: the generated images of the first key are not used
     other, other_key = priors.prior_settings("m", "a photo of cat", 25, 0, 64, "float32")
-    paths, made = priors.ensure_class_images(lambda: FakePipe([]), class_dir, 3, other, other_key, 4, FakeAccelerator())
+    paths, made = priors.ensure_class_images(lambda: (FakePipe([]), contextlib.nullcontext()), class_dir, 3, other, other_key, 4, FakeAccelerator())
     assert made == 2 and all(key not in p for p in paths)
 
 
@@ -238,7 +239,7 @@ def test_class_priors_split_across_processes(tmp_path):
     for rank in (0, 1):  # each rank sees the folder as it was before generation started
         folder = tmp_path / f"rank{rank}"
         log = []
-        priors.ensure_class_images(lambda: FakePipe(log), str(folder), 5, settings, key, 8, FakeAccelerator(rank, 2))
+        priors.ensure_class_images(lambda: (FakePipe(log), contextlib.nullcontext()), str(folder), 5, settings, key, 8, FakeAccelerator(rank, 2))
         made.append(sorted(n for n in os.listdir(folder) if n.endswith(".png")))
         assert log == [3 - rank]
     assert not set(made[0]) & set(made[1])
@@ -256,15 +257,12 @@ def test_class_priors_check_disk_space_first(tmp_path, monkeypatch):
 
 
 def test_checkpoint_listing_ignores_incomplete_saves(tmp_path):
-    from dreambooth.checkpoints import latest, list_checkpoints, resolve_resume
+    from dreambooth.checkpoints import latest, list_checkpoints
     for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-x", "other"):
         os.makedirs(tmp_path / name)
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint-2", "checkpoint-10"]
     assert latest(str(tmp_path)).endswith("checkpoint-10")
-    assert resolve_resume("latest", str(tmp_path)).endswith("checkpoint-10")
-    assert resolve_resume("latest", str(tmp_path / "none")) is None
-    with pytest.raises(UsageError, match="not a checkpoint-N folder"):
-        resolve_resume(str(tmp_path / "other"), str(tmp_path))
+    assert latest(str(tmp_path / "none")) is None
 
 
 def test_recipes_parse_and_every_flag_is_documented():
