@@ -12,37 +12,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .config import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, caption_path, list_images, load_rgb, read_caption  # noqa: F401 (re-exported)
 
 RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
 
-def load_rgb(path):
-    """Apply EXIF orientation (phone photos) and flatten alpha onto white (product cut-outs)."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, im).convert("RGB")
-        return im.convert("RGB")
-
-
 def caption_for(image_path, default):
-    """'photo.txt' beside 'photo.jpg' replaces the instance prompt for that image."""
-    caption_path = os.path.splitext(image_path)[0] + ".txt"
-    if os.path.isfile(caption_path):
-        with open(caption_path, encoding="utf-8") as f:
-            text = f.read().strip()
-        if text:
-            return text
-    return default
-
-
-def list_images(folder):
-    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                  if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS and not n.startswith("."))
+    """'photo.txt' beside 'photo.jpg' replaces the instance prompt for that image (an empty or
+    undecodable caption file raises UsageError rather than training on the wrong prompt)."""
+    path = caption_path(image_path)
+    return read_caption(path) if os.path.isfile(path) else default
 
 
 def resize_and_crop(image, size, center_crop, rng, resample):
