@@ -12,9 +12,9 @@ import shutil
 import sys
 
 from .errors import UsageError  # noqa: F401  (re-exported: callers import it from here too)
+from .images import IMAGE_EXTENSIONS, check_captions, check_images, list_images, list_instance_images
 from .lora_io import LORA_WEIGHT_NAME
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 INTERPOLATION_MODES = ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
 TRACKERS = ("tensorboard", "wandb", "comet_ml")
@@ -341,23 +341,6 @@ def effective_config(args):
     return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SAVED and not k.startswith("_")}
 
 
-def list_instance_images(folder):
-    """Image files and stray caption files of a folder, sorted so runs are reproducible."""
-    images, skipped, captions = [], 0, []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path) or name.startswith("."):
-            continue
-        ext = os.path.splitext(name)[1].lower()
-        if ext in IMAGE_EXTENSIONS:
-            images.append(path)
-        elif ext == ".txt":
-            captions.append(path)
-        else:
-            skipped += 1
-    return images, skipped, captions
-
-
 def _instance_folder_images(folder):
     if not folder:
         raise UsageError("--instance_data_dir is required: a folder with 3-20 photos of the subject "
@@ -408,21 +391,10 @@ def dataset_to_folder(name, image_column, caption_column):
         path = os.path.join(folder, f"{i:05d}.png")
         image.save(path)
         images.append(path)
-        if caption_column and row[caption_column]:
+        if caption_column and str(row[caption_column] or "").strip():
             with open(os.path.join(folder, f"{i:05d}.txt"), "w", encoding="utf-8") as f:
                 f.write(str(row[caption_column]))
     return images
-
-
-def _check_images(images):
-    from PIL import Image
-    for path in images:
-        try:
-            with Image.open(path) as im:
-                im.load()  # decodes fully: catches truncated files that verify() lets through
-        except Exception as e:
-            raise UsageError(f"--instance_data_dir: cannot read image {path} ({type(e).__name__}: {e}); "
-                             "fix or remove the file")
 
 
 def missing_model_path(value):
@@ -627,9 +599,14 @@ def _check_data(args, notes):
         images, skipped = dataset_to_folder(args.dataset_name, args.image_column, args.caption_column), 0
     else:
         images, skipped = _instance_folder_images(args.instance_data_dir)
-    _check_images(images)
+    notes += check_images(images, "--instance_data_dir", args.resolution)
+    check_captions(images)
     if skipped:
         notes.append(f"note: --instance_data_dir: skipping {skipped} non-image file(s)")
+    if args.with_prior_preservation and args.class_data_dir and os.path.isdir(args.class_data_dir):
+        from .priors import GENERATED  # our own generated files are checked as they are written
+        user_images = [p for p in list_images(args.class_data_dir) if not GENERATED.match(os.path.basename(p))]
+        notes += check_images(user_images, "--class_data_dir", args.resolution)
     return images
 
 

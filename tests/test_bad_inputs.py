@@ -76,7 +76,7 @@ CASES = [  # (name, overrides (callables get tmp_path), words the one-line messa
     ("num_class_images < 1", {"with_prior_preservation": True, "class_prompt": "dog", "num_class_images": 0},
      ["--num_class_images", ">= 1"]),
     ("resolution not multiple of 8", {"resolution": 100}, ["--resolution", "multiple of 8"]),
-    ("resolution too small", {"resolution": 32}, ["--resolution", "at least 64"]),
+    ("resolution zero", {"resolution": 0}, ["--resolution", "positive multiple of 8"]),
     ("batch size 0", {"train_batch_size": 0}, ["--train_batch_size", ">= 1"]),
     ("lr zero", {"learning_rate": 0}, ["--learning_rate", "> 0"]),
     ("lr negative", {"learning_rate": -1e-4}, ["--learning_rate", "> 0"]),
