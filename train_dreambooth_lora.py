@@ -60,6 +60,13 @@ def quiet_libraries():
     transformers.utils.logging.disable_progress_bar()
 
 
+def checkpoints_early_signals():
+    """Under a one-process `accelerate launch`, a SIGTERM to the launcher must reach us (see
+    checkpoints.term_when_parent_dies); asked for first, so a kill during loading ends us too."""
+    from dreambooth.checkpoints import term_when_parent_dies
+    term_when_parent_dies()
+
+
 def diffusion_target(noise_scheduler, latents, noise, timesteps):
     """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction, SD 2.x 768)."""
     kind = noise_scheduler.config.prediction_type
@@ -91,6 +98,7 @@ def train(args, instance_images, stats):
     # Heavy imports after the flags are checked: a typo costs a second, not a model load.
     import datetime
 
+    checkpoints_early_signals()
     quiet_libraries()  # first: some notices are printed at import time
     import torch
     import torch.nn.functional as F
@@ -257,6 +265,8 @@ def train(args, instance_images, stats):
     first_epoch, skip_batches = position.epoch, position.batches
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)  # only now: a run that failed above leaves nothing behind
+        if args.overwrite_output_dir and not resume_dir:
+            checkpoints.clear_previous_run(args.output_dir)
         accelerator.init_trackers("dreambooth-lora", config={k: v for k, v in effective_config(args).items()
                                                              if isinstance(v, (int, float, str, bool))})
 

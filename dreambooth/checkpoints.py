@@ -134,6 +134,16 @@ def check_resume_step(path, max_train_steps):
                          "run is finished; raise --max_train_steps to train further")
 
 
+def clear_previous_run(output_dir):
+    """--overwrite_output_dir: the old run's checkpoints, LoRA files and grids go, so 'latest' and the UIs never
+    pick up a stale one. Class images (a cache keyed by their settings) and tracker logs stay."""
+    for path in list_checkpoints(output_dir) + [os.path.join(output_dir, "validation")]:
+        shutil.rmtree(path, ignore_errors=True)
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        if name.endswith(".safetensors") or name in ("train_stats.json", "loss.png"):
+            os.remove(os.path.join(output_dir, name))
+
+
 def save_checkpoint(accelerator, output_dir, step, settings, total_limit=None, needed_bytes=0):
     """Raises UsageError (with the numbers) when the disk cannot hold it; the previous checkpoint stays."""
     check_free_space(output_dir, needed_bytes, f"checkpoint-{step}")
@@ -229,15 +239,44 @@ class RunPosition:
         self.step, self.epoch, self.batches = state["step"], state["epoch"], state["batches"]
 
 
+def launched_by_simple_accelerate_launcher():
+    """`accelerate launch` with one process runs us as a plain child and does not pass signals on: a scheduler's
+    SIGTERM kills the launcher and leaves us running, unsaved, until the SIGKILL. It sets ACCELERATE_* variables
+    for us; torchrun (several processes) sets TORCHELASTIC_RUN_ID and forwards SIGTERM itself."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
+
+
+def term_when_parent_dies():
+    """Ask the kernel (Linux prctl PR_SET_PDEATHSIG) for a SIGTERM when our parent exits, so the launcher's
+    death reaches us as the signal it got. Only under the launcher: a `nohup python ... &` run must outlive its
+    shell. False where it is not available."""
+    if not sys.platform.startswith("linux") or not launched_by_simple_accelerate_launcher():
+        return False
+    import ctypes
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 class GracefulStop:
     """First SIGTERM/SIGINT: finish the step, checkpoint, exit non-zero. Second: exit at once."""
 
     def __init__(self):
         self.requested = 0
+        self.parent = os.getppid()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.requested and os.getppid() != self.parent:
+            return  # the launcher died of the same Ctrl-C (its SIGTERM echo from term_when_parent_dies): not a second
         if self.requested:
             print(f"\nsecond signal ({signal.Signals(signum).name}): exiting now without saving", file=sys.stderr)
             os._exit(128 + signum)
