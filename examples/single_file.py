@@ -1,5 +1,8 @@
 """Write a diffusers SD pipeline as ONE original-layout checkpoint (the .safetensors files people
 download for A1111/ComfyUI): model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*.
+An SDXL pipeline (one with text_encoder_2) is written in SGM's layout instead: the UNet's added-conditioning
+MLP as label_emb.0.*, text_encoder as conditioner.embedders.0.transformer.text_model.* (HF CLIP names) and
+text_encoder_2 as conditioner.embedders.1.model.* (OpenCLIP names, q/k/v fused into in_proj).
 
 Only needed to test single-file loading offline; it inverts the key mapping that diffusers'
 `from_single_file` applies, for any layers_per_block and number of blocks.
@@ -12,7 +15,8 @@ RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_lay
 VAE_RESNET = [("conv_shortcut", "nin_shortcut")]
 VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
 UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL
 
 
 def _rename(rest, pairs):
@@ -84,13 +88,41 @@ def vae_to_original(state, config):
     return out
 
 
+OPEN_CLIP_LAYER = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
+                   ("self_attn.out_proj", "attn.out_proj")]
+
+
+def clip_with_projection_to_open_clip(state):
+    """CLIPTextModelWithProjection -> OpenCLIP text tower names (the inverse of diffusers' convert_open_clip_checkpoint)."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    out = {"positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           "ln_final.weight": state.pop("final_layer_norm.weight"), "ln_final.bias": state.pop("final_layer_norm.bias"),
+           "text_projection": state.pop("text_projection.weight").T}  # OpenCLIP multiplies x @ text_projection
+    for key in [k for k in state if ".self_attn.q_proj." in k]:
+        layer, kind = key.split(".")[2], key.rsplit(".", 1)[1]
+        base = f"encoder.layers.{layer}.self_attn."
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
+            [state.pop(base + f"{p}_proj.{kind}") for p in "qkv"])
+    for key, value in state.items():
+        parts = key.split(".")  # encoder.layers.N.rest
+        if parts[:2] != ["encoder", "layers"]:
+            raise KeyError(f"unexpected text encoder key {key}")
+        out[f"transformer.resblocks.{parts[2]}.{_rename('.'.join(parts[3:]), OPEN_CLIP_LAYER)}"] = value
+    return out
+
+
 def write_original_layout_checkpoint(pipe, path):
     state = {}
     for k, v in unet_to_original(pipe.unet.state_dict(), pipe.unet.config).items():
         state["model.diffusion_model." + k] = v
     for k, v in vae_to_original(pipe.vae.state_dict(), pipe.vae.config).items():
         state["first_stage_model." + k] = v
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     for k, v in pipe.text_encoder.state_dict().items():
         k = k if k.startswith("text_model.") else "text_model." + k
-        state["cond_stage_model.transformer." + k] = v
+        state[("conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer.") + k] = v
+    if sdxl:
+        for k, v in clip_with_projection_to_open_clip(pipe.text_encoder_2.state_dict()).items():
+            state["conditioner.embedders.1.model." + k] = v
     save_file({k: v.contiguous().to(torch.float32) for k, v in state.items()}, path)
