@@ -39,6 +39,9 @@ def _main(argv):
     stats = RunStats()
     args = parse_args(argv)
     instance_images = validate(args, warn=log_main)
+    if args.push_to_hub and os.environ.get("RANK", "0") == "0":  # as diffusers: the repo exists before training
+        from dreambooth.hub import prepare_repo
+        args._hub_repo_id = prepare_repo(args.hub_model_id, args.output_dir, args.hub_token)
     return train(args, instance_images, stats)
 
 
@@ -163,13 +166,9 @@ def train(args, instance_images, stats):
         class_dir = args.class_data_dir or os.path.join(args.output_dir, "class_images")
 
         def generation_pipeline():
-            # Cast only where it loses nothing (up to fp32, or to the dtype the weights already have); otherwise
-            # autocast: fp16 generation must not leave fp32 training weights rounded to fp16.
-            cast = gen_dtype if gen_dtype in (torch.float32, weight_dtype) else weight_dtype
-            for m in (text_encoder, vae, unet):
-                m.to(accelerator.device, dtype=cast)
-            pipe = validation.sampling_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler)
-            return pipe, torch.autocast(accelerator.device.type, dtype=gen_dtype, enabled=cast != gen_dtype)
+            precision = priors.generation_precision((text_encoder, vae, unet), accelerator.device, weight_dtype,
+                                                    gen_dtype)
+            return validation.sampling_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler), precision
 
         started = time.perf_counter()
         try:
@@ -432,6 +431,13 @@ def train(args, instance_images, stats):
         report.write_run_files(args, position.step, progress.format_dict.get("elapsed", 0))
         accelerator.print(f"done: {position.step} steps; LoRA weights in {args.output_dir}/{lora_io.LORA_WEIGHT_NAME}")
     accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:
+        from dreambooth.hub import upload_run
+        extra = [args.logging_dir.rstrip("/") + "/"] if not os.path.isabs(args.logging_dir) else []
+        uploaded, message = upload_run(args.output_dir, args._hub_repo_id, args.hub_token, extra_ignore=extra)
+        print(message, file=sys.stderr if not uploaded else sys.stdout)
+        if not uploaded:
+            return 4  # trained and saved, but the asked-for upload did not happen: scripts should notice
     return 0
 
 

@@ -426,7 +426,7 @@ def sniff_weights_file(path):
                 return "has a corrupt safetensors header"
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if 8 + header_len + end > size:
-                return f"is truncated ({size} of {8 + header_len + end} bytes; download it again)"
+                return f"is truncated ({size} of {8 + header_len + end} bytes)"
             return None
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         return "is not a torch checkpoint (neither zip nor pickle; a text or HTML file saved under that name?)"
@@ -448,7 +448,7 @@ def _check_model(args):
                              "or .ckpt")
         problem = sniff_weights_file(model)
         if problem:
-            raise UsageError(f"--pretrained_model_name_or_path {model} {problem}")
+            raise UsageError(f"--pretrained_model_name_or_path {model} {problem}; download or convert it again")
     elif missing_model_path(model):
         raise UsageError(f"--pretrained_model_name_or_path {model}: no such file or folder, and not a hub id "
                          "like 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
@@ -614,12 +614,14 @@ def validate(args, warn=print):
     """Every check that needs no model: one-line UsageError naming the flag and the fix. Warnings are
     printed only once all checks pass, so a failing run prints exactly one line."""
     from .checkpoints import check_resume
+    from .hub import check_hub_flags
     notes = []
     _check_model(args)
     _check_prompts(args, notes)
     _check_numbers(args, notes)
     _check_flags(args, notes)
     _check_output(args)
+    notes += check_hub_flags(args)
     args.resume_from_checkpoint = check_resume(args)
     images = _check_data(args, notes)
     for note in notes:

@@ -17,7 +17,7 @@ def load_error(model, part, error, flag="--pretrained_model_name_or_path"):
     reason = first_line(error)
     if not local and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         return (f"{flag} {model}: cannot load its {part}: it is not in the local cache and HF_HUB_OFFLINE=1 is set; "
-                f"unset HF_HUB_OFFLINE, or download it first (huggingface-cli download {model})")
+                f"unset HF_HUB_OFFLINE, or download it first (hf download {model})")
     if not local:
         return (f"{flag} {model}: cannot load its {part} from the Hub ({reason}); check the id and the network, "
                 "or point the flag at a local folder")

@@ -28,6 +28,18 @@ def prior_settings(model, prompt, steps, seed, resolution, precision):
     return settings, key
 
 
+def generation_precision(modules, device, weight_dtype, gen_dtype):
+    """Move the frozen modules to the device for class generation in --prior_generation_precision, without
+    changing their weights: a cast is made only where it loses nothing (up to fp32, or to the dtype they are
+    in); otherwise they stay as they are and generation runs under autocast. Casting fp32 weights to fp16
+    and back for training (--mixed_precision no on CUDA) would train on weights rounded to fp16.
+    Returns the context to generate under."""
+    cast = gen_dtype if gen_dtype in (torch.float32, weight_dtype) else weight_dtype
+    for module in modules:
+        module.to(device, dtype=cast)
+    return torch.autocast(torch.device(device).type, dtype=gen_dtype, enabled=cast != gen_dtype)
+
+
 def existing_class_images(class_dir, key):
     """(user images, generated images for this key, indices already used for this key)."""
     user, generated, used = [], [], set()
@@ -60,21 +72,21 @@ def ensure_class_images(pipe_factory, class_dir, num_images, settings, key, batc
         pipe, precision = pipe_factory()  # precision: the autocast context generation runs under
         with precision:
             prompt_embeds, negative_embeds = pipe.encode_prompt(settings["prompt"], pipe.device, 1, True)
-        bar = tqdm(total=missing, desc=f"Generating {missing} class images",
-                   disable=not accelerator.is_local_main_process)
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start:start + batch_size]
-            # One generator per image, seeded by its index: the same image whatever the batching or GPUs.
-            generators = [torch.Generator(device="cpu").manual_seed(settings["seed"] * 100003 + idx) for idx in chunk]
-            with precision:
-                images = pipe(prompt_embeds=prompt_embeds.expand(len(chunk), -1, -1),
-                              negative_prompt_embeds=negative_embeds.expand(len(chunk), -1, -1),
-                              num_inference_steps=settings["steps"], height=settings["resolution"],
-                              width=settings["resolution"], generator=generators).images
-            for idx, image in zip(chunk, images):
-                save_png(image, os.path.join(class_dir, f"prior-{key}-{idx:05d}.png"))
-            bar.update(len(chunk) * accelerator.num_processes)
-        bar.close()
+        with tqdm(total=missing, desc=f"Generating {missing} class images",
+                  disable=not accelerator.is_local_main_process) as bar:  # closed on Ctrl-C too, before our line
+            for start in range(0, len(mine), batch_size):
+                chunk = mine[start:start + batch_size]
+                # One generator per image, seeded by its index: the same image whatever the batching or GPUs.
+                generators = [torch.Generator(device="cpu").manual_seed(settings["seed"] * 100003 + idx)
+                              for idx in chunk]
+                with precision:
+                    images = pipe(prompt_embeds=prompt_embeds.expand(len(chunk), -1, -1),
+                                  negative_prompt_embeds=negative_embeds.expand(len(chunk), -1, -1),
+                                  num_inference_steps=settings["steps"], height=settings["resolution"],
+                                  width=settings["resolution"], generator=generators).images
+                for idx, image in zip(chunk, images):
+                    save_png(image, os.path.join(class_dir, f"prior-{key}-{idx:05d}.png"))
+                bar.update(len(chunk) * accelerator.num_processes)
         del pipe
         accelerator.wait_for_everyone()
         user, generated, used = existing_class_images(class_dir, key)

@@ -146,12 +146,21 @@ def available_trackers(report_to, warn=print):
     return found
 
 
+def redacted(argv):
+    """The command line with the Hub token's value replaced: the card is uploaded and shown publicly."""
+    out, hide = [], False
+    for a in argv:
+        out.append("HUB_TOKEN" if hide else ("--hub_token=HUB_TOKEN" if a.startswith("--hub_token=") else a))
+        hide = a == "--hub_token"
+    return out
+
+
 def write_run_files(args, steps, seconds):
     """config.yaml to repeat the run, README.md model card with the numbers that matter."""
     import yaml
     config = effective_config(args)
     write_text(os.path.join(args.output_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=True))
-    command = "accelerate launch train_dreambooth_lora.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "accelerate launch train_dreambooth_lora.py " + " ".join(shlex.quote(a) for a in redacted(sys.argv[1:]))
     grids = sorted(os.listdir(os.path.join(args.output_dir, "validation"))) \
         if os.path.isdir(os.path.join(args.output_dir, "validation")) else []
     sample = f"\n![validation](validation/{grids[-1]})\n" if grids else ""

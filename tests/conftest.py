@@ -45,7 +45,7 @@ def instance_dir(tmp_path):
 
 def run_script(script, *args, env=None, timeout=300, launcher=None):
     cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, script)] + [str(a) for a in args]
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(env or {}))
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 

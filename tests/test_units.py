@@ -325,3 +325,27 @@ def test_training_peak_memory_excludes_what_came_before():
     summary = stats.summary()
     assert at_start + 90 <= summary["train_peak_rss_mb"] <= at_start + 200
     assert summary["peak_rss_mb"] >= at_start + 350
+
+
+def test_low_precision_class_generation_leaves_training_weights_untouched():
+    """fp32 training weights, bf16 generation (CPU's stand-in for CUDA's fp16): generation runs under autocast
+    and the weights the LoRA then trains on are bit-identical to the loaded ones."""
+    from dreambooth import priors, validation
+    from make_tiny_model import build_tiny_pipeline
+    pipe = build_tiny_pipeline()
+    modules = (pipe.text_encoder, pipe.vae, pipe.unet)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    precision = priors.generation_precision(modules, "cpu", torch.float32, torch.bfloat16)
+    sampler = validation.sampling_pipeline(pipe.tokenizer, *modules, pipe.scheduler)
+    with precision:
+        images = sampler("a dog", num_inference_steps=2, height=64, width=64, output_type="np").images
+        assert torch.is_autocast_enabled("cpu")
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+    after = pipe.unet.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in before)
+    # the old way (cast to the generation dtype and back) does round them: what this guards against
+    pipe.unet.to(dtype=torch.bfloat16).to(dtype=torch.float32)
+    assert any(not torch.equal(pipe.unet.state_dict()[k], before[k]) for k in before)
+    # a lossless request is a plain cast: bf16 weights generate in fp32 without autocast
+    assert not priors.generation_precision(modules, "cpu", torch.bfloat16, torch.float32)._enabled
+    assert pipe.unet.dtype == torch.float32
