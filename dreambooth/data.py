@@ -27,7 +27,15 @@ def caption_for(image_path, default):
 
 def resize_and_crop(image, size, center_crop, rng, resample):
     """Scale so the image covers `size` (w, h), then crop to it: no padding, no distortion."""
+    return crop_with_placement(image, size, center_crop, rng, resample)[0]
+
+
+def crop_with_placement(image, size, center_crop, rng, resample, flip=False):
+    """resize_and_crop, optionally mirrored, and where the result came from: (original (h, w), crop corner
+    (top, left) in the resized image). SDXL's UNet is conditioned on both (its "time ids"); a mirrored crop's
+    corner is measured from the other side, as if the resized image had been flipped before cropping."""
     width, height = size
+    original = (image.height, image.width)
     scale = max(width / image.width, height / image.height)
     new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
     image = image.resize((new_w, new_h), resample=resample)
@@ -35,7 +43,10 @@ def resize_and_crop(image, size, center_crop, rng, resample):
         left, top = (new_w - width) // 2, (new_h - height) // 2
     else:
         left, top = rng.randint(0, new_w - width), rng.randint(0, new_h - height)
-    return image.crop((left, top, left + width, top + height))
+    image = image.crop((left, top, left + width, top + height))
+    if flip:
+        image, left = ImageOps.mirror(image), new_w - width - left
+    return image, (original, (top, left))
 
 
 def to_tensor(image):
@@ -83,7 +94,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.resample = RESAMPLE[interpolation]
         self.seed = seed or 0
         self.epoch = 0
-        self.latents = None  # filled by cache_latents: {(path, size): tensor [variants, C, h, w]}
+        self.latents = None  # filled by cache_latents: {(path, size): (tensor [variants, C, h, w], [placement])}
         captions = [caption_for(p, instance_prompt) for p in self.instance_paths]
         self.prompts = list(dict.fromkeys(captions + ([class_prompt] if self.class_paths else [])))
         self.instance_prompt_ids = [self.prompts.index(c) for c in captions]
@@ -115,23 +126,24 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return random.Random(f"{self.seed}/{self.epoch}/{index}/{salt}")  # str seeds are stable across processes
 
     def _example(self, path, size, rng):
+        """(pixels or latents, placement): what the UNet sees and where it came from."""
         flip = self.random_flip and rng.random() < 0.5
         if self.latents is not None:
-            variants = self.latents[(path, size)]
-            return variants[1 if flip and len(variants) > 1 else 0]
-        image = resize_and_crop(load_rgb(path), size, self.center_crop, rng, self.resample)
-        if flip:
-            image = ImageOps.mirror(image)
-        return to_tensor(image)
+            variants, placements = self.latents[(path, size)]
+            k = 1 if flip and len(variants) > 1 else 0
+            return variants[k], placements[k]
+        image, placement = crop_with_placement(load_rgb(path), size, self.center_crop, rng, self.resample, flip)
+        return to_tensor(image), placement
 
     def __getitem__(self, index):
         size = self.size_of(index)
         i = index % len(self.instance_paths)
-        example = {"instance": self._example(self.instance_paths[i], size, self._rng(index, "instance")),
+        pixels, placement = self._example(self.instance_paths[i], size, self._rng(index, "instance"))
+        example = {"instance": pixels, "instance_placement": placement, "target_size": (size[1], size[0]),
                    "instance_prompt_id": self.instance_prompt_ids[i]}
         if self.class_paths:
             path = self.class_paths[index % len(self.class_paths)]
-            example["class"] = self._example(path, size, self._rng(index, "class"))
+            example["class"], example["class_placement"] = self._example(path, size, self._rng(index, "class"))
             example["class_prompt_id"] = self.class_prompt_id
         return example
 
@@ -147,16 +159,18 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             chunk = pairs[start:start + batch_size]
             by_size = {}
             for path, size in chunk:
-                rng = random.Random(f"{self.seed}/{path}")
-                image = resize_and_crop(load_rgb(path), size, self.center_crop, rng, self.resample)
-                variants = [to_tensor(image)] + ([to_tensor(ImageOps.mirror(image))] if self.random_flip else [])
-                by_size.setdefault(size, []).append((path, torch.stack(variants)))
+                image = load_rgb(path)
+                made = [crop_with_placement(image, size, self.center_crop, random.Random(f"{self.seed}/{path}"),
+                                            self.resample, flip) for flip in ((False, True) if self.random_flip
+                                                                              else (False,))]
+                by_size.setdefault(size, []).append((path, torch.stack([to_tensor(im) for im, _ in made]),
+                                                     [placement for _, placement in made]))
             for size, items in by_size.items():
-                pixels = torch.cat([v for _, v in items])
+                pixels = torch.cat([v for _, v, _ in items])
                 latents = encode(pixels).cpu()
                 n = len(items[0][1])
-                for k, (path, _) in enumerate(items):
-                    cache[(path, size)] = latents[k * n:(k + 1) * n]
+                for k, (path, _, placements) in enumerate(items):
+                    cache[(path, size)] = (latents[k * n:(k + 1) * n], placements)
         self.latents = cache
 
 
@@ -192,8 +206,14 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 def collate(examples):
     """Instance examples first, then class examples: one tensor, one UNet call. "images" are pixels, or
-    latents once cache_latents ran."""
-    images = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
-    prompt_ids = [e["instance_prompt_id"] for e in examples] + \
-                 [e["class_prompt_id"] for e in examples if "class" in e]
-    return {"images": torch.stack(images), "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long)}
+    latents once cache_latents ran; "original_sizes", "crop_top_lefts" and "target_sizes" are (h, w) / (top,
+    left) rows per image, for families that condition on them (SDXL)."""
+    classes = [e for e in examples if "class" in e]
+    images = [e["instance"] for e in examples] + [e["class"] for e in classes]
+    prompt_ids = [e["instance_prompt_id"] for e in examples] + [e["class_prompt_id"] for e in classes]
+    placements = [e["instance_placement"] for e in examples] + [e["class_placement"] for e in classes]
+    targets = [e["target_size"] for e in examples] + [e["target_size"] for e in classes]
+    return {"images": torch.stack(images), "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long),
+            "original_sizes": torch.tensor([p[0] for p in placements], dtype=torch.long),
+            "crop_top_lefts": torch.tensor([p[1] for p in placements], dtype=torch.long),
+            "target_sizes": torch.tensor(targets, dtype=torch.long)}

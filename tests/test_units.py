@@ -75,10 +75,34 @@ def test_cached_latents_replace_pixels(tmp_path):
     draw_subject(tmp_path / "a.png")
     ds = data.DreamBoothDataset(data.list_images(tmp_path), "p", resolution=64, random_flip=True)
     ds.cache_latents(lambda px: px[:, :1] * 2)
-    variants = ds.latents[(str(tmp_path / "a.png"), (64, 64))]
+    variants, placements = ds.latents[(str(tmp_path / "a.png"), (64, 64))]
     assert variants.shape == (2, 1, 64, 64)
     assert torch.equal(variants[1], variants[0].flip(-1))
     assert ds[0]["instance"].shape == (1, 64, 64)
+    # the 80x64 drawing is scaled to 80x64 (it covers 64x64), one seeded crop; the mirror's corner from the right
+    (orig, (top, left)), (orig2, (top2, left2)) = placements
+    assert orig == orig2 == (64, 80) and top == top2 == 0 and left + left2 == 80 - 64
+
+
+def test_batches_carry_original_size_crop_corner_and_target():
+    """SDXL's time ids: each example's size before resizing, its crop corner after, and the trained size."""
+    import random as _random
+    from PIL import Image as _Image
+    im = _Image.new("RGB", (200, 100), "white")
+    crop, (original, (top, left)) = data.crop_with_placement(im, (64, 64), True, _random.Random(0), _Image.BILINEAR)
+    assert crop.size == (64, 64) and original == (100, 200) and (top, left) == (0, 32)  # 128x64 resized, centre
+    draw = _Image.new("RGB", (200, 100), "white")
+    draw.paste((0, 0, 0), (0, 0, 20, 100))  # a black band on the left edge
+    plain, (_, (_, left)) = data.crop_with_placement(draw, (32, 32), False, _random.Random(3), _Image.NEAREST)
+    flipped, (_, (_, left_f)) = data.crop_with_placement(draw, (32, 32), False, _random.Random(3), _Image.NEAREST,
+                                                         flip=True)
+    assert 0 < left < 32 and left_f == 64 - 32 - left  # resized to 64x32: the corner measured from the other side
+    assert np.array_equal(np.asarray(flipped), np.asarray(plain)[:, ::-1])
+    ds_batch = data.collate([{"instance": torch.zeros(3, 32, 32), "instance_placement": ((100, 200), (0, 5)),
+                              "target_size": (32, 32), "instance_prompt_id": 0, "class": torch.zeros(3, 32, 32),
+                              "class_placement": ((32, 32), (0, 0)), "class_prompt_id": 1}])
+    assert ds_batch["original_sizes"].tolist() == [[100, 200], [32, 32]]
+    assert ds_batch["crop_top_lefts"].tolist() == [[0, 5], [0, 0]] and ds_batch["target_sizes"].tolist() == [[32, 32]] * 2
 
 
 def test_buckets_assign_every_image_without_upscaling():
