@@ -145,20 +145,25 @@ def load_base(base, dtype):
             return StableDiffusionPipeline.from_single_file(base, **kwargs)
         return StableDiffusionPipeline.from_pretrained(base, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # hub, file and state-dict errors; not our bugs
+        chain = [e]  # diffusers wraps hub errors in a paragraph of its own; the cause says what happened
+        while chain[-1].__cause__ or chain[-1].__context__:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)
         offline = "HF_HUB_OFFLINE=1 forbids downloading"
         if os.path.isfile(base) and isinstance(e, LocalEntryNotFoundError):  # the config diffusers looks up
             why = f"{offline} it" if HF_HUB_OFFLINE else "the network could not reach the Hub"
-            msg = f"loading a single file needs its pipeline config from the Hugging Face Hub, and {why}"
+            msg = (f"loading a single file needs its pipeline config from the Hugging Face Hub, and {why}; "
+                   "run once online to cache it, or give a diffusers folder")
         elif os.path.isfile(base) and "Unable to load weights" in str(e):
             msg = "cannot read the file (truncated, corrupt or not a checkpoint); download or copy it again"
         elif os.path.exists(base):
             msg = f"cannot load it ({first_line(e)})"
-        elif isinstance(e, RepositoryNotFoundError):
+        elif any(isinstance(c, RepositoryNotFoundError) for c in chain):
             msg = "no such model on the Hugging Face Hub (or it is private: log in with `hf auth login`)"
         elif HF_HUB_OFFLINE:
             msg = f"not in the local Hugging Face cache, and {offline} it; unset HF_HUB_OFFLINE or give a folder"
         else:
-            msg = f"the network could not reach the Hugging Face Hub to download it ({first_line(e)})"
+            msg = (f"the network could not reach the Hugging Face Hub to download it ({first_line(chain[-1])}); "
+                   "check the connection, or give a local folder")
         raise UsageError(f"--base {base}: {msg}") from e
 
 
