@@ -139,7 +139,8 @@ def load_base(base, dtype):
         if any(m in k for k in keys for m in LORA_MARKERS):
             raise UsageError(f"--base {base} is a LoRA; pass it as --lora, with the model it was trained on as --base")
         if not any(k.startswith("model.diffusion_model.") for k in keys):
-            raise UsageError(f"--base {base}: not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)")
+            raise UsageError(f"--base {base}: not a Stable Diffusion checkpoint (no model.diffusion_model.* weights); "
+                             "give an SD 1.x/2.x checkpoint or a diffusers folder")
     try:
         if os.path.isfile(base):
             return StableDiffusionPipeline.from_single_file(base, **kwargs)
@@ -234,9 +235,12 @@ def load_lora(pipe, lora, adapter_name, base):
                  if adapter_name in (getattr(m, "lora_A", None) or {}))
     unmatched = [k for r in log if "unexpected keys" in r or "missing keys" in r
                  for k in re.findall(r"[\w.]+\.lora_[\w.]*\w", r)]
-    if not layers or unmatched:
-        what = f"{len(unmatched)} of its weights (e.g. {unmatched[0]}) fit" if unmatched else "none of its layers fits"
-        raise UsageError(f"--lora {lora}: {what} no layer of --base {base}; it was made for another kind of model")
+    if not layers:
+        raise UsageError(f"--lora {lora}: none of its layers exists in --base {base}, so it would change nothing; "
+                         "it was made for another kind of model")
+    if unmatched:
+        raise UsageError(f"--lora {lora}: {len(unmatched)} of its weights fit no layer of --base {base} (e.g. "
+                         f"{unmatched[0]}); it was made for another kind of model")
 
 
 def main(argv=None):
