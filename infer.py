@@ -251,7 +251,7 @@ def _main(argv):
     args = build_parser().parse_args(argv)
     check(args)
 
-    from train_dreambooth_lora import quiet_libraries
+    from dreambooth.quiet import quiet_libraries
     quiet_libraries()  # first: some notices are printed at import time
     import diffusers
     import torch

@@ -17,7 +17,8 @@ import sys
 import time
 
 from dreambooth import __version__
-from dreambooth.config import check_free_space, effective_config, parse_args, validate
+from dreambooth.config import effective_config, parse_args, validate
+from dreambooth.files import check_free_space
 from dreambooth.errors import run_cli
 
 PROG = "train_dreambooth_lora.py"
@@ -43,24 +44,6 @@ def _main(argv):
         from dreambooth.hub import prepare_repo
         args._hub_repo_id = prepare_repo(args.hub_model_id, args.output_dir, args.hub_token)
     return train(args, instance_images, stats)
-
-
-def quiet_libraries():
-    """Our progress bar and settings line are the output; the libraries' per-component chatter is not.
-    Call it before importing pipelines: some notices are printed at import time."""
-    import logging
-    import warnings
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU-kernel notices at import are not ours
-
-    import diffusers
-    import transformers
-    # diffusers >= 0.36 renamed torch_dtype to dtype; older releases, which requirements.txt allows, only know
-    # torch_dtype, so we keep passing it and silence the rename notice.
-    warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated.*", category=FutureWarning)
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def checkpoints_early_signals():
@@ -102,6 +85,7 @@ def train(args, instance_images, stats):
     import datetime
 
     checkpoints_early_signals()
+    from dreambooth.quiet import quiet_libraries
     quiet_libraries()  # first: some notices are printed at import time
     import torch
     import torch.nn.functional as F

@@ -13,8 +13,9 @@ import signal
 import sys
 import zipfile
 
-from .config import UsageError, check_free_space, sniff_weights_file
-from .lora_io import LORA_WEIGHT_NAME, write_text
+from .errors import UsageError
+from .files import check_free_space, sniff_weights_file, write_text
+from .lora_io import LORA_WEIGHT_NAME
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 SETTINGS_NAME = "lora_settings.json"

@@ -13,6 +13,7 @@ import sys
 
 from .errors import UsageError  # noqa: F401  (re-exported: callers import it from here too)
 from .images import IMAGE_EXTENSIONS, check_captions, check_images, list_images, list_instance_images
+from .files import sniff_weights_file, writable_folder_problem
 from .lora_io import LORA_WEIGHT_NAME
 
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -405,34 +406,6 @@ def missing_model_path(value):
         or value.endswith((".safetensors", ".ckpt", ".pt", ".bin")) or not HUB_ID.match(value)
 
 
-def sniff_weights_file(path):
-    """What a single-file model or LoRA file really is, from its first bytes (no torch, no full read): None
-    when it looks like what its name says, else the reason. A .ckpt is a torch zip or a pickle; a
-    .safetensors starts with its header length and a JSON header that fits in the file."""
-    import json
-    import struct
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if path.endswith(".safetensors"):
-            if len(head) < 8:
-                return f"is {size} bytes, too short for a safetensors file"
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(size - 8, 100 * 2**20):
-                return "is not a safetensors file (no valid header; a text or HTML file saved under that name?)"
-            try:
-                header = json.loads(f.read(header_len))
-            except ValueError:
-                return "has a corrupt safetensors header"
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            if 8 + header_len + end > size:
-                return f"is truncated ({size} of {8 + header_len + end} bytes)"
-            return None
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-        return "is not a torch checkpoint (neither zip nor pickle; a text or HTML file saved under that name?)"
-    return None
-
-
 def _check_model(args):
     model = args.pretrained_model_name_or_path
     if not model or not model.strip():
@@ -557,19 +530,6 @@ def _check_flags(args, notes):
                 args.prior_generation_precision = "fp32"
 
 
-def writable_folder_problem(folder):
-    """None if `folder` exists and we can create files in it, or could create it; else the reason."""
-    probe = folder
-    while probe and not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    probe = probe or "."
-    if not os.path.isdir(probe):
-        return f"{probe} is a file"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe} is not writable by this user"
-    return None
-
-
 def _check_output(args):
     """Checked before anything loads: a read-only disk or a finished run must not cost a model load."""
     if not args.output_dir or not args.output_dir.strip():
@@ -627,14 +587,3 @@ def validate(args, warn=print):
     for note in notes:
         warn(note)
     return images
-
-
-def check_free_space(folder, needed_bytes, what):
-    """Fail early with the numbers instead of dying mid-save with a half-written file."""
-    probe = folder
-    while probe and not os.path.exists(probe):
-        probe = os.path.dirname(probe) or "."
-    free = shutil.disk_usage(probe or ".").free
-    if free < needed_bytes:
-        raise UsageError(f"not enough disk space in {folder} for {what}: need {needed_bytes / 2**20:.1f} MiB, "
-                         f"{free / 2**20:.1f} MiB free; free some space or choose another --output_dir")

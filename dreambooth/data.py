@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .images import IMAGE_EXTENSIONS, caption_path, list_images, load_rgb, read_caption  # noqa: F401 (re-exported)
+from .images import caption_path, load_rgb, read_caption
 
 RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}

@@ -7,41 +7,9 @@ import shutil
 import tempfile
 
 from . import __version__
+from .files import atomic_write
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-
-
-def _current_umask():
-    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_current_umask()  # what open() would give: 0644 under the usual umask 022
-
-
-def atomic_write(path, write):
-    """write(tmp_path) then rename over `path`: readers see the old file or the new one, never half.
-    mkstemp creates the file 0600; it gets the mode the user's umask gives, since ComfyUI or A1111 often
-    run as another user and must be able to read what we write."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
 
 
 def _peft_state_dict(model):

@@ -13,9 +13,9 @@ import re
 import torch
 from tqdm.auto import tqdm
 
-from .config import check_free_space
-from .data import list_images
-from .lora_io import write_text
+from .files import check_free_space
+from .images import list_images
+from .files import write_text
 from .validation import save_png
 
 GENERATED = re.compile(r"^prior-([0-9a-f]{10})-(\d{5,})\.png$")

@@ -12,7 +12,7 @@ import time
 from PIL import Image, ImageDraw
 
 from .config import effective_config
-from .lora_io import write_text
+from .files import write_text
 
 
 def rss_mb():
@@ -126,7 +126,7 @@ def plot_loss(history, path, width=640, height=320):
         draw.text((2, 10), f"{hi:.3g}", fill="black")
         draw.text((2, height - pad - 12), f"{lo:.3g}", fill="black")
     draw.text((width // 2 - 30, height - 20), "training loss", fill="black")
-    from .lora_io import atomic_write
+    from .files import atomic_write
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 

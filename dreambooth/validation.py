@@ -4,7 +4,7 @@ import math
 import torch
 from PIL import Image
 
-from .lora_io import atomic_write
+from .files import atomic_write
 
 
 def image_grid(images):

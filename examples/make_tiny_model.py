@@ -182,7 +182,7 @@ def main(argv=None):
                         help="Also write the pipeline as one original-layout (A1111/ComfyUI style) .safetensors file.")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from train_dreambooth_lora import quiet_libraries
+    from dreambooth.quiet import quiet_libraries
     quiet_libraries()
     if args.family == "sdxl":
         pipe = build_tiny_sdxl_pipeline(args.seed, args.prediction_type, args.sample_size or 8)

@@ -11,6 +11,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 
+pytest_plugins = ("fake_hub",)  # the fake Hub fixture, for push-to-hub tests
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of the real scripts (subprocesses)")
 

@@ -7,8 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fake_hub, whatever pytest's import mode
-from fake_hub import fake_hub  # noqa: E402,F401 -- a fixture
 
 from dreambooth import hub  # noqa: E402
 from dreambooth.errors import UsageError  # noqa: E402

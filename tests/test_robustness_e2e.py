@@ -11,7 +11,6 @@ import pytest
 
 import train_dreambooth_lora
 from conftest import ROOT, run_script, train_args
-from fake_hub import fake_hub  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.slow
 P = "train_dreambooth_lora.py: error: "

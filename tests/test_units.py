@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import draw_subject
 from dreambooth import data
+from dreambooth.images import list_images
 from dreambooth.config import UsageError, effective_config, parse_args
 
 
@@ -29,7 +30,7 @@ def test_exif_rotation_alpha_and_greyscale(tmp_path):
 
     Image.new("RGB", (12, 10), (0, 200, 0)).save(tmp_path / "leaf.webp", lossless=True)
     assert data.load_rgb(tmp_path / "leaf.webp").getpixel((5, 5)) == (0, 200, 0)
-    assert data.list_images(tmp_path) == [str(tmp_path / n) for n in ("cut.png", "grey.bmp", "leaf.webp", "rot.jpg")]
+    assert list_images(tmp_path) == [str(tmp_path / n) for n in ("cut.png", "grey.bmp", "leaf.webp", "rot.jpg")]
 
 
 def test_resize_and_crop_covers_target_without_distortion():
@@ -51,7 +52,7 @@ def test_dataset_pairs_instance_and_class_and_reads_captions(tmp_path):
     cls.mkdir()
     for i in range(5):
         draw_subject(cls / f"c{i}.png", shift=i)
-    ds = data.DreamBoothDataset(data.list_images(tmp_path), "a photo of sks dog", data.list_images(cls),
+    ds = data.DreamBoothDataset(list_images(tmp_path), "a photo of sks dog", list_images(cls),
                                 "a photo of dog", resolution=64, random_flip=True)
     assert len(ds) == 5 and ds.prompts == ["a photo of sks dog", "a photo of sks dog on grass", "a photo of dog"]
     batch = data.collate([ds[0], ds[1]])
@@ -73,7 +74,7 @@ def test_dataset_pairs_instance_and_class_and_reads_captions(tmp_path):
 
 def test_cached_latents_replace_pixels(tmp_path):
     draw_subject(tmp_path / "a.png")
-    ds = data.DreamBoothDataset(data.list_images(tmp_path), "p", resolution=64, random_flip=True)
+    ds = data.DreamBoothDataset(list_images(tmp_path), "p", resolution=64, random_flip=True)
     ds.cache_latents(lambda px: px[:, :1] * 2)
     variants, placements = ds.latents[(str(tmp_path / "a.png"), (64, 64))]
     assert variants.shape == (2, 1, 64, 64)
@@ -123,7 +124,7 @@ def test_buckets_assign_every_image_without_upscaling():
 def test_bucket_sampler_batches_within_one_size_and_is_reproducible(tmp_path):
     for i, size in enumerate([(300, 200), (310, 205), (200, 300), (256, 256), (320, 210)]):
         draw_subject(tmp_path / f"{i}.png", size=size)
-    ds = data.DreamBoothDataset(data.list_images(tmp_path), "p", resolution=256, repeats=2,
+    ds = data.DreamBoothDataset(list_images(tmp_path), "p", resolution=256, repeats=2,
                                 bucket_args=(128, 512, 64))
     sampler = data.BucketBatchSampler(ds, batch_size=2, seed=3)
     batches = list(sampler)
@@ -187,7 +188,7 @@ def test_config_file_precedence_and_replay(tmp_path):
 
 
 def test_atomic_write_keeps_old_file_when_writer_crashes(tmp_path):
-    from dreambooth.lora_io import atomic_write
+    from dreambooth.files import atomic_write
     target = tmp_path / "w.safetensors"
     target.write_text("good")
 
@@ -200,7 +201,7 @@ def test_atomic_write_keeps_old_file_when_writer_crashes(tmp_path):
 
 
 def test_free_space_check_names_the_numbers(tmp_path):
-    from dreambooth.config import check_free_space
+    from dreambooth.files import check_free_space
     check_free_space(str(tmp_path / "new" / "dir"), 1, "x")
     with pytest.raises(UsageError, match=r"need .* MiB, .* MiB free"):
         check_free_space(str(tmp_path), 1 << 60, "class images")
