@@ -182,41 +182,45 @@ def load_checkpoint(accelerator, path):
                          f"{offer}") from e
 
 
-def register_lora_state_hooks(accelerator, unet, text_encoder=None):
+def register_lora_state_hooks(accelerator, family, unet, text_encoders=()):
     """save_state writes only the LoRA weights (megabytes, in the loadable diffusers file) instead
     of the whole UNet; load_state puts them back into the live adapters."""
     from .lora_io import save_diffusers_lora
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            save_diffusers_lora(output_dir, accelerator.unwrap_model(unet),
-                                accelerator.unwrap_model(text_encoder) if text_encoder is not None else None)
+            save_diffusers_lora(output_dir, family, accelerator.unwrap_model(unet),
+                                [accelerator.unwrap_model(e) for e in text_encoders])
         weights.clear()
 
     def load_hook(models, input_dir):
-        load_lora_into(input_dir, accelerator.unwrap_model(unet),
-                       accelerator.unwrap_model(text_encoder) if text_encoder is not None else None)
+        load_lora_into(input_dir, family, accelerator.unwrap_model(unet),
+                       [accelerator.unwrap_model(e) for e in text_encoders])
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def load_lora_into(folder, unet, text_encoder=None):
+def load_lora_into(folder, family, unet, text_encoders=()):
     """Inverse of lora_io.save_diffusers_lora, for resuming: every saved tensor must find its place."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     state = load_file(os.path.join(folder, LORA_WEIGHT_NAME))
-    parts = [("unet.", unet, convert_unet_state_dict_to_peft)]
-    if text_encoder is not None:
-        def te_convert(sd):
+
+    def text_encoder_convert(encoder):
+        def convert(sd):
             sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
-            if not hasattr(text_encoder, "text_model"):
+            if not hasattr(encoder, "text_model"):  # transformers 5 CLIPTextModel: no text_model level
                 sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
             return sd
-        parts.append(("text_encoder.", text_encoder, te_convert))
+        return convert
+
+    parts = [("unet.", unet, convert_unet_state_dict_to_peft)]
+    parts += [(f"{name}.", encoder, text_encoder_convert(encoder))
+              for name, encoder in zip(family.text_encoder_names, text_encoders)]
     for prefix, model, convert in parts:
         sd = convert({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         result = set_peft_model_state_dict(model, sd, adapter_name="default")

@@ -104,6 +104,11 @@ def build_parser():
     g.add_argument("--single_file_config", type=path_arg, default=None,
                    help="For a single-file base model: hub id or diffusers folder whose configs describe its "
                         "architecture (default: let diffusers infer it, which needs the hub).")
+    g.add_argument("--pretrained_vae_model_name_or_path", type=path_arg, default=None,
+                   help="A VAE to use instead of the model's own: a hub id or folder (e.g. madebyollin/sdxl-vae-fp16-fix "
+                        "for SDXL in fp16, stabilityai/sd-vae-ft-mse for SD 1.5).")
+    g.add_argument("--cache_dir", type=path_arg, default=None,
+                   help="Where downloaded models and datasets are cached (default: the Hugging Face cache).")
     g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
                    help="Override the scheduler's prediction type (default: the base model's own).")
 
@@ -114,15 +119,23 @@ def build_parser():
                    help="Instead of --instance_data_dir: a Hugging Face dataset id or local dataset path "
                         "(needs the optional `datasets` package).")
     g.add_argument("--image_column", default="image", help="Dataset column holding the images.")
+    g.add_argument("--dataset_config_name", default=None,
+                   help="The dataset's configuration name, for datasets that have several.")
     g.add_argument("--caption_column", default=None,
                    help="Dataset column holding per-image captions (default: --instance_prompt for all).")
     g.add_argument("--instance_prompt", default=None, help="Prompt naming the subject, e.g. 'a photo of sks dog'.")
     g.add_argument("--class_data_dir", type=path_arg, default=None,
                    help="Folder of class-prior images; missing ones are generated (default: output_dir/class_images).")
     g.add_argument("--class_prompt", default=None, help="Prompt for the class, e.g. 'a photo of dog'.")
-    g.add_argument("--resolution", type=int, default=512,
-                   help="Training resolution in pixels: a multiple of what the model can take (checked once it "
-                        "loads: the VAE's scale factor times the UNet's downsampling, 64 for SD 1.x/2.x).")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="Training resolution in pixels (default: 512 for SD 1.x/2.x, 1024 for SDXL, as diffusers' "
+                        "scripts): a multiple of what the model can take (checked once it loads: the VAE's scale "
+                        "factor times the UNet's downsampling, 64 for SD and SDXL).")
+    g.add_argument("--crops_coords_top_left_h", type=int, default=None,
+                   help="SDXL: one crop corner (top) for every image's time ids, as diffusers' flag (default: each "
+                        "image's real crop corner, carried through crops, buckets and the latent cache).")
+    g.add_argument("--crops_coords_top_left_w", type=int, default=None,
+                   help="SDXL: one crop corner (left) for every image's time ids (default: each image's real one).")
     g.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=False, help="Center-crop instead of random-crop to the resolution.")
     g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False, help="Randomly flip training images horizontally.")
     g.add_argument("--repeats", type=int, default=1, help="How many times each instance image is seen per epoch.")
@@ -217,6 +230,8 @@ def build_parser():
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=500,
                    help="Save output_dir/checkpoint-N (resumable state + loadable LoRA) every N steps.")
+    g.add_argument("--output_kohya_format", action="store_true",
+                   help="diffusers' SDXL flag: also write the kohya file (what --output_format both, the default, does).")
     g.add_argument("--output_format", default="both", choices=["diffusers", "kohya", "both"],
                    help="diffusers: pytorch_lora_weights.safetensors (always written, for load_lora_weights and "
                         "resume); kohya/both: also <output_dir name>.safetensors for ComfyUI/A1111.")
@@ -252,6 +267,8 @@ def build_parser():
     g = p.add_argument_group("not supported (DeepFloyd IF only in diffusers; refused with one line)")
     for flag in IF_ONLY_FLAGS:
         g.add_argument(f"--{flag}", nargs="*", default=None, help="DeepFloyd IF only; refused here.")
+    g.add_argument("--do_edm_style_training", action="store_true",
+                   help="diffusers' SDXL flag for EDM-formulated models (Playground v2.5); refused here.")
     return p
 
 
@@ -329,6 +346,7 @@ def parse_args(argv=None):
             raise UsageError(f"--config {config_path}: {e}")
     args = parser.parse_args(tokens + argv)  # later tokens win: the command line over the file
     args.config = config_path
+    args._family, args._hub_repo_id = None, None  # set by validate() and before training; never saved
     if args.local_rank == -1 and os.environ.get("LOCAL_RANK", "").isdigit():  # as diffusers: the launcher's env wins
         args.local_rank = int(os.environ["LOCAL_RANK"])
     return args
@@ -360,7 +378,7 @@ def _instance_folder_images(folder):
     return images, skipped
 
 
-def dataset_to_folder(name, image_column, caption_column):
+def dataset_to_folder(name, image_column, caption_column, config_name=None, cache_dir=None):
     """A `datasets` dataset written out as image + caption files in a temporary folder, so the rest of the
     pipeline (validation, captions, caching) treats it exactly like --instance_data_dir."""
     import atexit
@@ -372,7 +390,7 @@ def dataset_to_folder(name, image_column, caption_column):
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     try:
-        loaded = datasets.load_dataset(name)
+        loaded = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
     except Exception as e:
         raise UsageError(f"--dataset_name {name}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0]})")
     split = loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
@@ -445,7 +463,7 @@ def _check_prompts(args, notes):
 
 def _check_numbers(args, notes):
     """Ranges argparse's types cannot express. NaN/inf never get here (finite_float)."""
-    if args.resolution % 8 or args.resolution < 8:
+    if args.resolution is not None and (args.resolution % 8 or args.resolution < 8):
         raise UsageError(f"--resolution must be a positive multiple of 8 (got {args.resolution}); "
                          "try 512 for SD 1.5, 768 for SD 2.1")
     at_least_one = ["train_batch_size", "rank", "gradient_accumulation_steps", "repeats", "num_train_epochs",
@@ -477,19 +495,29 @@ def _check_numbers(args, notes):
             raise UsageError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
     if args.ddp_timeout < 1:
         raise UsageError(f"--ddp_timeout must be >= 1 second (got {args.ddp_timeout})")
-    if args.enable_bucket:
-        if args.bucket_reso_steps < 8 or args.bucket_reso_steps % 8:
-            raise UsageError(f"--bucket_reso_steps must be a multiple of 8 (got {args.bucket_reso_steps})")
-        if not args.min_bucket_reso <= args.resolution <= args.max_bucket_reso:
-            raise UsageError(f"--resolution {args.resolution} must lie between --min_bucket_reso "
-                             f"{args.min_bucket_reso} and --max_bucket_reso {args.max_bucket_reso}")
-        if args.min_bucket_reso % args.bucket_reso_steps or args.max_bucket_reso % args.bucket_reso_steps:
-            raise UsageError("--min_bucket_reso and --max_bucket_reso must be multiples of --bucket_reso_steps")
+    if args.enable_bucket and (args.bucket_reso_steps < 8 or args.bucket_reso_steps % 8):
+        raise UsageError(f"--bucket_reso_steps must be a multiple of 8 (got {args.bucket_reso_steps})")
     warmup_used = args.lr_scheduler != "constant" and args.lr_warmup_steps
     if warmup_used and args.max_train_steps and args.lr_warmup_steps >= args.max_train_steps:
         notes.append(f"warning: --lr_warmup_steps {args.lr_warmup_steps} >= --max_train_steps "
                      f"{args.max_train_steps}: the learning rate never reaches --learning_rate (diffusers' default "
                      "warm-up is 500 steps; lower --lr_warmup_steps)")
+
+
+def _check_family_defaults(args):
+    """Detect the model family (no flag: from the model's own files; for a hub id its model_index.json, the one
+    download before loading) and fill in what depends on it: --resolution defaults to the family's (512 SD,
+    1024 SDXL, as diffusers' scripts)."""
+    from .families import ModelSource, detect
+    args._family = detect(ModelSource.from_args(args))
+    if args.resolution is None:
+        args.resolution = args._family.default_resolution
+    if args.enable_bucket:
+        if not args.min_bucket_reso <= args.resolution <= args.max_bucket_reso:
+            raise UsageError(f"--resolution {args.resolution} must lie between --min_bucket_reso "
+                             f"{args.min_bucket_reso} and --max_bucket_reso {args.max_bucket_reso}")
+        if args.min_bucket_reso % args.bucket_reso_steps or args.max_bucket_reso % args.bucket_reso_steps:
+            raise UsageError("--min_bucket_reso and --max_bucket_reso must be multiples of --bucket_reso_steps")
 
 
 def _check_flags(args, notes):
@@ -498,6 +526,11 @@ def _check_flags(args, notes):
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag} is a DeepFloyd IF option of diffusers' script; this trainer supports "
                              "Stable Diffusion only: drop the flag")
+    if args.do_edm_style_training:
+        raise UsageError("--do_edm_style_training is for EDM-formulated models (Playground v2.5); this trainer "
+                         "trains DDPM-formulated SD 1.x/2.x and SDXL models: drop the flag")
+    if args.output_kohya_format and args.output_format == "diffusers":
+        args.output_format = "both"
     if not [m for m in args.lora_target_modules.split(",") if m.strip()]:
         raise UsageError("--lora_target_modules is empty; the default is to_q,to_k,to_v,to_out.0")
     if args.train_text_encoder and args.pre_compute_text_embeddings:
@@ -556,7 +589,8 @@ def _check_data(args, notes):
     if args.dataset_name:
         if args.instance_data_dir:
             raise UsageError("give --dataset_name or --instance_data_dir, not both")
-        images, skipped = dataset_to_folder(args.dataset_name, args.image_column, args.caption_column), 0
+        images, skipped = dataset_to_folder(args.dataset_name, args.image_column, args.caption_column,
+                                           args.dataset_config_name, args.cache_dir), 0
     else:
         images, skipped = _instance_folder_images(args.instance_data_dir)
     notes += check_images(images, "--instance_data_dir", args.resolution)
@@ -583,6 +617,7 @@ def validate(args, warn=print):
     _check_output(args)
     notes += check_hub_flags(args)
     args.resume_from_checkpoint = check_resume(args)
+    _check_family_defaults(args)
     images = _check_data(args, notes)
     for note in notes:
         warn(note)

@@ -23,62 +23,71 @@ def _adapter_metadata(model):
     return json.loads(json.dumps(config, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
 
-def diffusers_lora_layers(unet, text_encoder=None):
-    """State dicts in the layout diffusers' own training scripts save. Text-encoder keys carry the
-    `text_model.` level every SD LoRA file has, even where transformers 5 flattened it away."""
+def _text_encoder_layers(text_encoder):
+    """A text encoder's LoRA in diffusers' layout, with the `text_model.` level every SD/SDXL LoRA file has, even
+    where transformers 5 flattened it away (its CLIPTextModel has no text_model attribute)."""
     from diffusers.utils import convert_state_dict_to_diffusers
-    unet_layers = convert_state_dict_to_diffusers(_peft_state_dict(unet))
-    te_layers = None
-    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
-        te_layers = convert_state_dict_to_diffusers(_peft_state_dict(text_encoder))
-        te_layers = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in te_layers.items()}
-    return unet_layers, te_layers
+    layers = convert_state_dict_to_diffusers(_peft_state_dict(text_encoder))
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in layers.items()}
 
 
-def save_diffusers_lora(folder, unet, text_encoder=None):
-    """folder/pytorch_lora_weights.safetensors, loadable by pipe.load_lora_weights(folder)."""
-    from diffusers import StableDiffusionPipeline
-    unet_layers, te_layers = diffusers_lora_layers(unet, text_encoder)
-    metadata = {"unet_lora_adapter_metadata": _adapter_metadata(unet)}
-    if te_layers:
-        metadata["text_encoder_lora_adapter_metadata"] = _adapter_metadata(text_encoder)
+def diffusers_lora_layers(family, unet, text_encoders=()):
+    """The keyword arguments of the family's pipeline `save_lora_weights`: each trained part's LoRA in the layout
+    diffusers' own training scripts save (unet_lora_layers, text_encoder_lora_layers, text_encoder_2_lora_layers),
+    with the adapter metadata diffusers reads back."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    out = {"unet_lora_layers": convert_state_dict_to_diffusers(_peft_state_dict(unet)),
+           "unet_lora_adapter_metadata": _adapter_metadata(unet)}
+    for name, encoder in zip(family.text_encoder_names, text_encoders):
+        if getattr(encoder, "peft_config", None):
+            out[f"{name}_lora_layers"] = _text_encoder_layers(encoder)
+            out[f"{name}_lora_adapter_metadata"] = _adapter_metadata(encoder)
+    return out
+
+
+def save_diffusers_lora(folder, family, unet, text_encoders=()):
+    """folder/pytorch_lora_weights.safetensors, loadable by the family's pipe.load_lora_weights(folder)."""
+    layers = diffusers_lora_layers(family, unet, text_encoders)
 
     def write(tmp):
         with tempfile.TemporaryDirectory(dir=os.path.dirname(tmp)) as staging:
-            StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=unet_layers,
-                                                      text_encoder_lora_layers=te_layers, **metadata)
+            family.pipeline_class().save_lora_weights(staging, **layers)
             shutil.move(os.path.join(staging, LORA_WEIGHT_NAME), tmp)
 
     atomic_write(os.path.join(folder, LORA_WEIGHT_NAME), write)
-    return unet_layers, te_layers
+    return layers
 
 
-def kohya_state_dict(unet, text_encoder=None, alpha=None):
-    """The layout kohya sd-scripts write and A1111/ComfyUI read: lora_unet_<module_path>.lora_down/up
-    with a per-module .alpha; text-encoder modules as lora_te_text_model_encoder_layers_N_..."""
+def kohya_state_dict(family, unet, text_encoders=(), alpha=None):
+    """The layout kohya sd-scripts write and A1111/ComfyUI read: lora_unet_<module>.lora_down/up with a
+    per-module .alpha (the UNet module named as the family's kohya files name it: diffusers paths for SD 1.x/2.x,
+    the original input_blocks/... paths for SDXL); text-encoder modules under the family's prefixes
+    (lora_te_ for SD, lora_te1_/lora_te2_ for SDXL) as text_model_encoder_layers_N_...
+    Ours, not diffusers' conversion utilities: those write alpha = rank and drop the text_model level."""
     import torch
     out = {}
-    parts = [("lora_unet_", unet)] + ([("lora_te_", text_encoder)] if text_encoder is not None else [])
-    for prefix, model in parts:
+    parts = [("lora_unet_", unet, family.kohya_unet_module)]
+    parts += [(prefix, encoder, lambda m: m if m.startswith("text_model.") else "text_model." + m)
+              for prefix, encoder in zip(family.kohya_text_prefixes, text_encoders)
+              if getattr(encoder, "peft_config", None)]
+    for prefix, model, module_name in parts:
         config = model.peft_config["default"]
         if config.use_dora:
             raise ValueError("kohya export of DoRA weights is not supported; use --output_format diffusers")
         for key, value in _peft_state_dict(model).items():
             module, kind = key.rsplit(".lora_", 1)
-            if prefix == "lora_te_" and not module.startswith("text_model."):
-                module = "text_model." + module
-            name = prefix + module.replace(".", "_")
+            name = prefix + module_name(module).replace(".", "_")
             out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
             out[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else config.lora_alpha))
     return out
 
 
-def save_kohya_lora(folder, unet, text_encoder, args, steps):
+def save_kohya_lora(folder, family, unet, text_encoders, args, steps):
     """<output_dir name>.safetensors with kohya-style ss_* metadata, for ComfyUI and A1111."""
     from safetensors.torch import save_file
-    state = kohya_state_dict(unet, text_encoder)
+    state = kohya_state_dict(family, unet, text_encoders)
     metadata = {
-        "ss_base_model_version": "sd_v1" if "2" not in str(args.pretrained_model_name_or_path) else "sd_v2",
+        "ss_base_model_version": family.base_model_version(),
         "ss_sd_model_name": str(args.pretrained_model_name_or_path),
         "ss_network_module": "networks.lora", "ss_network_dim": str(args.rank),
         "ss_network_alpha": str(args.lora_alpha or args.rank), "ss_resolution": str(args.resolution),

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+from typing import Any, Callable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +27,14 @@ def prior_settings(model, prompt, steps, seed, resolution, precision):
                 "resolution": resolution, "precision": precision}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return settings, key
+
+
+class ClassImageSampler(NamedTuple):
+    """What generating class images needs from the model family: its pipeline over the loaded modules, the
+    precision context to run it under, and the prompt encoded once ({pipeline keyword: tensor [1, ...]})."""
+    pipe: Any
+    precision: Any
+    embed: Callable
 
 
 def generation_precision(modules, device, weight_dtype, gen_dtype):
@@ -54,7 +63,7 @@ def existing_class_images(class_dir, key):
     return user, generated, used
 
 
-def ensure_class_images(pipe_factory, class_dir, num_images, settings, key, batch_size, accelerator):
+def ensure_class_images(sampler_factory, class_dir, num_images, settings, key, batch_size, accelerator):
     """Generate what is missing (split across processes) and return exactly num_images paths."""
     user, generated, used = existing_class_images(class_dir, key)
     missing = num_images - len(user) - len(generated)
@@ -69,9 +78,9 @@ def ensure_class_images(pipe_factory, class_dir, num_images, settings, key, batc
             check_free_space(class_dir, missing * settings["resolution"] ** 2 * 3, f"{missing} class images")
         accelerator.wait_for_everyone()
         mine = indices[accelerator.process_index::accelerator.num_processes]
-        pipe, precision = pipe_factory()  # precision: the autocast context generation runs under
+        pipe, precision, embed = sampler_factory()
         with precision:
-            prompt_embeds, negative_embeds = pipe.encode_prompt(settings["prompt"], pipe.device, 1, True)
+            embeddings = embed(settings["prompt"])  # once: every batch reuses it
         with tqdm(total=missing, desc=f"Generating {missing} class images",
                   disable=not accelerator.is_local_main_process) as bar:  # closed on Ctrl-C too, before our line
             for start in range(0, len(mine), batch_size):
@@ -80,8 +89,7 @@ def ensure_class_images(pipe_factory, class_dir, num_images, settings, key, batc
                 generators = [torch.Generator(device="cpu").manual_seed(settings["seed"] * 100003 + idx)
                               for idx in chunk]
                 with precision:
-                    images = pipe(prompt_embeds=prompt_embeds.expand(len(chunk), -1, -1),
-                                  negative_prompt_embeds=negative_embeds.expand(len(chunk), -1, -1),
+                    images = pipe(**{k: v.expand(len(chunk), *v.shape[1:]) for k, v in embeddings.items()},
                                   num_inference_steps=settings["steps"], height=settings["resolution"],
                                   width=settings["resolution"], generator=generators).images
                 for idx, image in zip(chunk, images):

@@ -1,4 +1,5 @@
-"""Sampling with the components being trained: validation grids during training, class priors before."""
+"""Validation grids: the same seeds every time, so grids from successive steps are comparable. The pipeline
+comes from the model family (families/base.py: sampling_pipeline)."""
 import math
 
 import torch
@@ -20,17 +21,6 @@ def image_grid(images):
 
 def save_png(image, path):
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def sampling_pipeline(tokenizer, text_encoder, vae, unet, noise_scheduler):
-    """A StableDiffusionPipeline over already-loaded modules (no second model load), with
-    DPM-Solver++ so 25 steps look like DDPM's 1000."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @torch.no_grad()

@@ -7,16 +7,17 @@ text_encoder_2 as conditioner.embedders.1.model.* (OpenCLIP names, q/k/v fused i
 Only needed to test single-file loading offline; it inverts the key mapping that diffusers'
 `from_single_file` applies, for any layers_per_block and number of blocks.
 """
+import os
+import sys
+
 import torch
 from safetensors.torch import save_file
 
-RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
-          ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dreambooth.ldm_names import unet_module_to_ldm  # noqa: E402  (the one mapping, shared with kohya SDXL names)
+
 VAE_RESNET = [("conv_shortcut", "nin_shortcut")]
 VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
-UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL
 
 
 def _rename(rest, pairs):
@@ -27,38 +28,8 @@ def _rename(rest, pairs):
 
 
 def unet_to_original(state, config):
-    per = config["layers_per_block"] + 1
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        module = ".".join(parts[:-1])
-        if module in UNET_TOP:
-            out[f"{UNET_TOP[module]}.{parts[-1]}"] = value
-            continue
-        if parts[0] == "down_blocks":
-            i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
-            if kind == "resnets":
-                new = f"input_blocks.{i * per + j + 1}.0.{_rename(rest, RESNET)}"
-            elif kind == "attentions":
-                new = f"input_blocks.{i * per + j + 1}.1.{rest}"
-            else:  # downsamplers.0.conv
-                new = f"input_blocks.{(i + 1) * per}.0.op.{rest.split('.', 1)[1]}"
-        elif parts[0] == "up_blocks":
-            i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
-            has_attention = "CrossAttn" in config["up_block_types"][i]
-            if kind == "resnets":
-                new = f"output_blocks.{i * per + j}.0.{_rename(rest, RESNET)}"
-            elif kind == "attentions":
-                new = f"output_blocks.{i * per + j}.1.{rest}"
-            else:  # upsamplers.0.conv
-                new = f"output_blocks.{i * per + per - 1}.{2 if has_attention else 1}.{rest}"
-        elif parts[0] == "mid_block":
-            kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
-            new = f"middle_block.{2 * j}.{_rename(rest, RESNET)}" if kind == "resnets" else f"middle_block.1.{rest}"
-        else:
-            raise KeyError(f"unexpected UNet key {key}")
-        out[new] = value
-    return out
+    return {unet_module_to_ldm(key, config["layers_per_block"], config["up_block_types"]): value
+            for key, value in state.items()}
 
 
 def vae_to_original(state, config):

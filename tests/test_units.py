@@ -140,7 +140,7 @@ def test_bucket_sampler_batches_within_one_size_and_is_reproducible(tmp_path):
 
 def test_prior_preservation_loss_and_targets():
     from diffusers import DDPMScheduler
-    from train_dreambooth_lora import diffusion_target, prior_preservation_loss, snr_loss_weights
+    from dreambooth.training import diffusion_target, prior_preservation_loss, snr_loss_weights
     per = torch.tensor([1.0, 3.0, 10.0, 20.0])
     assert prior_preservation_loss(per, 2, 0.5).item() == pytest.approx(2.0 + 0.5 * 15.0)
     assert prior_preservation_loss(per, 4, 0.5).item() == pytest.approx(per.mean().item())
@@ -157,12 +157,13 @@ def test_prior_preservation_loss_and_targets():
 
 def test_kohya_keys_follow_the_ecosystem_names():
     from peft import LoraConfig
+    from dreambooth.families import StableDiffusion
     from dreambooth.lora_io import kohya_state_dict
     from make_tiny_model import build_tiny_pipeline
     pipe = build_tiny_pipeline()
     pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_out.0"]))
     pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
-    sd = kohya_state_dict(pipe.unet, pipe.text_encoder)
+    sd = kohya_state_dict(StableDiffusion.from_pipeline(pipe), pipe.unet, [pipe.text_encoder])
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in sd
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight" in sd
     assert sd["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha"].item() == 4.0
@@ -223,13 +224,16 @@ class FakePipe:
     def __init__(self, log):
         self.log = log
 
-    def encode_prompt(self, prompt, device, n, cfg):
-        return torch.zeros(1, 77, 8), torch.zeros(1, 77, 8)
-
     def __call__(self, prompt_embeds, generator, **kw):
         self.log.append(len(generator))
         seeds = [g.initial_seed() for g in generator]
         return type("Out", (), {"images": [Image.new("RGB", (8, 8), (s % 256, 0, 0)) for s in seeds]})()
+
+
+def fake_sampler(log):
+    from dreambooth.priors import ClassImageSampler
+    return ClassImageSampler(FakePipe(log), contextlib.nullcontext(), lambda prompt: {
+        "prompt_embeds": torch.zeros(1, 77, 8), "negative_prompt_embeds": torch.zeros(1, 77, 8)})
 
 
 def test_class_priors_generate_only_missing_and_never_mix(tmp_path, monkeypatch):
@@ -239,20 +243,20 @@ def test_class_priors_generate_only_missing_and_never_mix(tmp_path, monkeypatch)
     draw_subject(os.path.join(class_dir, "mine.jpg"))  # the user's own image counts
     settings, key = priors.prior_settings("m", "a photo of dog", 25, 0, 64, "float32")
     log = []
-    paths, made = priors.ensure_class_images(lambda: (FakePipe(log), contextlib.nullcontext()), class_dir, 6, settings, key, 2, FakeAccelerator())
+    paths, made = priors.ensure_class_images(lambda: fake_sampler(log), class_dir, 6, settings, key, 2, FakeAccelerator())
     assert made == 5 and log == [2, 2, 1] and len(paths) == 6 and len(set(paths)) == 6
     assert os.path.join(class_dir, "mine.jpg") in paths
     manifest = [n for n in os.listdir(class_dir) if n.endswith(".json")]
     assert manifest == [f"priors-{key}.json"]
     # same settings again: nothing generated; more images asked: only the difference
     log.clear()
-    assert priors.ensure_class_images(lambda: (FakePipe(log), contextlib.nullcontext()), class_dir, 6, settings, key, 2, FakeAccelerator())[1] == 0
+    assert priors.ensure_class_images(lambda: fake_sampler(log), class_dir, 6, settings, key, 2, FakeAccelerator())[1] == 0
     assert log == []
-    paths, made = priors.ensure_class_images(lambda: (FakePipe(log), contextlib.nullcontext()), class_dir, 8, settings, key, 4, FakeAccelerator())
+    paths, made = priors.ensure_class_images(lambda: fake_sampler(log), class_dir, 8, settings, key, 4, FakeAccelerator())
     assert made == 2 and len(set(paths)) == 8
     # other settings: the generated images of the first key are not used
     other, other_key = priors.prior_settings("m", "a photo of cat", 25, 0, 64, "float32")
-    paths, made = priors.ensure_class_images(lambda: (FakePipe([]), contextlib.nullcontext()), class_dir, 3, other, other_key, 4, FakeAccelerator())
+    paths, made = priors.ensure_class_images(lambda: fake_sampler([]), class_dir, 3, other, other_key, 4, FakeAccelerator())
     assert made == 2 and all(key not in p for p in paths)
 
 
@@ -264,7 +268,7 @@ def test_class_priors_split_across_processes(tmp_path):
     for rank in (0, 1):  # each rank sees the folder as it was before generation started
         folder = tmp_path / f"rank{rank}"
         log = []
-        priors.ensure_class_images(lambda: (FakePipe(log), contextlib.nullcontext()), str(folder), 5, settings, key, 8, FakeAccelerator(rank, 2))
+        priors.ensure_class_images(lambda: fake_sampler(log), str(folder), 5, settings, key, 8, FakeAccelerator(rank, 2))
         made.append(sorted(n for n in os.listdir(folder) if n.endswith(".png")))
         assert log == [3 - rank]
     assert not set(made[0]) & set(made[1])
@@ -312,14 +316,15 @@ def test_only_lora_trains_and_stays_fp32_over_half_precision_weights():
     from argparse import Namespace
     from dreambooth import models
     from make_tiny_model import build_tiny_pipeline
+    from dreambooth.families import StableDiffusion
     pipe = build_tiny_pipeline()
     unet, te = pipe.unet, pipe.text_encoder
-    models.freeze(unet, te, pipe.vae)
+    StableDiffusion.from_pipeline(pipe).freeze()
     unet.to(dtype=torch.bfloat16)
     te.to(dtype=torch.bfloat16)
     args = Namespace(rank=4, lora_alpha=None, lora_dropout=0.0, use_dora=False, train_text_encoder=True,
                      lora_target_modules="to_q,to_k,to_v,to_out.0")
-    models.add_lora(unet, te, args)
+    models.add_lora(unet, [te], args)
     for model in (unet, te):
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         assert trainable and all("lora_" in n for n in trainable)
@@ -329,7 +334,7 @@ def test_only_lora_trains_and_stays_fp32_over_half_precision_weights():
     assert not any(p.requires_grad for p in pipe.vae.parameters())
     args.lora_target_modules = "to_q,not_a_module"
     with pytest.raises(UsageError, match="--lora_target_modules: no UNet module named not_a_module"):
-        models.add_lora(build_tiny_pipeline().unet, None, Namespace(**{**vars(args), "train_text_encoder": False}))
+        models.add_lora(build_tiny_pipeline().unet, [], Namespace(**{**vars(args), "train_text_encoder": False}))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only: restarting the peak-RSS counter")
@@ -355,13 +360,14 @@ def test_training_peak_memory_excludes_what_came_before():
 def test_low_precision_class_generation_leaves_training_weights_untouched():
     """fp32 training weights, bf16 generation (CPU's stand-in for CUDA's fp16): generation runs under autocast
     and the weights the LoRA then trains on are bit-identical to the loaded ones."""
-    from dreambooth import priors, validation
+    from dreambooth import priors
+    from dreambooth.families import StableDiffusion
     from make_tiny_model import build_tiny_pipeline
     pipe = build_tiny_pipeline()
     modules = (pipe.text_encoder, pipe.vae, pipe.unet)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     precision = priors.generation_precision(modules, "cpu", torch.float32, torch.bfloat16)
-    sampler = validation.sampling_pipeline(pipe.tokenizer, *modules, pipe.scheduler)
+    sampler = StableDiffusion.from_pipeline(pipe).sampling_pipeline()
     with precision:
         images = sampler("a dog", num_inference_steps=2, height=64, width=64, output_type="np").images
         assert torch.is_autocast_enabled("cpu")

@@ -1,0 +1,71 @@
+"""Model families: what differs between Stable Diffusion 1.x/2.x and SDXL lives behind one seam.
+
+A family loads its components (hub id, diffusers folder or single file), tokenizes and encodes prompts,
+turns a batch into the UNet's keyword arguments (pooled embeddings and time ids stay in here: the training
+loop passes them through untouched, as kohya's `call_unet` does), makes the sampling pipeline used for class
+priors, validation and infer.py, names LoRA weights in the diffusers and kohya layouts, and states the facts a
+model card needs. The family is detected from the model itself; there is no flag.
+
+Adding a family (SD 3, say) is one module here with its own `load`, `encode`, `unet_kwargs` and names, and
+its place in FAMILIES.
+"""
+import json
+import os
+
+from ..errors import UsageError
+from .base import ModelFamily, ModelSource, PromptEncoder, load_error  # noqa: F401 (the seam's public names)
+from .sd import StableDiffusion
+from .sdxl import StableDiffusionXL
+
+FAMILIES = (StableDiffusionXL, StableDiffusion)
+__all__ = ["FAMILIES", "ModelFamily", "ModelSource", "PromptEncoder", "StableDiffusion", "StableDiffusionXL", "detect",
+           "load_error"]
+
+
+def _single_file_keys(path):
+    """Tensor names of a .safetensors (from its header: no weights read) or .ckpt (memory-mapped) file."""
+    if path.endswith(".safetensors"):
+        import struct
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            return [k for k in json.loads(f.read(length)) if k != "__metadata__"]
+    import torch
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return list(state.get("state_dict", state))
+
+
+def _pipeline_class_name(source):
+    path = source.path
+    if os.path.isdir(path):
+        index = os.path.join(path, "model_index.json")
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                return json.load(f).get("_class_name", "")
+        with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:  # a folder of parts
+            text_time = json.load(f).get("addition_embed_type") == "text_time"
+        return StableDiffusionXL.pipeline_class_name if text_time else StableDiffusion.pipeline_class_name
+    if os.path.isfile(path):
+        try:
+            keys = _single_file_keys(path)
+        except Exception as e:
+            raise UsageError(load_error(path, "checkpoint", e)) from e
+        xl = any(k.startswith("conditioner.embedders.1.") for k in keys)
+        return StableDiffusionXL.pipeline_class_name if xl else StableDiffusion.pipeline_class_name
+    from diffusers import DiffusionPipeline
+    from .base import loaded
+    config = loaded(path, "model_index.json", DiffusionPipeline.load_config, path, revision=source.revision,
+                    cache_dir=source.cache_dir)
+    return config.get("_class_name", "")
+
+
+def detect(source):
+    """The family class of a model, from its model_index.json, its UNet config or a single file's keys."""
+    name = _pipeline_class_name(source)
+    for family in FAMILIES:
+        if name in family.pipeline_class_names:
+            return family
+    raise UsageError(f"--pretrained_model_name_or_path {source.path} is a {name or 'model of unknown kind'}; this "
+                     "trainer takes Stable Diffusion 1.x/2.x and SDXL base pipelines")

@@ -1,0 +1,37 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder whose last hidden state is the UNet's cross-attention input."""
+from .base import ModelFamily
+
+
+class StableDiffusion(ModelFamily):
+    name = "SD 1.x/2.x"
+    pipeline_class_name = "StableDiffusionPipeline"
+    pipeline_class_names = ("StableDiffusionPipeline",)
+    default_resolution = 512
+    text_encoder_names = ("text_encoder",)
+    text_encoder_classes = ("CLIPTextModel",)
+    tokenizer_names = ("tokenizer",)
+    kohya_text_prefixes = ("lora_te_",)
+    pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    single_file_extras = {"safety_checker": None, "requires_safety_checker": False}
+    sampling_embedding_names = ("prompt_embeds", "negative_prompt_embeds")
+
+    def encode(self, tokens, use_attention_mask=False):
+        """The text encoder's last hidden state. SD's CLIP was trained without a padding mask, hence none unless
+        --text_encoder_use_attention_mask (diffusers' flag, for other encoders)."""
+        (t,), (encoder,) = tokens, self.text_encoders
+        mask = t["attention_mask"].to(encoder.device) if use_attention_mask else None
+        return {"encoder_hidden_states": encoder(t["input_ids"].to(encoder.device), attention_mask=mask,
+                                                 return_dict=False)[0]}
+
+    def unet_kwargs(self, encoded, batch):
+        return {"encoder_hidden_states": encoded["encoder_hidden_states"]}
+
+    def base_model_version(self):
+        """sd_v1 (CLIP ViT-L, 768 wide) or sd_v2 (OpenCLIP ViT-H, 1024), with kohya's _v suffix for
+        v-prediction (SD 2.x 768)."""
+        v2 = self.text_encoders[0].config.hidden_size >= 1024
+        v_pred = self.noise_scheduler.config.prediction_type == "v_prediction"
+        return "sd_v2" + ("_768_v" if v_pred else "_512") if v2 else "sd_v1"
+
+    def license(self):
+        return "openrail++" if self.base_model_version().startswith("sd_v2") else "creativeml-openrail-m"

@@ -1,0 +1,56 @@
+"""SDXL: two CLIP text encoders (their penultimate hidden states side by side), the second's pooled projection,
+and "time ids" (each image's original size, crop corner and target size) as the UNet's added conditioning."""
+from .base import ModelFamily
+
+
+class StableDiffusionXL(ModelFamily):
+    name = "SDXL"
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    pipeline_class_names = ("StableDiffusionXLPipeline",)
+    default_resolution = 1024
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    text_encoder_classes = ("CLIPTextModel", "CLIPTextModelWithProjection")
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    kohya_text_prefixes = ("lora_te1_", "lora_te2_")
+    pipeline_extras = {"add_watermarker": False}  # the watermark needs an extra package and alters images
+    sampling_embedding_names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                                "negative_pooled_prompt_embeds")
+    fixed_crop_top_left = None  # --crops_coords_top_left_h/_w: one corner for every image instead of its own
+
+    def encode(self, tokens, use_attention_mask=False):
+        """As StableDiffusionXLPipeline.encode_prompt: each encoder's penultimate hidden state, concatenated on the
+        feature axis, and the second encoder's projected pooled output ("text_embeds")."""
+        import torch
+        hidden, pooled = [], None
+        for t, encoder in zip(tokens, self.text_encoders):
+            mask = t["attention_mask"].to(encoder.device) if use_attention_mask else None
+            out = encoder(t["input_ids"].to(encoder.device), attention_mask=mask, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = getattr(out, "text_embeds", pooled)
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+    def unet_kwargs(self, encoded, batch):
+        """time ids: original (h, w), crop corner (top, left), target (h, w) of each image, as the pipeline's
+        _get_add_time_ids builds them for sampling."""
+        import torch
+        hidden = encoded["encoder_hidden_states"]
+        corners = batch["crop_top_lefts"]
+        if self.fixed_crop_top_left is not None:
+            corners = torch.tensor([self.fixed_crop_top_left] * len(corners), dtype=corners.dtype)
+        time_ids = torch.cat([batch["original_sizes"], corners, batch["target_sizes"]], dim=1)
+        return {"encoder_hidden_states": hidden,
+                "added_cond_kwargs": {"text_embeds": encoded["text_embeds"].to(hidden.dtype),
+                                      "time_ids": time_ids.to(hidden.device, hidden.dtype)}}
+
+    def kohya_unet_module(self, path):
+        """sd-scripts write SDXL UNet LoRA under the original module names (input_blocks.4.1...), and A1111 cannot
+        map some diffusers names of SDXL (add_embedding, the first up block's upsampler)."""
+        from ..ldm_names import unet_module_to_ldm
+        config = self.unet.config
+        return unet_module_to_ldm(path, config.layers_per_block, config.up_block_types)
+
+    def base_model_version(self):
+        return "sdxl_base_v1-0"
+
+    def license(self):
+        return "openrail++"

@@ -1,0 +1,131 @@
+"""One training step, and what happens between steps.
+
+`training_loss` is the DreamBooth objective for one batch (callable in process, no accelerator needed);
+`optimizer_step` the update. `StepReader` owns the deferred loss reads: losses stay on the device and are
+read back every --logging_steps steps, before a checkpoint, a validation, the last step or a stop — each
+read is a CPU-GPU sync point, so nothing else in the loop reads a tensor.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossSettings:
+    """The flags that shape the loss."""
+    noise_offset: float = 0.0
+    snr_gamma: float = None
+    prior_loss_weight: float = 1.0
+
+
+def diffusion_target(noise_scheduler, latents, noise, timesteps):
+    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction, SD 2.x 768)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind}; use --prediction_type epsilon or v_prediction")
+
+
+def snr_loss_weights(noise_scheduler, timesteps, snr_gamma):
+    """Min-SNR-gamma weighting (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction."""
+    from diffusers.training_utils import compute_snr
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma)
+    return weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
+
+
+def prior_preservation_loss(per_example_loss, num_instance, prior_loss_weight):
+    """Instance loss + prior_loss_weight x class loss; the batch is [instance..., class...]."""
+    if per_example_loss.shape[0] == num_instance:
+        return per_example_loss.mean()
+    instance, prior = per_example_loss[:num_instance], per_example_loss[num_instance:]
+    return instance.mean() + prior_loss_weight * prior.mean()
+
+
+def training_loss(family, unet, prompts, batch, settings, *, device, weight_dtype, cached_latents, with_class_images):
+    """Noise the latents at random timesteps; score the UNet's prediction against the scheduler's target.
+    batch["images"] are pixels, or latents when they were cached; the family turns the batch and its prompts
+    into the UNet's keyword arguments (pooled embeddings and time ids for SDXL), which the loop never sees."""
+    if cached_latents:
+        latents = batch["images"].to(device, weight_dtype)
+    else:
+        with torch.no_grad():  # a VAE encode every step: what --cache_latents saves
+            latents = family.encode_images(batch["images"], weight_dtype)
+    noise = torch.randn_like(latents)
+    if settings.noise_offset:
+        noise += settings.noise_offset * torch.randn(latents.shape[:2] + (1, 1), device=latents.device,
+                                                     dtype=latents.dtype)
+    scheduler = family.noise_scheduler
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    model_pred = unet(noisy_latents, timesteps, return_dict=False, **prompts.conditioning(batch))[0]
+    target = diffusion_target(scheduler, latents, noise, timesteps)
+    per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if settings.snr_gamma:
+        per_example = per_example * snr_loss_weights(scheduler, timesteps, settings.snr_gamma)
+    num_instance = latents.shape[0] // (2 if with_class_images else 1)
+    return prior_preservation_loss(per_example, num_instance, settings.prior_loss_weight)
+
+
+def optimizer_step(accelerator, loss, parameters, optimizer, lr_scheduler, max_grad_norm):
+    """Backward, clip (on the last micro-batch of an accumulation window), update. Returns the gradient norm
+    (a device tensor: not read here) or None inside an accumulation window."""
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm) if accelerator.sync_gradients else None
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+@dataclass
+class PendingStep:
+    """An optimizer step whose loss and gradient norm are still on the device."""
+    step: int
+    lr: float
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+
+
+class NonFinite(Exception):
+    """A NaN/inf loss or gradient norm, found at a read: (what, value, step)."""
+
+    def __init__(self, what, value, step):
+        super().__init__(what, value, step)
+        self.what, self.value, self.step = what, value, step
+
+
+class StepReader:
+    """Deferred reads of the loop's losses. `add` keeps a step's tensors; `read` makes the one host sync (agreed
+    across processes, with the stop flag), checks every pending step, logs them to the trackers under their own
+    step numbers and returns whether to stop. A checkpoint is saved only after its steps were read as finite."""
+
+    def __init__(self, accelerator, logging_steps, agree):
+        self.accelerator, self.logging_steps, self.agree = accelerator, logging_steps, agree
+        self.pending, self.history = [], []  # history: (step, loss) read so far, for loss.png
+
+    def add(self, pending):
+        self.pending.append(pending)
+
+    def due(self, step, must):
+        """Read now? Every logging_steps steps, or when something that must not run on unread losses follows."""
+        return bool(self.pending) and (step % self.logging_steps == 0 or must)
+
+    def read(self, stop_requested):
+        """(last loss, last lr, stop agreed). Raises NonFinite for the first bad step."""
+        values, stop = self.agree(self.accelerator, [v for p in self.pending for v in (p.loss, p.grad_norm)],
+                                  stop_requested)
+        for p, loss, norm in zip(self.pending, values[::2], values[1::2]):
+            if not math.isfinite(loss):
+                raise NonFinite("loss", loss, p.step)
+            if not math.isfinite(norm) and self.accelerator.scaler is None:  # fp16's scaler skips those steps
+                raise NonFinite("gradient norm", norm, p.step)
+            self.accelerator.log({"loss": loss, "lr": p.lr}, step=p.step)
+            self.history.append((p.step, loss))
+        last_lr = self.pending[-1].lr
+        self.pending = []
+        return self.history[-1][1], last_lr, stop
