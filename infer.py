@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate images with a base Stable Diffusion model plus one or more LoRAs.
+"""Generate images with a base Stable Diffusion model (1.x, 2.x or SDXL) plus one or more LoRAs.
 
 example:
   python infer.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -130,21 +130,28 @@ def safetensors_shapes(flag, path):
 
 def load_base(base, dtype):
     """The pipeline, with every way a user's base can fail to load turned into one line naming it."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    from dreambooth.families import ModelSource, detect
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-    kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    if os.path.exists(base):  # the family's pipeline, read from the model's own files (no download)
+        family = detect(ModelSource(base), flag="--base")
+        pipeline_class, kwargs = family.pipeline_class(), dict(family.single_file_extras, torch_dtype=dtype)
+    else:  # a hub id: DiffusionPipeline picks the class from its model_index.json, errors handled below
+        pipeline_class = DiffusionPipeline
+        kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
     if base.endswith(".safetensors") and os.path.isfile(base):
         keys = safetensors_shapes("--base", base)
         if any(m in k for k in keys for m in LORA_MARKERS):
             raise UsageError(f"--base {base} is a LoRA; pass it as --lora, with the model it was trained on as --base")
         if not any(k.startswith("model.diffusion_model.") for k in keys):
             raise UsageError(f"--base {base}: not a Stable Diffusion checkpoint (no model.diffusion_model.* weights); "
-                             "give an SD 1.x/2.x checkpoint or a diffusers folder")
+                             "give an SD 1.x/2.x or SDXL checkpoint or a diffusers folder")
     try:
         if os.path.isfile(base):
-            return StableDiffusionPipeline.from_single_file(base, **kwargs)
-        return StableDiffusionPipeline.from_pretrained(base, **kwargs)
+            return pipeline_class.from_single_file(base, **kwargs)
+        return pipeline_class.from_pretrained(base, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # hub, file and state-dict errors; not our bugs
         chain = [e]  # diffusers wraps hub errors in a paragraph of its own; the cause says what happened
         while chain[-1].__cause__ or chain[-1].__context__:

@@ -584,15 +584,18 @@ def _check_output(args):
                              "generated into it); choose another folder")
 
 
-def _check_data(args, notes):
-    """Last: the checks that read every photo (or load a dataset), once the cheap ones have passed."""
+def _find_instance_images(args):
+    """(image paths, non-image files skipped): the folder's listing, or the dataset written out as one."""
     if args.dataset_name:
         if args.instance_data_dir:
             raise UsageError("give --dataset_name or --instance_data_dir, not both")
-        images, skipped = dataset_to_folder(args.dataset_name, args.image_column, args.caption_column,
-                                           args.dataset_config_name, args.cache_dir), 0
-    else:
-        images, skipped = _instance_folder_images(args.instance_data_dir)
+        return dataset_to_folder(args.dataset_name, args.image_column, args.caption_column,
+                                 args.dataset_config_name, args.cache_dir), 0
+    return _instance_folder_images(args.instance_data_dir)
+
+
+def _check_data(args, images, skipped, notes):
+    """Last: every photo decoded and every caption read, once the cheap checks have passed."""
     notes += check_images(images, "--instance_data_dir", args.resolution)
     check_captions(images)
     if skipped:
@@ -617,8 +620,9 @@ def validate(args, warn=print):
     _check_output(args)
     notes += check_hub_flags(args)
     args.resume_from_checkpoint = check_resume(args)
-    _check_family_defaults(args)
-    images = _check_data(args, notes)
+    images, skipped = _find_instance_images(args)
+    _check_family_defaults(args)  # may download the model's model_index.json: after the local checks
+    _check_data(args, images, skipped, notes)
     for note in notes:
         warn(note)
     return images

@@ -12,7 +12,11 @@ def quiet_libraries():
     # diffusers >= 0.36 renamed torch_dtype to dtype; older releases, which requirements.txt allows, only know
     # torch_dtype, so we keep passing it and silence the rename notice.
     warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated.*", category=FutureWarning)
+    # diffusers still passes a huggingface_hub argument that is now ignored; the notice is about their code
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    import huggingface_hub
+    huggingface_hub.utils.logging.set_verbosity_error()  # its "Retrying in 8s" lines: our one line says why

@@ -24,7 +24,9 @@ def tiny_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("models")
     main(["--out", str(out / "tiny-sd"), "--single_file", str(out / "tiny-sd.safetensors")])
     main(["--out", str(out / "tiny-sd-v"), "--prediction_type", "v_prediction", "--seed", "1"])
-    return {"eps": str(out / "tiny-sd"), "single": str(out / "tiny-sd.safetensors"), "v": str(out / "tiny-sd-v")}
+    main(["--family", "sdxl", "--out", str(out / "tiny-sdxl"), "--single_file", str(out / "tiny-sdxl.safetensors")])
+    return {"eps": str(out / "tiny-sd"), "single": str(out / "tiny-sd.safetensors"), "v": str(out / "tiny-sd-v"),
+            "xl": str(out / "tiny-sdxl"), "xl_single": str(out / "tiny-sdxl.safetensors")}
 
 
 def draw_subject(path, size=(80, 64), shift=0, mode="RGB"):

@@ -122,7 +122,7 @@ BASE_CASES = {
                   "(truncated or corrupt: Error while deserializing header: incomplete metadata, file not fully "
                   "covered); download or copy it again"),
     "random_tensors": ("{random}", "--base {random}: not a Stable Diffusion checkpoint (no "
-                       "model.diffusion_model.* weights); give an SD 1.x/2.x checkpoint or a diffusers folder"),
+                       "model.diffusion_model.* weights); give an SD 1.x/2.x or SDXL checkpoint or a diffusers folder"),
     "lora_as_base": ("{lora}/lora.safetensors", "--base {lora}/lora.safetensors is a LoRA; pass it as --lora, with "
                      "the model it was trained on as --base"),
 }

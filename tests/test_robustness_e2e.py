@@ -219,3 +219,15 @@ def test_push_to_hub_failed_upload_keeps_everything(tiny_model, instance_dir, tm
     assert line.startswith("--push_to_hub: upload to fake-user/dog-lora failed: ")
     assert f"nothing was deleted, the files are still in {out}; retry with: hf upload fake-user/dog-lora {out} ." in line
     assert os.path.isfile(out / "pytorch_lora_weights.safetensors") and os.path.isdir(out / "checkpoint-2")
+
+
+def test_unreachable_hub_is_one_line_in_seconds(instance_dir, tmp_path):
+    """No network: one line naming the endpoint and the fix, not half a minute of retries and their log lines."""
+    started = time.time()
+    r = run_script("train_dreambooth_lora.py", *train_args("someone/sd-model", instance_dir, tmp_path / "out"),
+                   env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [P + (
+        "--pretrained_model_name_or_path someone/sd-model: cannot reach the Hugging Face Hub to download it "
+        "(http://127.0.0.1:9: Connection refused); check the network, or point the flag at a local folder")]
+    assert time.time() - started < 25 and not (tmp_path / "out").exists()

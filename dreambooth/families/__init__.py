@@ -37,7 +37,7 @@ def _single_file_keys(path):
     return list(state.get("state_dict", state))
 
 
-def _pipeline_class_name(source):
+def _pipeline_class_name(source, flag):
     path = source.path
     if os.path.isdir(path):
         index = os.path.join(path, "model_index.json")
@@ -51,21 +51,35 @@ def _pipeline_class_name(source):
         try:
             keys = _single_file_keys(path)
         except Exception as e:
-            raise UsageError(load_error(path, "checkpoint", e)) from e
+            raise UsageError(load_error(path, "checkpoint", e, flag)) from e
         xl = any(k.startswith("conditioner.embedders.1.") for k in keys)
         return StableDiffusionXL.pipeline_class_name if xl else StableDiffusion.pipeline_class_name
+    from ..quiet import quiet_libraries
+    quiet_libraries()  # before diffusers is imported: it prints notices at import
     from diffusers import DiffusionPipeline
-    from .base import loaded
+    from .base import hub_unreachable, loaded
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    problem = None if offline else hub_unreachable()
+    if problem and not _cached(path, source):
+        raise UsageError(f"{flag} {path}: cannot reach the Hugging Face Hub to download it ({problem}); check the "
+                         "network, or point the flag at a local folder")
     config = loaded(path, "model_index.json", DiffusionPipeline.load_config, path, revision=source.revision,
-                    cache_dir=source.cache_dir)
+                    cache_dir=source.cache_dir, flag=flag)
     return config.get("_class_name", "")
 
 
-def detect(source):
+def _cached(path, source):
+    """True when the model's model_index.json is in the local Hugging Face cache (usable without the network)."""
+    from huggingface_hub import try_to_load_from_cache
+    found = try_to_load_from_cache(path, "model_index.json", cache_dir=source.cache_dir, revision=source.revision)
+    return isinstance(found, str)
+
+
+def detect(source, flag="--pretrained_model_name_or_path"):
     """The family class of a model, from its model_index.json, its UNet config or a single file's keys."""
-    name = _pipeline_class_name(source)
+    name = _pipeline_class_name(source, flag)
     for family in FAMILIES:
         if name in family.pipeline_class_names:
             return family
-    raise UsageError(f"--pretrained_model_name_or_path {source.path} is a {name or 'model of unknown kind'}; this "
-                     "trainer takes Stable Diffusion 1.x/2.x and SDXL base pipelines")
+    raise UsageError(f"{flag} {source.path} is a {name or 'model of unknown kind'}; this trainer takes Stable "
+                     "Diffusion 1.x/2.x and SDXL base pipelines")

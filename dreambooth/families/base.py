@@ -28,18 +28,51 @@ class ModelSource:
                    args.cache_dir)
 
 
+def _causes(error):
+    """The exception and what it was raised from: libraries wrap the network's error in their own."""
+    chain = [error]
+    while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__):
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    return chain
+
+
 def load_error(model, part, error, flag=MODEL_FLAG):
-    """One line for a model that would not load: offline mode, no network, or missing/corrupt files."""
+    """One line for a model that would not load: offline mode, no network, no such repo, or missing/corrupt
+    files."""
     local = os.path.exists(model)
     reason = first_line(error)
     if not local and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         return (f"{flag} {model}: cannot load its {part}: it is not in the local cache and HF_HUB_OFFLINE=1 is set; "
                 f"unset HF_HUB_OFFLINE, or download it first (hf download {model})")
     if not local:
+        chain = _causes(error)
+        network = [e for e in chain if "Connect" in type(e).__name__ or "Timeout" in type(e).__name__]
+        if network:
+            return (f"{flag} {model}: cannot reach the Hugging Face Hub to download its {part} "
+                    f"({first_line(network[-1])}); check the network, or point the flag at a local folder")
+        if any(type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError") for e in chain):
+            return (f"{flag} {model}: no such model on the Hugging Face Hub, or it is private or gated (log in with "
+                    "`hf auth login` and accept its license on its page)")
         return (f"{flag} {model}: cannot load its {part} from the Hub ({reason}); check the id and the network, "
                 "or point the flag at a local folder")
     return (f"{flag} {model}: cannot load its {part} ({type(error).__name__}: {reason}); its files are missing or "
             "corrupt: download or convert the model again")
+
+
+def hub_unreachable():
+    """Why the Hub cannot be reached, found in a second instead of after huggingface_hub's five retries (about
+    half a minute), or None. Behind a proxy a direct connection says nothing, so then we do not look."""
+    import socket
+    from urllib.parse import urlparse
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        return f"{url.scheme}://{url.netloc}: {e.strerror or e}"
+    return None
 
 
 def loaded(model, part, load, *args, flag=MODEL_FLAG, **kwargs):
