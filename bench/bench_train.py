@@ -12,6 +12,11 @@ Prints one table per question, all from the same run:
   3. memory: peak RSS during the training steps of a model with SD 1.5's sizes (random weights, 4.0 GiB in
      fp32) at 512 px, with and without the memory options, against the size of its weights in fp32;
   4. how step time grows with resolution, and 5. how setup grows with the number of instance images.
+
+    python bench/bench_train.py --sdxl_memory   # table 6 alone: about 25 minutes, 20 GB of RAM, 9 GB of disk
+
+  6. memory training a model with SDXL base's sizes (random weights, 13 GiB in fp32) at 1024 px with the
+     memory options, against the size of its weights in fp32.
 Training runs are real subprocesses of train_dreambooth_lora.py; their numbers come from the
 train_stats.json each run writes.
 """
@@ -147,14 +152,14 @@ MEMORY_SETUPS = {  # label: extra training flags
 }
 
 
-def memory_rows(model, res, work, steps):
+def memory_rows(model, res, work, steps, setups=MEMORY_SETUPS):
     """Peak RSS while training a model the size users train, with and without the memory options, against the
     size of all its weights in fp32. Batch 2: one instance and one (given) class image."""
-    instance_dir = make_images(os.path.join(work, "dog3-large"), 3, size=(res * 5 // 4, res))
-    class_dir = make_images(os.path.join(work, "class1-large"), 1, size=(res * 5 // 4, res))
+    instance_dir = make_images(os.path.join(work, f"dog3-{res}"), 3, size=(res * 5 // 4, res))
+    class_dir = make_images(os.path.join(work, f"class1-{res}"), 1, size=(res * 5 // 4, res))
     rows = []
-    for i, (label, flags) in enumerate(MEMORY_SETUPS.items()):
-        stats = train(model, instance_dir, os.path.join(work, f"mem-{i}"), res, steps, "--with_prior_preservation",
+    for i, (label, flags) in enumerate(setups.items()):
+        stats = train(model, instance_dir, os.path.join(work, f"mem-{res}-{i}"), res, steps, "--with_prior_preservation",
                       "--class_prompt", "a photo of dog", "--class_data_dir", class_dir, "--num_class_images", "1",
                       *flags)
         weights = stats["model_weights_fp32_mb"]
@@ -164,15 +169,46 @@ def memory_rows(model, res, work, steps):
     return rows
 
 
+def build_sdxl_size(folder):
+    """SDXL base's architecture and sizes with random weights, made in bf16 (the 13 GiB fp32 model never exists
+    in memory) and saved as a diffusers folder."""
+    from make_tiny_model import SDXL_SIZE, build_tiny_sdxl_pipeline
+    if not os.path.isdir(folder):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            build_tiny_sdxl_pipeline(**SDXL_SIZE).save_pretrained(folder)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    return folder
+
+
+def sdxl_memory_table(work):
+    model = build_sdxl_size(os.path.join(work, "sdxl-size"))
+    setups = {"bf16, cached, gradient checkpointing, 8-bit AdamW": MEMORY_SETUPS[
+        "bf16, cached, gradient checkpointing, 8-bit AdamW"]}
+    table("6. Memory (GiB) training SDXL base size (random weights) @1024px, batch 2 (1 instance + 1 class), with "
+          "the memory options: all weights in fp32, RSS after importing the libraries, peak RSS during the training "
+          "steps, its ratio to the fp32 weights (target < 1.25), peak RSS while loading, s/step",
+          ["setup", "weights fp32", "after imports", "training peak", "ratio", "loading peak", "s/step"],
+          memory_rows(model, 1024, work, 2, setups))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="Fewer steps and images, and the memory table on the small model (smoke test).")
     parser.add_argument("--workdir", default=None, help="Keep models and runs here (default: a temp folder).")
+    parser.add_argument("--sdxl_memory", action="store_true",
+                        help="Only table 6: memory training an SDXL-size model at 1024 px (about 25 minutes).")
     parser.add_argument("--floor", nargs=3, metavar=("MODEL", "RES", "ITERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:  # internal: one floor measurement, printed in seconds
         print(bare_unet_step(args.floor[0], int(args.floor[1]), 2, int(args.floor[2])))
+        return
+    if args.sdxl_memory:
+        work = args.workdir or tempfile.mkdtemp(prefix="bench-dreambooth-")
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; work dir {work}")
+        sdxl_memory_table(work)
         return
     steps = 12 if args.quick else 40
     n_class = 4 if args.quick else 8

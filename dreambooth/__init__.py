@@ -1,13 +1,12 @@
-"""Shared code for train_dreambooth_lora.py and infer.py: one module per concern.
+"""Shared code for train_dreambooth_lora.py and infer.py: one module per concern (README: Project layout).
 
-config      flags, --config files, fail-fast validation
-data        images, captions, crops, buckets, the training dataset
-priors      class-prior images: count, generate the missing ones, cache
-models      loading the base model (hub id, folder, single file) and attaching LoRA
-lora_io     LoRA state dicts in diffusers and kohya layout, atomic saves, model card
-validation  sample images during training and save them as a grid
-checkpoints checkpoints, exact resume, signals
-report      trackers, train_stats.json, loss.png, config.yaml and the model card
+config      flags, --config files, fail-fast validation        errors     one-line endings, exit codes
+files       atomic writes, free space, file sniffing            images     decoding, captions, checks
+data        crops, buckets, time-id facts, latent caching       families   SD 1.x/2.x and SDXL behind one seam
+models      LoRA attachment and checks against the model        training   loss, step, deferred reads
+priors      class-prior images                                  lora_io    diffusers and kohya LoRA files
+checkpoints checkpoints, resume checks, signals                 hub        --push_to_hub
+report      trackers, stats, model card                         validation validation grids
 """
 
 __version__ = "0.1.0"

@@ -155,7 +155,7 @@ def redacted(argv):
     return out
 
 
-def write_run_files(args, steps, seconds):
+def write_run_files(args, steps, seconds, family=None):
     """config.yaml to repeat the run, README.md model card with the numbers that matter."""
     import yaml
     config = effective_config(args)
@@ -167,11 +167,11 @@ def write_run_files(args, steps, seconds):
     card = f"""---
 base_model: {args.pretrained_model_name_or_path}
 library_name: diffusers
-license: other
+license: {family.license() if family else 'other'}
 instance_prompt: {yaml.safe_dump(args.instance_prompt).strip().removesuffix('...').strip()}
 tags:
 - text-to-image
-- stable-diffusion
+- {'stable-diffusion-xl' if family and family.name == 'SDXL' else 'stable-diffusion'}
 - diffusers
 - lora
 - dreambooth
@@ -197,8 +197,8 @@ LoRA weights for `{args.pretrained_model_name_or_path}`, trained with DreamBooth
 ## Use
 
 ```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")
+from diffusers import {family.pipeline_class_name if family else 'StableDiffusionPipeline'}
+pipe = {family.pipeline_class_name if family else 'StableDiffusionPipeline'}.from_pretrained("{args.pretrained_model_name_or_path}")
 pipe.load_lora_weights("{args.output_dir}")
 image = pipe("{args.instance_prompt} in a bucket").images[0]
 ```

@@ -116,10 +116,19 @@ def _tiny_tokenizer(**kwargs):
     return tokenizer, vocab
 
 
+# SDXL base's sizes (UNet 2.57B, text encoders 123M + 695M, VAE 84M parameters; 13 GiB in fp32) with random
+# weights, for measuring memory at the scale users train at.
+SDXL_SIZE = dict(sample_size=128, unet_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                 attention_heads=(5, 10, 20), text_hidden_sizes=(768, 1280), text_layers=(12, 32), text_heads=(12, 20),
+                 projection_dim=1280, addition_time_embed_dim=256, vae_channels=(128, 256, 512, 512),
+                 vae_layers_per_block=2, text_vocab_size=49408)
+
+
 def build_tiny_sdxl_pipeline(seed=0, prediction_type="epsilon", sample_size=8, unet_channels=(32, 64, 64),
                              transformer_layers_per_block=(1, 1, 2), attention_heads=(2, 4, 4),
                              text_hidden_sizes=(32, 64), projection_dim=48, addition_time_embed_dim=8,
-                             vae_channels=(32, 32, 64, 64), layers_per_block=2, text_layers=2):
+                             vae_channels=(32, 32, 64, 64), layers_per_block=2, text_layers=2, text_heads=(4, 4),
+                             vae_layers_per_block=1, text_vocab_size=None):
     """SDXL base's architecture at toy sizes. As in SDXL: three UNet levels, the first without attention,
     layers_per_block 2 (so the original-layout block numbers are SDXL's own), more transformer layers deeper
     down, linear attention projections, "text_time" added conditioning (6 micro-conditioning numbers, each
@@ -135,15 +144,17 @@ def build_tiny_sdxl_pipeline(seed=0, prediction_type="epsilon", sample_size=8, u
     tokenizer_2, _ = _tiny_tokenizer(pad_token="!")  # SDXL's tokenizer_2 pads with "!" (id 0), not <|endoftext|>
     hidden_1, hidden_2 = text_hidden_sizes
 
-    def text_config(hidden, act, pad_id, projection):
+    layers = (text_layers, text_layers) if isinstance(text_layers, int) else text_layers
+
+    def text_config(k, act, pad_id, projection):
         return CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=4 * hidden,
-            num_hidden_layers=text_layers, num_attention_heads=4, max_position_embeddings=77,
-            hidden_act=act, projection_dim=projection,
+            vocab_size=text_vocab_size or len(vocab), hidden_size=text_hidden_sizes[k],
+            intermediate_size=4 * text_hidden_sizes[k], num_hidden_layers=layers[k], num_attention_heads=text_heads[k],
+            max_position_embeddings=77, hidden_act=act, projection_dim=projection,
             bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=pad_id)
 
-    text_encoder = CLIPTextModel(text_config(hidden_1, "quick_gelu", vocab["<|endoftext|>"], hidden_1))
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden_2, "gelu", tokenizer_2.pad_token_id, projection_dim))
+    text_encoder = CLIPTextModel(text_config(0, "quick_gelu", vocab["<|endoftext|>"], hidden_1))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(1, "gelu", tokenizer_2.pad_token_id, projection_dim))
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
         block_out_channels=tuple(unet_channels), norm_num_groups=32,
@@ -155,8 +166,8 @@ def build_tiny_sdxl_pipeline(seed=0, prediction_type="epsilon", sample_size=8, u
         projection_class_embeddings_input_dim=6 * addition_time_embed_dim + projection_dim)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels),
-        layers_per_block=1, norm_num_groups=32, sample_size=sample_size * 2 ** (len(vae_channels) - 1),
-        scaling_factor=0.13025, force_upcast=True,
+        layers_per_block=vae_layers_per_block, norm_num_groups=32,
+        sample_size=sample_size * 2 ** (len(vae_channels) - 1), scaling_factor=0.13025, force_upcast=True,
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(vae_channels))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -380,3 +380,21 @@ def test_low_precision_class_generation_leaves_training_weights_untouched():
     # a lossless request is a plain cast: bf16 weights generate in fp32 without autocast
     assert not priors.generation_precision(modules, "cpu", torch.bfloat16, torch.float32)._enabled
     assert pipe.unet.dtype == torch.float32
+
+
+def test_tokenizer_max_length_and_attention_mask_reach_the_text_encoder():
+    """diffusers' --tokenizer_max_length and --text_encoder_use_attention_mask: shorter token rows, and a padding
+    mask that changes what the padded positions see (SD's CLIP is trained without one, hence off by default)."""
+    from dreambooth.families import PromptEncoder, StableDiffusion
+    from make_tiny_model import build_tiny_pipeline
+    family = StableDiffusion.from_pipeline(build_tiny_pipeline())
+    batch = {"prompt_ids": torch.tensor([0, 1])}
+    short = PromptEncoder(family, ["a photo of sks dog", "a dog"], max_length=20)
+    assert short.tokens[0]["input_ids"].shape == (2, 20)
+    with torch.no_grad():
+        plain = short.conditioning(batch)["encoder_hidden_states"]
+        masked = PromptEncoder(family, ["a photo of sks dog", "a dog"], max_length=20,
+                               use_attention_mask=True).conditioning(batch)["encoder_hidden_states"]
+        default = PromptEncoder(family, ["a dog"]).conditioning({"prompt_ids": torch.tensor([0])})
+    assert plain.shape == masked.shape == (2, 20, 32) and default["encoder_hidden_states"].shape == (1, 77, 32)
+    assert not torch.allclose(plain, masked)
