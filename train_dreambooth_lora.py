@@ -398,23 +398,18 @@ class DreamBoothRecipe:
         """Grids under output_dir/validation/; the frozen parts come back to the device only for this."""
         if not self.accelerator.is_main_process:
             return
+        from diffusers.training_utils import offload_models
         from dreambooth import validation
         a, accelerator, family, torch = self.args, self.accelerator, self.family, self.torch
-        for encoder in family.text_encoders:
-            encoder.to(accelerator.device)
-        family.vae.to(accelerator.device)
-        pipe = family.sampling_pipeline(accelerator.unwrap_model(self.unet),
-                                        [accelerator.unwrap_model(e) for e in family.text_encoders])
-        with torch.autocast(accelerator.device.type, dtype=self.weight_dtype,
-                            enabled=self.weight_dtype != torch.float32):
+        text_encoders = [accelerator.unwrap_model(e) for e in family.text_encoders]
+        # the parts moved off the device after caching come back for this only, and go back after it
+        with offload_models(*text_encoders, family.vae, device=accelerator.device), \
+                torch.autocast(accelerator.device.type, dtype=self.weight_dtype,
+                               enabled=self.weight_dtype != torch.float32):
+            pipe = family.sampling_pipeline(accelerator.unwrap_model(self.unet), text_encoders)
             validation.run_validation(pipe, a.validation_prompt, a.num_validation_images, a.resolution, a.seed,
                                       os.path.join(a.output_dir, "validation", f"step-{step:06d}.png"),
                                       accelerator, step)
-        if self.precomputed_text:
-            for encoder in family.text_encoders:
-                encoder.to("cpu")
-        if self.cached_latents:
-            family.vae.to("cpu")
 
     # ---- outputs --------------------------------------------------------------------------------------------
     def finish(self):

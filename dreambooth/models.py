@@ -51,16 +51,15 @@ def check_resolution(multiple, resolution, bucket_steps=None):
 def add_lora(unet, text_encoders, args):
     """LoRA on the UNet (and every text encoder of the family when asked); trainable parameters kept in fp32 so
     fp16 mixed precision never tries to unscale fp16 gradients."""
+    import torch
+    from diffusers.training_utils import cast_training_params
     unet.add_adapter(lora_config(args, check_lora_targets(unet, args.lora_target_modules)))
     trained = [unet]
     if args.train_text_encoder:
         for encoder in text_encoders:
             encoder.add_adapter(lora_config(args, TEXT_ENCODER_TARGETS))
         trained += text_encoders
-    for model in trained:
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+    cast_training_params(trained, dtype=torch.float32)
 
 
 def trainable_parameters(model):

@@ -56,9 +56,9 @@ def test_corrupt_model_weights(tiny_model, instance_dir, tmp_path, in_process, c
 def test_hub_id_offline_and_single_file_that_is_no_model(tiny_model, instance_dir, tmp_path, in_process, capsys):
     out = tmp_path / "out"
     assert in_process(train_args("someone/not-cached", instance_dir, str(out))) == 2
-    assert one_line(capsys) == P + ("--pretrained_model_name_or_path someone/not-cached: cannot load its tokenizer: "
-                                    "it is not in the local cache and HF_HUB_OFFLINE=1 is set; unset HF_HUB_OFFLINE, "
-                                    "or download it first (hf download someone/not-cached)")
+    assert one_line(capsys) == P + ("--pretrained_model_name_or_path someone/not-cached: cannot load its "
+                                    "model_index.json: it is not in the local cache and HF_HUB_OFFLINE=1 is set; "
+                                    "unset HF_HUB_OFFLINE, or download it first (hf download someone/not-cached)")
     import torch
     from safetensors.torch import save_file
     save_file({"some.weight": torch.zeros(3)}, str(tmp_path / "lora.safetensors"))

@@ -1,0 +1,87 @@
+"""One training step in process (no accelerator run, no subprocess) and the deferred reads between steps."""
+import pytest
+import torch
+
+from dreambooth import training
+
+
+class StepAccelerator:
+    """The four things optimizer_step and StepReader ask of accelerate, on one process."""
+    sync_gradients, scaler, num_processes = True, None, 1
+
+    def __init__(self):
+        self.logged = []
+
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm_(self, parameters, max_norm):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+
+@pytest.fixture(scope="module")
+def family_and_prompts():
+    from argparse import Namespace
+    from dreambooth import models
+    from dreambooth.families import PromptEncoder, StableDiffusion
+    from make_tiny_model import build_tiny_pipeline
+    family = StableDiffusion.from_pipeline(build_tiny_pipeline())
+    family.freeze()
+    models.add_lora(family.unet, family.text_encoders, Namespace(
+        rank=4, lora_alpha=None, lora_dropout=0.0, use_dora=False, train_text_encoder=False,
+        lora_target_modules="to_q,to_k,to_v,to_out.0"))
+    return family, PromptEncoder(family, ["a photo of sks dog", "a photo of dog"])
+
+
+def batch(pixels=True):
+    images = torch.rand(2, 3, 64, 64) * 2 - 1 if pixels else torch.randn(2, 4, 32, 32)
+    return {"images": images, "prompt_ids": torch.tensor([0, 1]), "original_sizes": torch.tensor([[64, 64]] * 2),
+            "crop_top_lefts": torch.zeros(2, 2, dtype=torch.long), "target_sizes": torch.tensor([[64, 64]] * 2)}
+
+
+def test_one_step_trains_only_the_lora(family_and_prompts):
+    family, prompts = family_and_prompts
+    settings = training.LossSettings(noise_offset=0.1, snr_gamma=5.0, prior_loss_weight=0.5)
+    lora = [p for p in family.unet.parameters() if p.requires_grad]
+    frozen = {n: p.clone() for n, p in family.unet.named_parameters() if not p.requires_grad}
+    before = [p.clone() for p in lora]
+    optimizer = torch.optim.AdamW(lora, lr=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    torch.manual_seed(0)
+    loss = training.training_loss(family, family.unet, prompts, batch(), settings, device="cpu",
+                                  weight_dtype=torch.float32, cached_latents=False, with_class_images=True)
+    assert loss.shape == () and torch.isfinite(loss)
+    norm = training.optimizer_step(StepAccelerator(), loss, lora, optimizer, schedule, max_grad_norm=1.0)
+    assert torch.isfinite(norm) and norm > 0
+    assert any(not torch.equal(a, b) for a, b in zip(lora, before))
+    assert all(torch.equal(p, frozen[n]) for n, p in family.unet.named_parameters() if n in frozen)
+    # cached latents skip the VAE: the same call on latents runs without it
+    loss = training.training_loss(family, family.unet, prompts, batch(pixels=False), settings, device="cpu",
+                                  weight_dtype=torch.float32, cached_latents=True, with_class_images=False)
+    assert torch.isfinite(loss)
+
+
+def test_reads_are_deferred_and_a_bad_step_is_named():
+    accelerator = StepAccelerator()
+
+    def agree(acc, values, stop):
+        return [float(v) for v in values], bool(stop)
+    reader = training.StepReader(accelerator, logging_steps=4, agree=agree)
+    for step, loss in enumerate([0.5, 0.4, 0.3], start=1):
+        reader.add(training.PendingStep(step, 1e-4, torch.tensor(loss), torch.tensor(1.0)))
+        assert not reader.due(step, must=False)  # nothing read back before step 4
+    assert reader.due(3, must=True)  # a checkpoint (or the last step) forces the read
+    assert reader.read(False) == (pytest.approx(0.3), 1e-4, False)
+    assert [s for s, _ in accelerator.logged] == [1, 2, 3] and len(reader.history) == 3  # each under its own step
+    reader.add(training.PendingStep(4, 1e-4, torch.tensor(0.2), torch.tensor(1.0)))
+    reader.add(training.PendingStep(5, 1e-4, torch.tensor(float("nan")), torch.tensor(1.0)))
+    with pytest.raises(training.NonFinite) as bad:
+        reader.read(True)
+    assert (bad.value.what, bad.value.step) == ("loss", 5)
+    reader.pending = [training.PendingStep(6, 1e-4, torch.tensor(0.1), torch.tensor(float("inf")))]
+    with pytest.raises(training.NonFinite) as bad:
+        reader.read(False)
+    assert (bad.value.what, bad.value.step) == ("gradient norm", 6)
