@@ -111,6 +111,8 @@ def test_sdxl_end_to_end_with_text_encoders_prior_buckets_and_both_files(tiny_mo
     assert any(k.startswith("lora_unet_input_blocks_") for k in kohya)
     with safe_open(str(out / "xl.safetensors"), "pt") as f:
         assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    card = open(out / "README.md").read()
+    assert "license: openrail++" in card and "StableDiffusionXLPipeline.from_pretrained(" in card
 
     base = StableDiffusionXLPipeline.from_pretrained(tiny_model["xl"])
     before = generate(base)
