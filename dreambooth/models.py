@@ -29,9 +29,9 @@ def check_lora_targets(unet, target_modules):
         if not any(isinstance(m, wrappable) for m in matched):
             children = sorted({n.split(".")[-1] for n, m in modules if isinstance(m, wrappable)
                                and (n.rsplit(".", 1)[0] == target or n.rsplit(".", 1)[0].endswith("." + target))})
-            inside = f" (its layers: {target}.{', '.join(children)})" if children else ""
-            raise UsageError(f"--lora_target_modules: {target} is a {type(matched[0]).__name__}, and LoRA wraps only "
-                             f"Linear, Conv and Embedding layers; name the layers inside it instead{inside}")
+            inside = f": {', '.join(f'{target}.{c}' for c in children)}" if children else ""
+            raise UsageError(f"--lora_target_modules: {target} is of type {type(matched[0]).__name__}, and LoRA wraps "
+                             f"only Linear, Conv and Embedding layers; name the layers inside it instead{inside}")
     return targets
 
 

@@ -74,9 +74,9 @@ def test_hub_id_offline_and_single_file_that_is_no_model(tiny_model, instance_di
 def test_lora_target_peft_cannot_wrap(tiny_model, instance_dir, tmp_path, in_process, capsys):
     out = tmp_path / "out"
     assert in_process(train_args(tiny_model["eps"], instance_dir, str(out), "--lora_target_modules", "to_q,attn1")) == 2
-    assert one_line(capsys) == P + ("--lora_target_modules: attn1 is a Attention, and LoRA wraps only Linear, Conv and "
-                                    "Embedding layers; name the layers inside it instead (its layers: attn1.to_k, "
-                                    "to_q, to_v)")
+    assert one_line(capsys) == P + ("--lora_target_modules: attn1 is of type Attention, and LoRA wraps only Linear, "
+                                    "Conv and Embedding layers; name the layers inside it instead: attn1.to_k, "
+                                    "attn1.to_q, attn1.to_v")
     assert not out.exists()
 
 
