@@ -38,6 +38,8 @@ def main(argv=None):
 
 
 def _main(argv):
+    from dreambooth.checkpoints import term_when_parent_dies
+    term_when_parent_dies()  # first: a SIGTERM to a one-process `accelerate launch` must reach us, even now
     from dreambooth.report import RunStats
     stats = RunStats()
     args = parse_args(argv)
@@ -69,8 +71,6 @@ class DreamBoothRecipe:
     # ---- setup ----------------------------------------------------------------------------------------------
     def setup(self):
         a = self.args
-        from dreambooth.checkpoints import term_when_parent_dies
-        term_when_parent_dies()  # first: a SIGTERM to a one-process `accelerate launch` must reach us, even now
         from dreambooth.quiet import quiet_libraries
         quiet_libraries()  # before the imports below: some notices are printed at import time
         import torch
@@ -80,8 +80,10 @@ class DreamBoothRecipe:
         self.stats.baseline_rss_mb = report.current_rss_mb()
         self.torch = torch
 
+        # SDXL reads text encoder 1's penultimate layer: LoRA on its last layer gets no gradient, which DDP must know
+        unused = bool(a.train_text_encoder and a._family and a._family.unused_text_encoder_layers)
         self._setup_accelerator(a.output_dir, a.logging_dir, a.report_to, a.mixed_precision,
-                                a.gradient_accumulation_steps, a.ddp_timeout, a.seed, a.allow_tf32)
+                                a.gradient_accumulation_steps, a.ddp_timeout, a.seed, a.allow_tf32, unused)
         self.family = self._setup_model(families.ModelSource.from_args(a), a.lora_target_modules, a.resolution,
                                         a.bucket_reso_steps if a.enable_bucket else None)
         if a.crops_coords_top_left_h is not None or a.crops_coords_top_left_w is not None:
@@ -104,11 +106,12 @@ class DreamBoothRecipe:
         self._setup_resume(a.resume_from_checkpoint, a.output_dir, a.overwrite_output_dir)
 
     def _setup_accelerator(self, output_dir, logging_dir, report_to, mixed_precision, accumulation, ddp_timeout,
-                           seed, allow_tf32):
+                           seed, allow_tf32, find_unused_parameters=False):
         """Devices, mixed precision, accumulation, trackers: accelerate's job."""
         import datetime
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+        from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs,
+                                      ProjectConfiguration, set_seed)
         from dreambooth import report
         torch = self.torch
         trackers = report.available_trackers(report_to, warn=log_main)
@@ -120,11 +123,13 @@ class DreamBoothRecipe:
             project_config=ProjectConfiguration(project_dir=output_dir,
                                                 logging_dir=os.path.join(output_dir, logging_dir)),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=ddp_timeout))])
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=ddp_timeout)),
+                             DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
         if seed is not None:
             set_seed(seed)
         if allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
+        self.args.mixed_precision = self.accelerator.mixed_precision  # what ran, for config.yaml and the card
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
                                                                                 torch.float32)
         check_free_space(output_dir, 50 * 2**20, "LoRA weights and checkpoints")
@@ -165,7 +170,8 @@ class DreamBoothRecipe:
             precision_context = priors.generation_precision(family.frozen_modules(), accelerator.device,
                                                             self.weight_dtype, gen_dtype)
             pipe = family.sampling_pipeline()
-            return priors.ClassImageSampler(pipe, precision_context, lambda p: family.sampling_embeddings(pipe, p))
+            return priors.ClassImageSampler(lambda **kw: family.generate(pipe, **kw), precision_context,
+                                            lambda p: family.sampling_embeddings(pipe, p))
 
         started = time.perf_counter()
         try:
@@ -190,8 +196,8 @@ class DreamBoothRecipe:
         if a.gradient_checkpointing:
             family.unet.enable_gradient_checkpointing()
             if a.train_text_encoder:
-                for encoder in family.text_encoders:
-                    encoder.gradient_checkpointing_enable()
+                for encoder in family.text_encoders:  # transformers 5 renamed it; 4.x only has the old name
+                    getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
         self.trained_text_encoders = list(family.text_encoders) if a.train_text_encoder else []
 
     def _setup_data(self, instance_prompt, class_prompt, resolution, center_crop, random_flip, repeats,
@@ -279,7 +285,8 @@ class DreamBoothRecipe:
             checkpoints.load_checkpoint(accelerator, resume_dir)
             accelerator.print(f"resumed from {resume_dir} at step {self.position.step}")
         if accelerator.is_main_process:
-            os.makedirs(output_dir, exist_ok=True)  # only now: a run that failed above leaves nothing behind
+            os.makedirs(output_dir, exist_ok=True)  # only now: a run that failed above leaves no outputs (class
+            # images generated into output_dir/class_images stay: a cache the next run reuses)
             if overwrite and not resume_dir:
                 checkpoints.clear_previous_run(output_dir)
             accelerator.init_trackers("dreambooth-lora", config={k: v for k, v in effective_config(self.args).items()
@@ -345,7 +352,7 @@ class DreamBoothRecipe:
                         break
                 if position.step >= self.max_train_steps:
                     break
-                if a.validation_prompt and a.validation_epochs and (epoch + 1) % a.validation_epochs == 0:
+                if a.validation_prompt and a.validation_epochs and epoch % a.validation_epochs == 0:  # as diffusers
                     self._validate(position.step)
                     self.stats.pause_done()
         except training.NonFinite as bad:
@@ -401,15 +408,22 @@ class DreamBoothRecipe:
         from diffusers.training_utils import offload_models
         from dreambooth import validation
         a, accelerator, family, torch = self.args, self.accelerator, self.family, self.torch
+        unet = accelerator.unwrap_model(self.unet)
         text_encoders = [accelerator.unwrap_model(e) for e in family.text_encoders]
+        trained = [unet, *(text_encoders if self.text_encoders else [])]
+        for model in trained:
+            model.eval()  # no LoRA dropout while sampling
         # the parts moved off the device after caching come back for this only, and go back after it
         with offload_models(*text_encoders, family.vae, device=accelerator.device), \
                 torch.autocast(accelerator.device.type, dtype=self.weight_dtype,
                                enabled=self.weight_dtype != torch.float32):
-            pipe = family.sampling_pipeline(accelerator.unwrap_model(self.unet), text_encoders)
-            validation.run_validation(pipe, a.validation_prompt, a.num_validation_images, a.resolution, a.seed,
+            pipe = family.sampling_pipeline(unet, text_encoders)
+            validation.run_validation(lambda **kw: family.generate(pipe, **kw), pipe.device, a.validation_prompt,
+                                      a.num_validation_images, a.resolution, a.seed,
                                       os.path.join(a.output_dir, "validation", f"step-{step:06d}.png"),
                                       accelerator, step)
+        for model in trained:
+            model.train()
 
     # ---- outputs --------------------------------------------------------------------------------------------
     def finish(self):

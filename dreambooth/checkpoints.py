@@ -65,10 +65,22 @@ def checkpoint_problem(path):
     problem = sniff_weights_file(os.path.join(path, LORA_WEIGHT_NAME))
     if problem:
         return f"{LORA_WEIGHT_NAME} {problem}"
+    if os.path.isfile(os.path.join(path, SETTINGS_NAME)) and _read_json(os.path.join(path, SETTINGS_NAME)) is None:
+        return f"{SETTINGS_NAME} is not readable JSON"
     for name in ("optimizer.bin", "scheduler.bin"):  # torch.save writes zip archives: a cut file has no directory
         if not zipfile.is_zipfile(os.path.join(path, name)):
             return f"{name} is truncated or not a torch file"
     return None
+
+
+def _read_json(path):
+    """A small JSON file we wrote, or None when it is unreadable (cut short by a crash, edited by hand)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def check_resume(args):
@@ -101,8 +113,7 @@ def check_resume(args):
         raise UsageError(f"--resume_from_checkpoint {path} is corrupt or incomplete ({problem}); {offer}")
     settings_file = os.path.join(path, SETTINGS_NAME)
     if os.path.isfile(settings_file):
-        with open(settings_file, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = _read_json(settings_file)
         ours = lora_settings(args)
         differ = [k for k in ours if k in saved and saved[k] != ours[k]]
         if differ:
@@ -113,8 +124,7 @@ def check_resume(args):
     check_resume_step(path, args.max_train_steps)
     stats_file = os.path.join(output_dir, "train_stats.json")  # written last by a run that finished
     if args.max_train_steps and os.path.isfile(stats_file):
-        with open(stats_file, encoding="utf-8") as f:
-            final_step = json.load(f).get("final_step")
+        final_step = (_read_json(stats_file) or {}).get("final_step")  # unreadable: not known to be finished
         if final_step is not None and final_step >= args.max_train_steps:
             raise UsageError(f"--resume_from_checkpoint {value}: the run in {output_dir} already finished at step "
                              f"{final_step} (--max_train_steps {args.max_train_steps}); raise --max_train_steps to "

@@ -245,7 +245,7 @@ def build_parser():
     g.add_argument("--num_validation_images", type=int, default=4, help="Validation images per run.")
     g.add_argument("--validation_steps", type=int, default=None, help="Run validation every N steps.")
     g.add_argument("--validation_epochs", type=int, default=50,
-                   help="Run validation every N epochs (with --validation_prompt).")
+                   help="With --validation_prompt: validate after epochs 0, N, 2N, ... (as diffusers counts them).")
     g.add_argument("--report_to", default="tensorboard",
                    help="Trackers for accelerate: tensorboard, wandb, comet_ml, all or none, comma-separated "
                         "(each skipped with a warning when not installed).")
@@ -331,12 +331,8 @@ def parse_args(argv=None):
     """Command line over --config file over built-in defaults."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    config_path = None
-    for i, a in enumerate(argv):
-        if a == "--config" and i + 1 < len(argv):
-            config_path = path_arg(argv[i + 1])
-        elif a.startswith("--config="):
-            config_path = path_arg(a.split("=", 1)[1])
+    # the file's path, found as argparse finds it (`--conf f.yaml` is an accepted abbreviation too)
+    config_path = build_parser().parse_known_args(argv)[0].config
     tokens = []
     if config_path:
         tokens = _config_tokens(parser, _read_config_file(config_path), config_path)
@@ -512,6 +508,10 @@ def _check_family_defaults(args):
     args._family = detect(ModelSource.from_args(args))
     if args.resolution is None:
         args.resolution = args._family.default_resolution
+    if (args.crops_coords_top_left_h, args.crops_coords_top_left_w) != (None, None) and \
+            not hasattr(args._family, "fixed_crop_top_left"):
+        raise UsageError("--crops_coords_top_left_h/_w are SDXL conditioning; this model is "
+                         f"{args._family.name}: drop them")
     if args.enable_bucket:
         if not args.min_bucket_reso <= args.resolution <= args.max_bucket_reso:
             raise UsageError(f"--resolution {args.resolution} must lie between --min_bucket_reso "
@@ -530,7 +530,11 @@ def _check_flags(args, notes):
         raise UsageError("--do_edm_style_training is for EDM-formulated models (Playground v2.5); this trainer "
                          "trains DDPM-formulated SD 1.x/2.x and SDXL models: drop the flag")
     if args.output_kohya_format and args.output_format == "diffusers":
-        args.output_format = "both"
+        raise UsageError("--output_kohya_format asks for the kohya file, which --output_format diffusers leaves out; "
+                         "drop one of them (the default --output_format both writes it)")
+    for flag in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
     if not [m for m in args.lora_target_modules.split(",") if m.strip()]:
         raise UsageError("--lora_target_modules is empty; the default is to_q,to_k,to_v,to_out.0")
     if args.train_text_encoder and args.pre_compute_text_embeddings:

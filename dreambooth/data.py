@@ -25,13 +25,9 @@ def caption_for(image_path, default):
     return read_caption(path) if os.path.isfile(path) else default
 
 
-def resize_and_crop(image, size, center_crop, rng, resample):
-    """Scale so the image covers `size` (w, h), then crop to it: no padding, no distortion."""
-    return crop_with_placement(image, size, center_crop, rng, resample)[0]
-
-
 def crop_with_placement(image, size, center_crop, rng, resample, flip=False):
-    """resize_and_crop, optionally mirrored, and where the result came from: (original (h, w), crop corner
+    """Scale so the image covers `size` (w, h), then crop to it (no padding, no distortion), optionally mirrored;
+    and where the result came from: (original (h, w), crop corner
     (top, left) in the resized image). SDXL's UNet is conditioned on both (its "time ids"); a mirrored crop's
     corner is measured from the other side, as if the resized image had been flipped before cropping."""
     width, height = size
@@ -116,14 +112,15 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def start_epoch(self, epoch):
         """Deliberately not named set_epoch: accelerate calls that with its own counter, which
-        restarts at 0 in the loader skip_first_batches makes on resume."""
+        restarts at 0 in the loader skip_first_batches makes on resume. Only the main process's copy hears
+        it: DataLoader workers keep theirs, hence the sampler also sends the epoch with every index."""
         self.epoch = epoch
 
     def size_of(self, index):
         return self.instance_sizes[index % len(self.instance_paths)]
 
-    def _rng(self, index, salt):
-        return random.Random(f"{self.seed}/{self.epoch}/{index}/{salt}")  # str seeds are stable across processes
+    def _rng(self, index, salt, epoch):
+        return random.Random(f"{self.seed}/{epoch}/{index}/{salt}")  # str seeds are stable across processes
 
     def _example(self, path, size, rng):
         """(pixels or latents, placement): what the UNet sees and where it came from."""
@@ -135,15 +132,17 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         image, placement = crop_with_placement(load_rgb(path), size, self.center_crop, rng, self.resample, flip)
         return to_tensor(image), placement
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        """key: an index, or (epoch, index) as BucketBatchSampler yields them."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         size = self.size_of(index)
         i = index % len(self.instance_paths)
-        pixels, placement = self._example(self.instance_paths[i], size, self._rng(index, "instance"))
+        pixels, placement = self._example(self.instance_paths[i], size, self._rng(index, "instance", epoch))
         example = {"instance": pixels, "instance_placement": placement, "target_size": (size[1], size[0]),
                    "instance_prompt_id": self.instance_prompt_ids[i]}
         if self.class_paths:
             path = self.class_paths[index % len(self.class_paths)]
-            example["class"], example["class_placement"] = self._example(path, size, self._rng(index, "class"))
+            example["class"], example["class_placement"] = self._example(path, size, self._rng(index, "class", epoch))
             example["class_prompt_id"] = self.class_prompt_id
         return example
 
@@ -175,7 +174,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Batches drawn within one image size, shuffled by (seed, epoch) so resumes replay the order."""
+    """Batches drawn within one image size, shuffled by (seed, epoch) so resumes replay the order. Each item is
+    (epoch, index): a DataLoader worker's copy of the dataset never hears start_epoch (persistent workers keep
+    the copy they started with), so the epoch its crops and flips derive from travels with the index."""
 
     def __init__(self, dataset, batch_size, seed=0):
         self.dataset, self.batch_size, self.seed, self.epoch = dataset, batch_size, seed or 0, 0
@@ -193,7 +194,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         for size in sorted(self.groups):
             indices = self.groups[size][:]
             rng.shuffle(indices)
-            batches += [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+            batches += [[(self.epoch, k) for k in indices[i:i + self.batch_size]]
+                        for i in range(0, len(indices), self.batch_size)]
         rng.shuffle(batches)
         return batches
 

@@ -15,7 +15,10 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 def _peft_state_dict(model):
     import torch
     from peft.utils import get_peft_model_state_dict
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    # save_embedding_layers=False: peft would otherwise look up the base model's vocabulary (a Hub request for a
+    # hub id, a notice for a folder) on every save; our LoRA never touches embeddings
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
 def _adapter_metadata(model):

@@ -30,9 +30,10 @@ def prior_settings(model, prompt, steps, seed, resolution, precision):
 
 
 class ClassImageSampler(NamedTuple):
-    """What generating class images needs from the model family: its pipeline over the loaded modules, the
-    precision context to run it under, and the prompt encoded once ({pipeline keyword: tensor [1, ...]})."""
-    pipe: Any
+    """What generating class images needs from the model family: a call that makes PIL images from pipeline
+    keyword arguments, the precision context to run it under, and the prompt encoded once ({pipeline keyword:
+    tensor [1, ...]})."""
+    generate: Callable
     precision: Any
     embed: Callable
 
@@ -78,7 +79,7 @@ def ensure_class_images(sampler_factory, class_dir, num_images, settings, key, b
             check_free_space(class_dir, missing * settings["resolution"] ** 2 * 3, f"{missing} class images")
         accelerator.wait_for_everyone()
         mine = indices[accelerator.process_index::accelerator.num_processes]
-        pipe, precision, embed = sampler_factory()
+        generate, precision, embed = sampler_factory()
         with precision:
             embeddings = embed(settings["prompt"])  # once: every batch reuses it
         with tqdm(total=missing, desc=f"Generating {missing} class images",
@@ -89,13 +90,13 @@ def ensure_class_images(sampler_factory, class_dir, num_images, settings, key, b
                 generators = [torch.Generator(device="cpu").manual_seed(settings["seed"] * 100003 + idx)
                               for idx in chunk]
                 with precision:
-                    images = pipe(**{k: v.expand(len(chunk), *v.shape[1:]) for k, v in embeddings.items()},
-                                  num_inference_steps=settings["steps"], height=settings["resolution"],
-                                  width=settings["resolution"], generator=generators).images
+                    images = generate(**{k: v.expand(len(chunk), *v.shape[1:]) for k, v in embeddings.items()},
+                                      num_inference_steps=settings["steps"], height=settings["resolution"],
+                                      width=settings["resolution"], generator=generators)
                 for idx, image in zip(chunk, images):
                     save_png(image, os.path.join(class_dir, f"prior-{key}-{idx:05d}.png"))
                 bar.update(len(chunk) * accelerator.num_processes)
-        del pipe
+        del generate
         accelerator.wait_for_everyone()
         user, generated, used = existing_class_images(class_dir, key)
         if accelerator.is_main_process:

@@ -24,11 +24,13 @@ def save_png(image, path):
 
 
 @torch.no_grad()
-def run_validation(pipe, prompt, num_images, resolution, seed, out_path, accelerator=None, step=0, steps=25):
-    """Same seed every time, so grids from successive steps are comparable."""
-    generator = torch.Generator(device=pipe.device).manual_seed(seed or 0)
-    images = pipe(prompt, num_images_per_prompt=num_images, num_inference_steps=steps, height=resolution,
-                  width=resolution, generator=generator).images
+def run_validation(generate, device, prompt, num_images, resolution, seed, out_path, accelerator=None, step=0,
+                   steps=25):
+    """Same seed every time, so grids from successive steps are comparable. generate(**pipeline kwargs) -> PIL
+    images (the model family's: it decodes in the VAE's own precision)."""
+    generator = torch.Generator(device=device).manual_seed(seed or 0)
+    images = generate(prompt=prompt, num_images_per_prompt=num_images, num_inference_steps=steps, height=resolution,
+                      width=resolution, generator=generator)
     grid = image_grid(images)
     save_png(grid, out_path)
     if accelerator is not None:

@@ -170,3 +170,17 @@ def test_dead_rank_does_not_hang_the_other(tiny_model, instance_dir, tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def test_dataloader_workers_see_the_epoch(tiny_model, instance_dir, tmp_path):
+    """Persistent DataLoader workers keep the dataset copy they started with, which never hears start_epoch: the
+    epoch travels with each index, so random crops and flips of epoch 2 are epoch 2's with workers as without."""
+    runs = {}
+    for workers in ("0", "1"):
+        out = tmp_path / f"w{workers}"
+        r = run_script("train_dreambooth_lora.py", *train_args(
+            tiny_model["eps"], instance_dir, out, "--max_train_steps", "6", "--random_flip", "--report_to", "none",
+            "--dataloader_num_workers", workers, "--output_format", "diffusers"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[workers] = load_file(out / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(runs["0"][k], runs["1"][k]) for k in runs["0"])  # 3 images: 2 epochs of 3 steps

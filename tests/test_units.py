@@ -36,9 +36,9 @@ def test_exif_rotation_alpha_and_greyscale(tmp_path):
 def test_resize_and_crop_covers_target_without_distortion():
     import random
     im = Image.new("RGB", (200, 100))
-    out = data.resize_and_crop(im, (64, 64), True, random.Random(0), Image.BILINEAR)
+    out = data.crop_with_placement(im, (64, 64), True, random.Random(0), Image.BILINEAR)[0]
     assert out.size == (64, 64)
-    out = data.resize_and_crop(im, (96, 64), False, random.Random(0), Image.BILINEAR)
+    out = data.crop_with_placement(im, (96, 64), False, random.Random(0), Image.BILINEAR)[0]
     assert out.size == (96, 64)
     t = data.to_tensor(Image.new("RGB", (4, 2), (255, 0, 127)))
     assert t.shape == (3, 2, 4) and t[0].max() == 1 and t[1].min() == -1
@@ -128,13 +128,13 @@ def test_bucket_sampler_batches_within_one_size_and_is_reproducible(tmp_path):
                                 bucket_args=(128, 512, 64))
     sampler = data.BucketBatchSampler(ds, batch_size=2, seed=3)
     batches = list(sampler)
-    assert sorted(i for b in batches for i in b) == list(range(10))
-    assert all(len({ds.size_of(i) for i in b}) == 1 for b in batches)
+    assert sorted(i for b in batches for _, i in b) == list(range(10)) and {e for b in batches for e, _ in b} == {0}
+    assert all(len({ds.size_of(i) for _, i in b}) == 1 for b in batches)
     assert list(sampler) == batches
     sampler.start_epoch(1)
     assert list(sampler) != batches and len(sampler) == len(batches)
     pixels = data.collate([ds[i] for i in batches[0]])["images"]
-    w, h = ds.size_of(batches[0][0])
+    w, h = ds.size_of(batches[0][0][1])
     assert pixels.shape == (2, 3, h, w)
 
 
@@ -232,7 +232,7 @@ class FakePipe:
 
 def fake_sampler(log):
     from dreambooth.priors import ClassImageSampler
-    return ClassImageSampler(FakePipe(log), contextlib.nullcontext(), lambda prompt: {
+    return ClassImageSampler(lambda **kw: FakePipe(log)(**kw).images, contextlib.nullcontext(), lambda prompt: {
         "prompt_embeds": torch.zeros(1, 77, 8), "negative_prompt_embeds": torch.zeros(1, 77, 8)})
 
 

@@ -37,15 +37,22 @@ def _single_file_keys(path):
     return list(state.get("state_dict", state))
 
 
+def _read_json(path, model, flag):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # missing, unreadable or cut short
+        raise UsageError(load_error(model, os.path.relpath(path, model), e, flag)) from e
+
+
 def _pipeline_class_name(source, flag):
     path = source.path
     if os.path.isdir(path):
         index = os.path.join(path, "model_index.json")
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                return json.load(f).get("_class_name", "")
-        with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:  # a folder of parts
-            text_time = json.load(f).get("addition_embed_type") == "text_time"
+            return _read_json(index, path, flag).get("_class_name", "")
+        unet = _read_json(os.path.join(path, "unet", "config.json"), path, flag)  # a folder of parts
+        text_time = unet.get("addition_embed_type") == "text_time"
         return StableDiffusionXL.pipeline_class_name if text_time else StableDiffusion.pipeline_class_name
     if os.path.isfile(path):
         try:

@@ -100,6 +100,7 @@ class ModelFamily:
     pipeline_extras = {}           # constructor arguments the pipeline needs beyond the components
     single_file_extras = {}
     sampling_embedding_names = ()  # what pipe.encode_prompt returns, as pipeline keyword arguments
+    unused_text_encoder_layers = False  # some text-encoder LoRA gets no gradient (DDP must be told)
 
     def __init__(self, tokenizers, text_encoders, vae, unet, noise_scheduler):
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
@@ -167,12 +168,10 @@ class ModelFamily:
             module.eval()
 
     def vae_dtype(self, weight_dtype):
-        """SDXL's VAE overflows in fp16 (its config says force_upcast): it stays fp32 then, as in diffusers'
-        SDXL script. An fp16-fix VAE (--pretrained_vae_model_name_or_path) does not ask for it."""
+        """SDXL's VAE overflows in half precision (its config says force_upcast): it stays fp32 then, as in
+        diffusers' SDXL script. An fp16-fix VAE (--pretrained_vae_model_name_or_path) does not ask for it."""
         import torch
-        if weight_dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
-            return torch.float32
-        return weight_dtype
+        return torch.float32 if getattr(self.vae.config, "force_upcast", False) else weight_dtype
 
     def place(self, device, weight_dtype):
         """The frozen parts on the device in the training dtype (the VAE in vae_dtype)."""
@@ -222,6 +221,19 @@ class ModelFamily:
                                      **parts, **self.pipeline_extras)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def generate(self, pipe, **kwargs):
+        """PIL images from the pipeline: denoised to latents (under whatever autocast the caller set), then decoded
+        by the VAE in its own dtype with autocast off. Under fp16 autocast an fp32 SDXL VAE would still decode in
+        fp16 and overflow to black images; the pipeline's own upcast only looks at the VAE's dtype."""
+        import torch
+        latents = pipe(**kwargs, output_type="latent").images
+        vae = self.vae
+        with torch.autocast(latents.device.type, enabled=False), torch.no_grad():
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift
+            pixels = vae.decode(latents, return_dict=False)[0]
+        return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
 
     def sampling_embeddings(self, pipe, prompt):
         """The prompt encoded once for many sampling calls: {pipeline keyword: tensor [1, ...]}."""

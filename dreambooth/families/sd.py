@@ -27,11 +27,11 @@ class StableDiffusion(ModelFamily):
         return {"encoder_hidden_states": encoded["encoder_hidden_states"]}
 
     def base_model_version(self):
-        """sd_v1 (CLIP ViT-L, 768 wide) or sd_v2 (OpenCLIP ViT-H, 1024), with kohya's _v suffix for
-        v-prediction (SD 2.x 768)."""
+        """As kohya's sd-scripts name it: sd_v1 (CLIP ViT-L, 768 wide) or sd_v2 (OpenCLIP ViT-H, 1024), with _v
+        for v-prediction (SD 2.x 768)."""
         v2 = self.text_encoders[0].config.hidden_size >= 1024
         v_pred = self.noise_scheduler.config.prediction_type == "v_prediction"
-        return "sd_v2" + ("_768_v" if v_pred else "_512") if v2 else "sd_v1"
+        return ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else "")
 
     def license(self):
         return "openrail++" if self.base_model_version().startswith("sd_v2") else "creativeml-openrail-m"

@@ -15,6 +15,7 @@ class StableDiffusionXL(ModelFamily):
     pipeline_extras = {"add_watermarker": False}  # the watermark needs an extra package and alters images
     sampling_embedding_names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
                                 "negative_pooled_prompt_embeds")
+    unused_text_encoder_layers = True  # text encoder 1's last layer: only its penultimate output is read
     fixed_crop_top_left = None  # --crops_coords_top_left_h/_w: one corner for every image instead of its own
 
     def encode(self, tokens, use_attention_mask=False):
