@@ -306,3 +306,31 @@ def test_help_opens_with_purpose_example_and_required_flags_and_shows_each_defau
         rendered = formatter._get_help_string(action) or ""
         assert rendered.lower().count("default") <= 1, (action.dest, rendered)
     assert "Learning rate of the UNet LoRA. (default: 0.0005)" in " ".join(text.split())
+
+
+def test_review_cases_are_one_line_too(world, capsys, tiny_model):
+    """Corrupt model configs and run files, flags of another family, and the --conf abbreviation."""
+    import shutil
+    tmp_path, dog, out, argv = world
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model["eps"], model)
+    (model / "model_index.json").write_text('{"_class_name": "StableDiff')
+    code = train_dreambooth_lora.main(argv(pretrained_model_name_or_path=str(model)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not out.exists()
+    assert err[0].startswith(P + f"--pretrained_model_name_or_path {model}: cannot load its model_index.json "
+                                 "(JSONDecodeError: ")
+    fails_with(world, capsys, "--crops_coords_top_left_h/_w are SDXL conditioning; this model is SD 1.x/2.x: drop "
+               "them", crops_coords_top_left_h="8")
+    fails_with(world, capsys, "--output_kohya_format asks for the kohya file, which --output_format diffusers leaves "
+               "out; drop one of them (the default --output_format both writes it)", output_kohya_format=True,
+               output_format="diffusers")
+    first, latest = make_checkpoint(str(out), 2), make_checkpoint(str(out), 4)
+    with open(os.path.join(latest, "lora_settings.json"), "w") as f:
+        f.write('{"rank": 4, "lora_')
+    fails_with(world, capsys, f"--resume_from_checkpoint {latest} is corrupt or incomplete (lora_settings.json is "
+               f"not readable JSON); resume from the previous one: --resume_from_checkpoint {first}",
+               resume_from_checkpoint="latest")
+    from dreambooth.config import parse_args
+    (tmp_path / "c.yaml").write_text("rank: 9\n")
+    assert parse_args(argv("--conf", tmp_path / "c.yaml")).rank == 9  # argparse's abbreviation finds the file too
