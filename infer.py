@@ -135,12 +135,6 @@ def load_base(base, dtype):
 
     from dreambooth.families import ModelSource, detect
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-    if os.path.exists(base):  # the family's pipeline, read from the model's own files (no download)
-        family = detect(ModelSource(base), flag="--base")
-        pipeline_class, kwargs = family.pipeline_class(), dict(family.single_file_extras, torch_dtype=dtype)
-    else:  # a hub id: DiffusionPipeline picks the class from its model_index.json, errors handled below
-        pipeline_class = DiffusionPipeline
-        kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
     if base.endswith(".safetensors") and os.path.isfile(base):
         keys = safetensors_shapes("--base", base)
         if any(m in k for k in keys for m in LORA_MARKERS):
@@ -148,6 +142,12 @@ def load_base(base, dtype):
         if not any(k.startswith("model.diffusion_model.") for k in keys):
             raise UsageError(f"--base {base}: not a Stable Diffusion checkpoint (no model.diffusion_model.* weights); "
                              "give an SD 1.x/2.x or SDXL checkpoint or a diffusers folder")
+    if os.path.exists(base):  # the family's pipeline, read from the model's own files (no download)
+        family = detect(ModelSource(base), flag="--base")
+        pipeline_class, kwargs = family.pipeline_class(), dict(family.single_file_extras, torch_dtype=dtype)
+    else:  # a hub id: DiffusionPipeline picks the class from its model_index.json, errors handled below
+        pipeline_class = DiffusionPipeline
+        kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
     try:
         if os.path.isfile(base):
             return pipeline_class.from_single_file(base, **kwargs)

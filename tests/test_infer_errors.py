@@ -113,8 +113,8 @@ def test_missing_device_refused_before_loading(tmp_path, capsys, monkeypatch, fa
 
 
 BASE_CASES = {
-    "text_ckpt": ("{notackpt}", "--base {notackpt}: cannot read the file (truncated, corrupt or not a checkpoint); "
-                                 "download or copy it again"),
+    "text_ckpt": ("{notackpt}", "--base {notackpt} is not a torch checkpoint (neither zip nor pickle; a text or "
+                                 "HTML file saved under that name?); download or convert it again"),
     "text_safetensors": ("{notsafetensors}", "--base {notsafetensors}: not a readable .safetensors file "
                          "(truncated or corrupt: Error while deserializing header: header too large); "
                          "download or copy it again"),

@@ -13,6 +13,7 @@ import json
 import os
 
 from ..errors import UsageError
+from ..files import sniff_weights_file
 from .base import ModelFamily, ModelSource, PromptEncoder, load_error  # noqa: F401 (the seam's public names)
 from .sd import StableDiffusion
 from .sdxl import StableDiffusionXL
@@ -25,10 +26,9 @@ __all__ = ["FAMILIES", "ModelFamily", "ModelSource", "PromptEncoder", "StableDif
 def _single_file_keys(path):
     """Tensor names of a .safetensors (from its header: no weights read) or .ckpt (memory-mapped) file."""
     if path.endswith(".safetensors"):
-        import struct
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            return [k for k in json.loads(f.read(length)) if k != "__metadata__"]
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:  # reads and checks the header only
+            return list(f.keys())
     import torch
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -55,10 +55,13 @@ def _pipeline_class_name(source, flag):
         text_time = unet.get("addition_embed_type") == "text_time"
         return StableDiffusionXL.pipeline_class_name if text_time else StableDiffusion.pipeline_class_name
     if os.path.isfile(path):
+        problem = sniff_weights_file(path)
+        if problem:
+            raise UsageError(f"{flag} {path} {problem}; download or convert it again")
         try:
             keys = _single_file_keys(path)
-        except Exception as e:
-            raise UsageError(load_error(path, "checkpoint", e, flag)) from e
+        except Exception:  # an old pickle torch will not load safely: SD, as nearly every .ckpt is; the loader
+            keys = []      # then says what is wrong with it
         xl = any(k.startswith("conditioner.embedders.1.") for k in keys)
         return StableDiffusionXL.pipeline_class_name if xl else StableDiffusion.pipeline_class_name
     from ..quiet import quiet_libraries
