@@ -274,3 +274,21 @@ def generate(pipe, prompts, seeds, steps=SAMPLING_STEPS, guidance=GUIDANCE, batc
         out += pipe(list(prompts[i:i + batch]), generator=gens, num_inference_steps=steps, guidance_scale=guidance,
                     height=SIZE, width=SIZE).images
     return out
+
+
+def write_subject_images(folder, n=5, seed=1234):
+    """The demo's instance photos: n pictures of the striped circle on white, each at its own size and place."""
+    import os
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for k in range(n):
+        path = os.path.join(folder, f"striped_circle_{k}.png")
+        draw_subject("white", rng).save(path)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":  # python examples/toy_world.py examples/toy_subject
+    import sys
+    print("\n".join(write_subject_images(sys.argv[1] if len(sys.argv) > 1 else "toy_subject")))
