@@ -209,21 +209,34 @@ def classify(image):
     return out
 
 
-def has_subject_pattern(arr, mask, names, idx, dist, min_share=0.2, min_alternations=3):
-    """Blue and yellow each cover >= 20% of the object and alternate down its columns at least 3 times (the
-    subject shows 4-6 stripes): a one-colour object, or a half-blue half-yellow one, does not count."""
-    a, b = names.index(SUBJECT_STRIPES[0]), names.index(SUBJECT_STRIPES[1])
-    close = dist[np.arange(len(idx)), idx] < 90.0 ** 2  # pixels that are clearly one of the palette colours
-    labels = np.where(close, idx, -1)
-    total = len(idx)
-    if (labels == a).sum() < min_share * total or (labels == b).sum() < min_share * total:
+def has_subject_pattern(arr, mask, names, idx, dist, min_share=0.2, min_alternations=3, min_contrast=80.0):
+    """Horizontal stripes of two clearly different colours: the object's pixels split into two colour clusters
+    (2-means along their main colour axis) at least min_contrast apart in RGB, each >= 20% of the object, and
+    the clusters alternate down its columns at least 3 times (the subject shows 4-6 stripes). Exact hues are not
+    required: a small base model tints colours, the pattern is what a caption never described. A one-colour
+    object, or a half-and-half one, does not count."""
+    px = arr[mask]
+    centred = px - px.mean(0)
+    axis = np.linalg.svd(centred, full_matrices=False)[2][0]
+    proj = centred @ axis
+    split = 0.0
+    for _ in range(10):  # 2-means in one dimension
+        lo, hi = proj[proj <= split], proj[proj > split]
+        if len(lo) == 0 or len(hi) == 0:
+            return False
+        split = (lo.mean() + hi.mean()) / 2
+    labels = proj > split
+    share = labels.mean()
+    if not min_share <= share <= 1 - min_share:
+        return False
+    if np.linalg.norm(px[labels].mean(0) - px[~labels].mean(0)) < min_contrast:
         return False
     grid = np.full(mask.shape, -1)
-    grid[mask] = labels
+    grid[mask] = labels.astype(int)
     ys, xs = np.nonzero(mask)
     alternations = []
     for x in range(xs.min(), xs.max() + 1):
-        col = [v for v in grid[:, x] if v in (a, b)]
+        col = [v for v in grid[:, x] if v >= 0]
         alternations.append(sum(1 for p, q in zip(col, col[1:]) if p != q))
     return float(np.median(alternations)) >= min_alternations
 
