@@ -245,7 +245,8 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(HERE, "toy-base"), help="Folder for the pipeline and report.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data, the weights and the training.")
     parser.add_argument("--vae_steps", type=int, default=1500, help="VAE training steps (batch 32).")
-    parser.add_argument("--unet_steps", type=int, default=3000, help="UNet + text encoder steps (batch 64).")
+    parser.add_argument("--unet_steps", type=int, default=2400, help="UNet + text encoder steps.")
+    parser.add_argument("--unet_batch", type=int, default=32, help="UNet + text encoder batch size.")
     parser.add_argument("--num_images", type=int, default=24000, help="Captioned world images for phase 3.")
     parser.add_argument("--report_only", action="store_true", help="Rewrite REPORT.md/samples.png from --out.")
     args = parser.parse_args(argv)
@@ -281,13 +282,13 @@ def main(argv=None):
     sf = float(1.0 / latents.std())
     pipe.vae.register_to_config(scaling_factor=sf)
     log(f"{len(pairs)} latents, std {latents.std():.3f} -> scaling_factor {sf:.4f}")
-    unet_loss = train_denoiser(pipe, latents * sf, ids, args.unet_steps, args.seed + 3)
+    unet_loss = train_denoiser(pipe, latents * sf, ids, args.unet_steps, args.seed + 3, batch=args.unet_batch)
     t_total = time.time() - t0
     os.makedirs(args.out, exist_ok=True)
     pipe.to(torch.float16).save_pretrained(args.out, safe_serialization=True)
     pipe.to(torch.float32)
     stats = {"seed": args.seed, "vae_steps": args.vae_steps, "vae_final_mse": round(vae_loss, 5),
-             "unet_steps": args.unet_steps, "unet_final_loss": round(unet_loss, 4), "num_images": args.num_images,
+             "unet_steps": args.unet_steps, "unet_batch": args.unet_batch, "unet_final_loss": round(unet_loss, 4), "num_images": args.num_images,
              "scaling_factor": round(sf, 4), "minutes_vae": round(t_vae / 60, 1),
              "minutes_total": round(t_total / 60, 1), "threads": torch.get_num_threads(),
              "parameters_M": {k: round(sum(p.numel() for p in getattr(pipe, k).parameters()) / 1e6, 3)
