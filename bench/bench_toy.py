@@ -10,7 +10,7 @@ fidelity (instance prompt shows the striped subject), recontext (subject on the 
 Wall time is the training command's (class images are cached by settings: a run that had to generate them
 is marked).
 
-    nice -n 19 python bench/bench_toy.py          # ~8 min on 2 CPU cores
+    nice -n 19 python bench/bench_toy.py --num_images 8     # ~5 min on 2 CPU cores (the README table)
 """
 import argparse
 import os

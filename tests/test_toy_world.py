@@ -73,8 +73,11 @@ def test_shipped_base_loads_as_is():
 
     sizes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(TOY_BASE) for f in fs)
     assert sizes <= 20 * 2 ** 20
-    pipe = StableDiffusionPipeline.from_pretrained(TOY_BASE)
-    assert pipe.unet.dtype == torch.float16  # stored fp16, loaded as stored
+    from safetensors import safe_open
+    with safe_open(os.path.join(TOY_BASE, "unet", "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # committed in fp16
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_BASE, torch_dtype=torch.float32)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
     ids = pipe.tokenizer("a sks red circle on a gray background").input_ids
     assert len(ids) == 10  # one token per word plus start/end: every demo word is in the vocabulary
 
