@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-quick bench clean
+.PHONY: setup demo test test-quick bench bench-toy clean
 
 setup: $(VENV)/.installed
 
@@ -15,11 +15,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
+# The toy base (examples/toy-base, pretrained by examples/make_toy_base.py and committed) learns the striped
+# circle of examples/toy_subject with prior preservation; demo_grids.py writes base-vs-LoRA grids (same seeds)
+# to work_dirs/toy-demo/grids and prints the pixel scorer's numbers.
 demo: setup
-	$(PY) examples/make_tiny_model.py --out work_dirs/tiny-sd
-	$(PY) train_dreambooth_lora.py --config examples/recipes/tiny_demo.yaml
-	$(PY) infer.py --base work_dirs/tiny-sd --lora work_dirs/demo --prompt "a photo of sks dog in a bucket" \
-		--num_images 4 --steps 20 --height 64 --width 64 --output work_dirs/demo/samples
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(PY) train_dreambooth_lora.py --config examples/recipes/toy_demo.yaml \
+		--overwrite_output_dir
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(PY) examples/demo_grids.py --lora work_dirs/toy-demo \
+		--out work_dirs/toy-demo/grids
 
 test: setup
 	$(PY) -m pytest tests -q
@@ -29,6 +32,9 @@ test-quick: setup
 
 bench: setup
 	$(PY) bench/bench_train.py
+
+bench-toy: setup
+	$(PY) bench/bench_toy.py
 
 clean:
 	rm -rf work_dirs

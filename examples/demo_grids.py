@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Base vs LoRA, same seeds, on the toy base model: side-by-side grids and the pixel scorer's numbers.
+
+Prompts: the instance prompt ("a sks circle"), three recontextualisations (the subject asked on a black, a
+gray and a white background; the photos are all on white, so white tests that the identifier composes with a
+background phrase at all, black and gray that it moves to a new one), and the class prompt ("a circle"),
+which must still give ordinary one-colour circles.
+
+Numbers (examples/toy_world.py reads the pixels; no model downloads):
+  fidelity   share of instance-prompt images showing the striped subject
+  recontext  share of recontextualised images showing the subject on the asked background
+  drift      share of class-prompt images showing the subject (the class has turned into it)
+  class_ok   share of class-prompt images that are an ordinary one-colour circle
+
+    python examples/demo_grids.py --lora work_dirs/toy-demo --out work_dirs/toy-demo/grids
+"""
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+import toy_world as world  # noqa: E402
+
+IDENTIFIER = "sks"
+INSTANCE = world.prompt(world.SUBJECT_SHAPE, identifier=IDENTIFIER)  # "a sks circle"
+RECONTEXT = [(world.prompt(world.SUBJECT_SHAPE, bg=bg, identifier=IDENTIFIER), bg) for bg in ("black", "gray", "white")]
+CLASS = world.prompt(world.SUBJECT_SHAPE)  # "a circle"
+PROMPTS = [INSTANCE] + [p for p, _ in RECONTEXT] + [CLASS]
+
+
+def load_pipeline(base):
+    """The toy base in fp32 (its files are fp16; CPUs compute in fp32)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+
+
+def sample_all(pipe, num_images, seed=0):
+    """{prompt: [images]} with seeds seed..seed+num_images-1 for every prompt."""
+    prompts = [p for p in PROMPTS for _ in range(num_images)]
+    seeds = [seed + k for _ in PROMPTS for k in range(num_images)]
+    images = world.generate(pipe, prompts, seeds)
+    return {p: images[i * num_images:(i + 1) * num_images] for i, p in enumerate(PROMPTS)}
+
+
+def numbers(images):
+    """The scorer's numbers for sample_all's output."""
+    return world.score({"instance": images[INSTANCE],
+                        "recontext": [(im, bg) for p, bg in RECONTEXT for im in images[p]],
+                        "class": images[CLASS]})
+
+
+def score_lora(pipe, lora, num_images, seed=0):
+    """Numbers for the base (lora None) or a LoRA loaded onto it (and unloaded again)."""
+    if lora:
+        pipe.load_lora_weights(lora)
+    try:
+        images = sample_all(pipe, num_images, seed)
+    finally:
+        if lora:
+            pipe.unload_lora_weights()
+    return numbers(images), images
+
+
+def side_by_side(base_images, lora_images, path, scale=3):
+    """Base row on the left, LoRA row on the right, a gap between; seeds in the same order on both sides."""
+    from PIL import Image
+    s = world.SIZE * scale
+    n = len(base_images)
+    gap = s // 3
+    grid = Image.new("RGB", (2 * n * s + gap, s), (255, 255, 255))
+    for k, (a, b) in enumerate(zip(base_images, lora_images)):
+        grid.paste(a.resize((s, s), Image.NEAREST), (k * s, 0))
+        grid.paste(b.resize((s, s), Image.NEAREST), (n * s + gap + k * s, 0))
+    grid.save(path)
+    return grid
+
+
+def all_prompts_grid(rows, path):
+    """The per-prompt side-by-side strips stacked, a thin line between prompts, for the README."""
+    from PIL import Image
+    w = rows[0].width
+    h = sum(r.height for r in rows) + 2 * (len(rows) - 1)
+    out = Image.new("RGB", (w, h), (200, 200, 200))
+    y = 0
+    for r in rows:
+        out.paste(r, (0, y))
+        y += r.height + 2
+    out.save(path)
+
+
+def fmt(n):
+    return " ".join(f"{k} {v:.2f}" for k, v in n.items())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default=os.path.join(HERE, "toy-base"), help="The toy base model folder.")
+    parser.add_argument("--lora", required=True, help="Training output folder (or LoRA file) to compare with the base.")
+    parser.add_argument("--out", required=True, help="Folder for the grids and numbers.json.")
+    parser.add_argument("--num_images", type=int, default=8, help="Seeds per prompt (0..N-1), in grids and numbers.")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from train_dreambooth_lora import quiet_libraries
+    quiet_libraries()
+    import torch
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+    pipe = load_pipeline(args.base)
+    base_n, base_images = score_lora(pipe, None, args.num_images)
+    lora_n, lora_images = score_lora(pipe, args.lora, args.num_images)
+    os.makedirs(args.out, exist_ok=True)
+    strips = []
+    for i, p in enumerate(PROMPTS):
+        strips.append(side_by_side(base_images[p], lora_images[p], os.path.join(args.out, f"{i}_{p.replace(' ', '_')}.png")))
+    all_prompts_grid(strips, os.path.join(args.out, "demo.png"))
+    with open(os.path.join(args.out, "numbers.json"), "w") as f:
+        json.dump({"prompts": PROMPTS, "num_images": args.num_images, "base": base_n, "lora": lora_n}, f, indent=1)
+    print(f"prompts, top to bottom: {', '.join(repr(p) for p in PROMPTS)}; left: base, right: LoRA, seeds 0-{args.num_images - 1}")
+    print(f"base: {fmt(base_n)}")
+    print(f"LoRA: {fmt(lora_n)}")
+    print(f"wrote {os.path.join(args.out, 'demo.png')} (all prompts) and one PNG per prompt")
+
+
+if __name__ == "__main__":
+    main()

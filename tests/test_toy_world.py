@@ -1,0 +1,105 @@
+"""The toy world: its pixel scorer reads what it drew, its captions are what the base model was taught, and a
+short run with the recommended recipe on the shipped base teaches the striped subject without drifting the class."""
+import itertools
+import os
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+import toy_world as world
+from conftest import ROOT, run_script
+
+TOY_BASE = os.path.join(ROOT, "examples", "toy-base")
+
+
+def test_scorer_reads_every_drawn_combination():
+    rng = np.random.default_rng(0)
+    for shape, colour, bg in itertools.product(world.SHAPES, world.COLOURS, world.BACKGROUNDS):
+        for _ in range(2):
+            c = world.classify(world.draw_object(shape, colour, bg, rng))
+            assert (c["shape"], c["colour"], c["background"], c["subject"]) == (shape, colour, bg, False)
+    for bg in world.BACKGROUNDS:
+        c = world.classify(world.draw_subject(bg, rng))
+        assert c["subject"] and c["shape"] == "circle" and c["background"] == bg
+    empty = world.classify(Image.new("RGB", (32, 32), world.BACKGROUNDS["gray"]))
+    assert empty == {"background": "gray", "shape": None, "colour": None, "subject": False}
+
+
+def test_two_colours_without_stripes_are_not_the_subject():
+    """Half blue, half yellow, or a blue circle with one yellow band: both colours, not the striped pattern."""
+    big = Image.new("RGB", (128, 128), world.BACKGROUNDS["white"])
+    d = ImageDraw.Draw(big)
+    d.pieslice((16, 16, 111, 111), 180, 360, fill=world.COLOURS["blue"])
+    d.pieslice((16, 16, 111, 111), 0, 180, fill=world.COLOURS["yellow"])
+    assert not world.classify(big.resize((32, 32), Image.BOX))["subject"]
+    big = Image.new("RGB", (128, 128), world.BACKGROUNDS["black"])
+    d = ImageDraw.Draw(big)
+    d.ellipse((16, 16, 111, 111), fill=world.COLOURS["blue"])
+    d.rectangle((16, 56, 111, 72), fill=world.COLOURS["yellow"])
+    assert not world.classify(big.resize((32, 32), Image.BOX))["subject"]
+
+
+def test_score_numbers():
+    rng = np.random.default_rng(1)
+    subjects = [world.draw_subject("white", rng) for _ in range(4)]
+    circles = [world.draw_object("circle", "red", "white", rng) for _ in range(3)] + [subjects[0]]
+    n = world.score({"instance": subjects[:3] + circles[:1],
+                     "recontext": [(world.draw_subject("black", rng), "black"), (world.draw_subject("gray", rng), "black")],
+                     "class": circles})
+    assert n == {"fidelity": 0.75, "recontext": 0.5, "drift": 0.25, "class_ok": 0.75}
+
+
+def test_captions_leave_attributes_out_and_hold_out_combinations():
+    pairs = world.training_pairs(3000, seed=7)
+    captions = [c for _, c in pairs]
+    held = {world.prompt(*combo) for combo in world.HELD_OUT}
+    assert not held & set(captions)
+    assert "a circle" in captions and "a red circle" in captions and "a circle on a white background" in captions
+    assert 0.07 < captions.count("") / len(captions) < 0.13  # the unconditional branch for guidance
+    again = world.training_pairs(50, seed=7)
+    assert [c for _, c in again] == captions[:50]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (a, _), (b, _) in zip(again, pairs[:50]))
+    # Every caption is about the image: the scorer reads back what the caption names.
+    for im, cap in pairs[:200]:
+        if cap:
+            c = world.classify(im)
+            assert c["shape"] in cap.split() and (c["colour"] in cap.split() or not set(world.COLOURS) & set(cap.split()))
+
+
+def test_shipped_base_loads_as_is():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    sizes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(TOY_BASE) for f in fs)
+    assert sizes <= 20 * 2 ** 20
+    from safetensors import safe_open
+    with safe_open(os.path.join(TOY_BASE, "unet", "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # committed in fp16
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_BASE, torch_dtype=torch.float32)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
+    ids = pipe.tokenizer("a sks red circle on a gray background").input_ids
+    assert len(ids) == 10  # one token per word plus start/end: every demo word is in the vocabulary
+
+
+@pytest.mark.slow
+def test_recommended_recipe_learns_the_subject_and_keeps_the_class(tmp_path):
+    """The recipe of make demo with fewer class images: with prior preservation the instance prompt draws the
+    striped circle while the class prompt does not (the base draws it in none of either)."""
+    import demo_grids
+    out = tmp_path / "run"
+    r = run_script("train_dreambooth_lora.py", "--config", os.path.join(ROOT, "examples", "recipes", "toy_demo.yaml"),
+                   "--output_dir", out, "--class_data_dir", tmp_path / "class", *LEARNING_TEST_FLAGS, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pipe = demo_grids.load_pipeline(TOY_BASE)
+    base, _ = demo_grids.score_lora(pipe, None, 8)
+    lora, _ = demo_grids.score_lora(pipe, str(out), 8)
+    assert base["fidelity"] == 0.0 and base["drift"] == 0.0
+    assert lora["fidelity"] >= 0.4, lora  # the demo's 50 class images give 0.62 (bench/bench_toy.py)
+    assert lora["drift"] <= 0.15, lora
+    with open(out / "config.yaml") as f:
+        assert "with_prior_preservation: true" in f.read()
+
+
+# Fewer class images than the demo (20, not 50), so the test stays near 90 s on 2 cores.
+LEARNING_TEST_FLAGS = ["--num_class_images", "20"]
