@@ -19,9 +19,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 # circle of examples/toy_subject with prior preservation; demo_grids.py writes base-vs-LoRA grids (same seeds)
 # to work_dirs/toy-demo/grids and prints the pixel scorer's numbers.
 demo: setup
-	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(PY) train_dreambooth_lora.py --config examples/recipes/toy_demo.yaml \
+	HF_HUB_OFFLINE=1 $(PY) train_dreambooth_lora.py --config examples/recipes/toy_demo.yaml \
 		--overwrite_output_dir
-	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(PY) examples/demo_grids.py --lora work_dirs/toy-demo \
+	HF_HUB_OFFLINE=1 $(PY) examples/demo_grids.py --lora work_dirs/toy-demo \
 		--out work_dirs/toy-demo/grids
 
 test: setup
