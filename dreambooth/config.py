@@ -207,7 +207,8 @@ def build_parser():
                         "ends the run instead of hanging it.")
     g.add_argument("--allow_nan_steps", type=int, default=0,
                    help="How many non-finite-loss steps to skip before stopping. Above 0 the loss is read back "
-                        "before every update (a host sync per step).")
+                        "before every update (a host sync per step); with accumulation, the bad micro-batch is "
+                        "dropped and the window goes on.")
 
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--learning_rate", type=finite_float, default=5e-4, help="Learning rate of the UNet LoRA.")

@@ -14,9 +14,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .files import check_free_space
 from .images import list_images
-from .files import write_text
+from .files import check_free_space, write_text
 from .validation import save_png
 
 GENERATED = re.compile(r"^prior-([0-9a-f]{10})-(\d{5,})\.png$")

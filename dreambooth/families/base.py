@@ -109,7 +109,7 @@ class ModelFamily:
     # ---- loading ------------------------------------------------------------------------------------------
     @classmethod
     def from_pipeline(cls, pipe):
-        """The family over a pipeline's components (tests, infer.py)."""
+        """The family over an already-loaded pipeline's components (tests)."""
         return cls([getattr(pipe, n) for n in cls.tokenizer_names], [getattr(pipe, n) for n in cls.text_encoder_names],
                    pipe.vae, pipe.unet, pipe.scheduler)
 
