@@ -84,7 +84,7 @@ def main(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.eval_device = args.eval_device or args.device
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from train_dreambooth_lora import quiet_libraries
+    from dreambooth.quiet import quiet_libraries
     quiet_libraries()
     from dreambooth.evaluation import evaluate
     evaluate(args)

@@ -56,7 +56,7 @@ def main(argv=None):
     parser.add_argument("--only", default=None, help="Comma-separated row numbers (1-3) to run, for a quick look.")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from train_dreambooth_lora import quiet_libraries
+    from dreambooth.quiet import quiet_libraries
     quiet_libraries()
     import torch
 

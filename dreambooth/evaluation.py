@@ -158,9 +158,11 @@ def to_pixels(images, resize, crop, mean, std):
 
 
 def _load(flag, model, loader):
-    from .models import load_error
+    from .families import load_error
     try:
         return loader()
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(load_error(model, "weights", e, flag)) from e
 
@@ -230,15 +232,21 @@ class Clip:
 
 
 def make_pipeline(base, device, dtype):
-    """The base pipeline, the one place that knows its class (a model-family seam can replace this)."""
+    """The base pipeline of the model's family (SD 1.x/2.x or SDXL, detected from its files; a hub id's class
+    comes from its model_index.json)."""
     import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+    from .families import ModelSource, detect
 
     def load():
-        kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+        if not os.path.exists(base):
+            return DiffusionPipeline.from_pretrained(base, torch_dtype=dtype, safety_checker=None,
+                                                     requires_safety_checker=False)
+        family = detect(ModelSource(base), flag="--base")
+        kwargs = dict(family.single_file_extras, torch_dtype=dtype)
         if os.path.isfile(base):
-            return StableDiffusionPipeline.from_single_file(base, **kwargs)
-        return StableDiffusionPipeline.from_pretrained(base, **kwargs)
+            return family.pipeline_class().from_single_file(base, **kwargs)
+        return family.pipeline_class().from_pretrained(base, **kwargs)
 
     pipe = _load("--base", base, load)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)

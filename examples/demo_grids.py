@@ -105,7 +105,7 @@ def main(argv=None):
     parser.add_argument("--num_images", type=int, default=8, help="Seeds per prompt (0..N-1), in grids and numbers.")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from train_dreambooth_lora import quiet_libraries
+    from dreambooth.quiet import quiet_libraries
     quiet_libraries()
     import torch
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -254,7 +254,7 @@ def main(argv=None):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(args.seed)
     sys.path.insert(0, os.path.dirname(HERE))
-    from train_dreambooth_lora import quiet_libraries
+    from dreambooth.quiet import quiet_libraries
     quiet_libraries()
     from diffusers import StableDiffusionPipeline
 

@@ -299,11 +299,14 @@ def test_recipes_parse_and_every_flag_is_documented():
     from dreambooth.config import build_parser
     recipes = os.path.join(ROOT, "examples", "recipes")
     names = sorted(os.listdir(recipes))
-    assert {"sd15_dog.yaml", "sd21_768_dog.yaml", "sd15_no_prior.yaml", "sd15_text_encoder.yaml"} <= set(names)
+    assert {"sd15_dog.yaml", "sd21_768_dog.yaml", "sd15_no_prior.yaml", "sd15_text_encoder.yaml", "sdxl_dog.yaml",
+            "toy_demo.yaml"} <= set(names)
     for name in names:
         args = parse_args(["--config", os.path.join(recipes, name)])
-        assert args.instance_prompt == "a photo of sks dog" and args.output_dir.startswith("work_dirs/")
+        assert args.output_dir.startswith("work_dirs/"), name
+        assert args.instance_prompt == ("a sks circle" if name == "toy_demo.yaml" else "a photo of sks dog"), name
     assert parse_args(["--config", os.path.join(recipes, "sd21_768_dog.yaml")]).resolution == 768
+    assert parse_args(["--config", os.path.join(recipes, "sdxl_dog.yaml")]).resolution == 1024
     readme = open(os.path.join(ROOT, "README.md")).read()
     for action in build_parser()._actions:
         if action.dest == "help":
