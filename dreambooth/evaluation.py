@@ -21,7 +21,6 @@ does not load them.
 """
 import glob
 import json
-import math
 import os
 import re
 

@@ -20,7 +20,6 @@ asked shape, colour and background, read by toy_world's pixel scorer).
     nice -n 19 python examples/make_toy_base.py --out examples/toy-base      # ~40 min on 2 shared CPU cores
 """
 import argparse
-import copy
 import json
 import math
 import os
