@@ -166,6 +166,17 @@ def _load(flag, model, loader):
         raise UsageError(load_error(model, "weights", e, flag)) from e
 
 
+def _embed_images(images, batch_size, cfg, device, forward):
+    """L2-normalised embeddings of PIL images, in batches, with a model's own resize/crop/normalisation."""
+    import torch
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            px = to_pixels(images[i:i + batch_size], cfg["resize"], cfg["crop"], cfg["image_mean"], cfg["image_std"])
+            out.append(forward(px.to(device)).float().cpu())
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+
 class Dino:
     """DINO ViT CLS embeddings (the paper: ViT-S/16, facebook/dino-vits16), L2-normalised."""
 
@@ -179,14 +190,8 @@ class Dino:
                                               "crop": crop, "resize": round(crop * 256 / 224)})
 
     def images(self, images, batch_size):
-        import torch
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(images), batch_size):
-                px = to_pixels(images[i:i + batch_size], self.cfg["resize"], self.cfg["crop"], self.cfg["image_mean"],
-                               self.cfg["image_std"]).to(self.device)
-                out.append(self.net(pixel_values=px).last_hidden_state[:, 0].float().cpu())
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        return _embed_images(images, batch_size, self.cfg, self.device,
+                             lambda px: self.net(pixel_values=px).last_hidden_state[:, 0])
 
 
 class Clip:
@@ -209,14 +214,8 @@ class Clip:
         return out if torch.is_tensor(out) else out.pooler_output  # transformers 5 returns an output object
 
     def images(self, images, batch_size):
-        import torch
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(images), batch_size):
-                px = to_pixels(images[i:i + batch_size], self.cfg["resize"], self.cfg["crop"], self.cfg["image_mean"],
-                               self.cfg["image_std"]).to(self.device)
-                out.append(self._tensor(self.net.get_image_features(pixel_values=px)).float().cpu())
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        return _embed_images(images, batch_size, self.cfg, self.device,
+                             lambda px: self._tensor(self.net.get_image_features(pixel_values=px)))
 
     def texts(self, texts):
         import torch
