@@ -74,7 +74,7 @@ class DreamBoothRecipe:
         from dreambooth.quiet import quiet_libraries
         quiet_libraries()  # before the imports below: some notices are printed at import time
         import torch
-        from dreambooth import families, report
+        from dreambooth import families, models, report
         import diffusers  # noqa: F401  (imported lazily by the libraries: load it now, so the baseline below
         import transformers  # noqa: F401  is the runtime's own memory and everything above it the run's)
         self.stats.baseline_rss_mb = report.current_rss_mb()
@@ -92,7 +92,8 @@ class DreamBoothRecipe:
             a.class_prompt, a.class_data_dir or os.path.join(a.output_dir, "class_images"), a.num_class_images,
             a.class_generation_steps, a.sample_batch_size, a.prior_generation_precision,
         ) if a.with_prior_preservation else []
-        self._setup_lora(a)
+        self._setup_lora(models.LoraSettings.from_args(a), a.enable_xformers_memory_efficient_attention,
+                         a.gradient_checkpointing)
         self._setup_data(a.instance_prompt, a.class_prompt, a.resolution, a.center_crop, a.random_flip, a.repeats,
                          a.image_interpolation_mode, a.seed,
                          (a.min_bucket_reso, a.max_bucket_reso, a.bucket_reso_steps) if a.enable_bucket else None,
@@ -185,20 +186,20 @@ class DreamBoothRecipe:
         accelerator.print(f"class images: {len(images)} in {class_dir} ({generated} generated in {seconds:.1f}s)")
         return images
 
-    def _setup_lora(self, a):
+    def _setup_lora(self, lora, xformers, gradient_checkpointing):
         """LoRA on the UNet (and the text encoders), after the frozen parts reach the device."""
         from dreambooth import models
         family = self.family
         family.place(self.accelerator.device, self.weight_dtype)
-        if a.enable_xformers_memory_efficient_attention:
+        if xformers:
             family.unet.enable_xformers_memory_efficient_attention()
-        models.add_lora(family.unet, family.text_encoders, a)
-        if a.gradient_checkpointing:
+        models.add_lora(family.unet, family.text_encoders, lora)
+        if gradient_checkpointing:
             family.unet.enable_gradient_checkpointing()
-            if a.train_text_encoder:
+            if lora.train_text_encoder:
                 for encoder in family.text_encoders:  # transformers 5 renamed it; 4.x only has the old name
                     getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
-        self.trained_text_encoders = list(family.text_encoders) if a.train_text_encoder else []
+        self.trained_text_encoders = list(family.text_encoders) if lora.train_text_encoder else []
 
     def _setup_data(self, instance_prompt, class_prompt, resolution, center_crop, random_flip, repeats,
                     interpolation, seed, bucket_args, max_length, use_attention_mask, precompute_text, cache_latents,

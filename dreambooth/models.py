@@ -2,9 +2,27 @@
 
 Loading the model and everything that differs between model families lives in dreambooth/families/.
 """
+from dataclasses import dataclass
+
 from .errors import UsageError
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """The flags that shape the LoRA: what add_lora needs, and nothing else of the run."""
+    rank: int = 4
+    lora_alpha: float = None
+    lora_dropout: float = 0.0
+    use_dora: bool = False
+    lora_target_modules: str = "to_q,to_k,to_v,to_out.0"
+    train_text_encoder: bool = False
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.rank, args.lora_alpha, args.lora_dropout, args.use_dora, args.lora_target_modules,
+                   args.train_text_encoder)
 
 
 def lora_config(args, target_modules):
