@@ -1,4 +1,4 @@
-"""The tiny SDXL pipeline (examples/make_tiny_model.py --family sdxl) and the SDXL facts in SDXL_NOTES.md:
+"""The tiny SDXL pipeline (examples/make_tiny_model.py --family sdxl) and the SDXL facts in dreambooth/families/SDXL_NOTES.md:
 loading, generation, prompt encoding, one training-style UNet forward with SDXL's added conditioning,
 single-file round trip, and LoRA files in diffusers and kohya (SGM / diffusers block names) layouts."""
 import re
@@ -87,7 +87,7 @@ def test_encode_prompt_widths_and_manual_encoding_match(sdxl):
 
 
 def test_unet_forward_with_added_cond_kwargs(sdxl):
-    """One training-style UNet call with SDXL's micro-conditioning (the snippet in SDXL_NOTES.md)."""
+    """One training-style UNet call with SDXL's micro-conditioning (the snippet in dreambooth/families/SDXL_NOTES.md)."""
     pipe = load(sdxl["dir"])
     with torch.no_grad():
         prompt_embeds, pooled = sdxl_text_conditioning(pipe, [PROMPT, PROMPT])
