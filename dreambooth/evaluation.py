@@ -357,12 +357,16 @@ def evaluate(args, log=print):
     prompts = paper_prompts(args.identifier, args.class_name, args.prompt_set)[: args.num_prompts or None]
     class_prompt = args.class_prompt or f"a {args.class_name}"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    os.makedirs(args.output, exist_ok=True)
+    from .files import writable_folder_problem, write_text
+    problem = writable_folder_problem(args.output)
+    if problem or os.path.isfile(args.output):
+        raise UsageError(f"--output {args.output}: {problem or 'is a file'}; choose another folder")
 
     dino = Dino(args.dino_model, args.eval_device)
     clip = Clip(args.clip_model, args.eval_device)
     real_emb = {"dino": dino.images(real, args.batch_size), "clip": clip.images(real, args.batch_size)}
     pipe = make_pipeline(args.base, args.device, dtype)
+    os.makedirs(args.output, exist_ok=True)  # only once every model loaded: a bad --base or judge leaves nothing
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     gen_prompts = [p for p in prompts for _ in range(args.num_images)]
@@ -396,8 +400,8 @@ def evaluate(args, log=print):
                                               "clip_model")}
     settings.update({"prompt_list": prompt_set_for(args.class_name, args.prompt_set), "resolution": resolution,
                      "prompts": prompts, "class_prompt": class_prompt, "real_images": len(real)})
-    with open(os.path.join(args.output, "metrics.json"), "w") as f:
-        json.dump({"settings": settings, "results": results, "table": table}, f, indent=1)
+    write_text(os.path.join(args.output, "metrics.json"),
+               json.dumps({"settings": settings, "results": results, "table": table}, indent=1))
     log(table)
     log(f"wrote {os.path.join(args.output, 'metrics.json')} and {len(targets)} contact sheet(s) to {args.output}")
     return results

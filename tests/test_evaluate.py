@@ -75,6 +75,7 @@ def test_bad_input_is_one_line(tmp_path, tiny_judges, instance_dir):
                    "--dino_model", "nobody/not-a-dino")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert "--dino_model nobody/not-a-dino" in r.stderr and "HF_HUB_OFFLINE" in r.stderr
+    assert not os.path.exists(os.path.join(ROOT, "eval"))  # the default --output: not made for a failed run
 
 
 @pytest.mark.slow
