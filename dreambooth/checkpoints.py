@@ -73,6 +73,14 @@ def checkpoint_problem(path):
     return None
 
 
+def previous_checkpoint_offer(path):
+    """The fix to print with a checkpoint that cannot be resumed: the latest usable one before it, if any."""
+    earlier = [p for p in list_checkpoints(os.path.dirname(os.path.abspath(path)))
+               if checkpoint_step(p) < checkpoint_step(path) and not checkpoint_problem(p)]
+    return (f"resume from the previous one: --resume_from_checkpoint {earlier[-1]}" if earlier else
+            "no earlier checkpoint is usable; start again without --resume_from_checkpoint")
+
+
 def _read_json(path):
     """A small JSON file we wrote, or None when it is unreadable (cut short by a crash, edited by hand)."""
     try:
@@ -106,11 +114,8 @@ def check_resume(args):
         raise UsageError(f"--resume_from_checkpoint {value}: not a checkpoint-N folder")
     problem = checkpoint_problem(path)
     if problem:
-        earlier = [p for p in list_checkpoints(os.path.dirname(os.path.abspath(path)))
-                   if checkpoint_step(p) < checkpoint_step(path) and not checkpoint_problem(p)]
-        offer = f"resume from the previous one: --resume_from_checkpoint {earlier[-1]}" if earlier else \
-            "no earlier checkpoint is usable; start again without --resume_from_checkpoint"
-        raise UsageError(f"--resume_from_checkpoint {path} is corrupt or incomplete ({problem}); {offer}")
+        raise UsageError(f"--resume_from_checkpoint {path} is corrupt or incomplete ({problem}); "
+                         f"{previous_checkpoint_offer(path)}")
     settings_file = os.path.join(path, SETTINGS_NAME)
     if os.path.isfile(settings_file):
         saved = _read_json(settings_file)
@@ -184,12 +189,8 @@ def load_checkpoint(accelerator, path):
         accelerator.load_state(path)
     except Exception as e:
         from .errors import first_line
-        earlier = [p for p in list_checkpoints(os.path.dirname(os.path.abspath(path)))
-                   if checkpoint_step(p) < checkpoint_step(path)]
-        offer = f"resume from the previous one: --resume_from_checkpoint {earlier[-1]}" if earlier else \
-            "start again without --resume_from_checkpoint"
         raise UsageError(f"--resume_from_checkpoint {path}: cannot load it ({type(e).__name__}: {first_line(e)}); "
-                         f"{offer}") from e
+                         f"{previous_checkpoint_offer(path)}") from e
 
 
 def register_lora_state_hooks(accelerator, family, unet, text_encoders=()):
