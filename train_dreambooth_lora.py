@@ -204,8 +204,8 @@ class DreamBoothRecipe:
     def _setup_data(self, instance_prompt, class_prompt, resolution, center_crop, random_flip, repeats,
                     interpolation, seed, bucket_args, max_length, use_attention_mask, precompute_text, cache_latents,
                     encode_batch_size, batch_size, num_workers):
-        """The dataset; prompts tokenized once; optionally text embeddings and latents computed once, with the
-        text encoders or the VAE then off the device."""
+        """The dataset; prompts tokenized once; text embeddings and latents computed once whenever that is exact
+        (unless turned off), with the text encoders or the VAE then off the device. None = decide here."""
         from dreambooth import data
         from dreambooth.families import PromptEncoder
         torch, family = self.torch, self.family
@@ -213,16 +213,24 @@ class DreamBoothRecipe:
             self.instance_images, instance_prompt, self.class_images, class_prompt, resolution, center_crop,
             random_flip, repeats, interpolation, seed, bucket_args=bucket_args)
         self.prompts = PromptEncoder(family, self.dataset.prompts, max_length, use_attention_mask)
+        fixed_crops = self.dataset.crops_are_fixed()
+        line = self._caching_line(precompute_text, cache_latents, fixed_crops)
+        if precompute_text is None:  # exact whenever nothing that encodes the prompts trains
+            precompute_text = not self.trained_text_encoders
+        if cache_latents is None:
+            cache_latents = fixed_crops
         self.precomputed_text, self.cached_latents = precompute_text, cache_latents
+        self.args.pre_compute_text_embeddings = precompute_text  # what ran, for config.yaml and the card
+        self.args.cache_latents = cache_latents
         if precompute_text:
             self.prompts.precompute(self.weight_dtype)
             for encoder in family.text_encoders:
                 encoder.to("cpu")  # frees device memory; moved back only for validation
         if cache_latents:
             with torch.no_grad():
-                self.dataset.cache_latents(lambda px: family.encode_images(px, self.weight_dtype),
-                                           batch_size=encode_batch_size)
+                self.dataset.cache_latents(lambda px: family.latent_moments(px).cpu(), batch_size=encode_batch_size)
             family.vae.to("cpu")
+        self.accelerator.print(line)
         self.sampler = data.BucketBatchSampler(self.dataset, batch_size, seed)
         self.dataloader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=data.collate, num_workers=num_workers,
@@ -230,6 +238,27 @@ class DreamBoothRecipe:
             # Its own generator: iterator creation then draws no numbers from torch's global RNG, so a resumed
             # run's noise sequence matches the uninterrupted run's.
             generator=torch.Generator().manual_seed(seed or 0))
+
+    def _caching_line(self, precompute_text, cache_latents, fixed_crops):
+        """The start line's account of what a step will not pay for, and of what it still pays for and why.
+        precompute_text / cache_latents: as asked (None = by default)."""
+        if self.trained_text_encoders:
+            text = "text encoders run every step (they train)"
+        elif precompute_text is False:
+            text = "text encoders run every step (--no-pre_compute_text_embeddings)"
+        else:
+            n = len(self.dataset.prompts)
+            text = f"text embeddings of {n} prompt{'s' * (n > 1)} computed once, text encoders off the device"
+        if cache_latents is False:
+            latents = "VAE encodes every step (--no-cache_latents)"
+        elif cache_latents or fixed_crops:
+            how = "posterior mean and std" + (", both flips" if self.dataset.random_flip else "") + (
+                "" if fixed_crops else ", one seeded crop per image instead of random crops")
+            latents = f"latents computed once ({how}), VAE off the device"
+        else:
+            latents = ("VAE encodes every step: random crops of images of another shape; --center_crop or "
+                       "--enable_bucket lets latents be computed once")
+        return f"cache: {text}; {latents}"
 
     def _setup_optimizer(self, lr, text_encoder_lr, scale_lr, batch_size, accumulation, use_8bit_adam, betas,
                          weight_decay, eps):

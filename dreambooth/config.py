@@ -148,8 +148,11 @@ def build_parser():
     g.add_argument("--min_bucket_reso", type=int, default=256, help="Smallest bucket side in pixels.")
     g.add_argument("--max_bucket_reso", type=int, default=1024, help="Largest bucket side in pixels.")
     g.add_argument("--bucket_reso_steps", type=int, default=64, help="Bucket sides are multiples of this.")
-    g.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=False,
-                   help="Encode every image with the VAE once and free the VAE during training.")
+    g.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=None,
+                   help="Encode every image (and its mirror) with the VAE once and free the VAE during training; "
+                        "the posterior's mean and std are kept, so each step still draws a fresh sample. Default: "
+                        "on whenever the crops are fixed (--center_crop, --enable_bucket, or every image already "
+                        "has the training shape); --no-cache_latents turns it off.")
 
     g = p.add_argument_group("prior preservation")
     g.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=False,
@@ -196,8 +199,10 @@ def build_parser():
     g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=False, help="Allow TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--enable_xformers_memory_efficient_attention", action=argparse.BooleanOptionalAction, default=False,
                    help="Use xformers attention (default is PyTorch SDPA).")
-    g.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=False,
-                   help="Encode the fixed prompts once and free the text encoder (not with --train_text_encoder).")
+    g.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="Encode the fixed prompts once and free the text encoders during training. Default: on "
+                        "whenever that is exact (the text encoders do not train); --no-pre_compute_text_embeddings "
+                        "turns it off.")
     g.add_argument("--snr_gamma", type=finite_float, default=None, help="Min-SNR loss weighting gamma (5.0 is common).")
     g.add_argument("--noise_offset", type=finite_float, default=0.0, help="Noise offset (0.1 is common).")
     g.add_argument("--local_rank", type=int, default=-1,

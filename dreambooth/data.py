@@ -90,7 +90,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.resample = RESAMPLE[interpolation]
         self.seed = seed or 0
         self.epoch = 0
-        self.latents = None  # filled by cache_latents: {(path, size): (tensor [variants, C, h, w], [placement])}
+        self.latents = None  # filled by cache_latents: {(path, size): (tensor [variants, ...], [placement])}
+        self.bucketed = bool(bucket_args)
         captions = [caption_for(p, instance_prompt) for p in self.instance_paths]
         self.prompts = list(dict.fromkeys(captions + ([class_prompt] if self.class_paths else [])))
         self.instance_prompt_ids = [self.prompts.index(c) for c in captions]
@@ -146,9 +147,28 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             example["class_prompt_id"] = self.class_prompt_id
         return example
 
+    def crops_are_fixed(self):
+        """True when caching loses no augmentation: centre crops, buckets (whose leftover is a few pixels, as
+        kohya caches them), or every image already has its training shape, so a random crop has nowhere to go.
+        Reads only the files' headers."""
+        if self.center_crop or self.bucketed:
+            return True
+        pairs = [(p, self.instance_sizes[i]) for i, p in enumerate(self.instance_paths)]
+        pairs += [(p, s) for s in set(self.instance_sizes) for p in self.class_paths]
+        for path, (width, height) in pairs:
+            with Image.open(path) as im:
+                w, h = im.size
+                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that turn the image on its side
+                    w, h = h, w
+            scale = max(width / w, height / h)
+            if max(width, round(w * scale)) != width or max(height, round(h * scale)) != height:
+                return False
+        return True
+
     def cache_latents(self, encode, batch_size=4):
-        """Encode every (image, size) once, with its mirror when random_flip is on. Crops are fixed
-        at their centre (or one seeded random crop), as in kohya's cache_latents."""
+        """Encode every (image, size) once, with its mirror when random_flip is on; `encode` gives what a step
+        needs (the VAE posterior's moments). Crops are fixed at their centre (or one seeded random crop), as in
+        kohya's cache_latents."""
         pairs = [(p, self.instance_sizes[i]) for i, p in enumerate(self.instance_paths)]
         if self.class_paths:
             pairs += [(p, s) for s in sorted(set(self.instance_sizes)) for p in self.class_paths]

@@ -48,12 +48,12 @@ def prior_preservation_loss(per_example_loss, num_instance, prior_loss_weight):
 
 def training_loss(family, unet, prompts, batch, settings, *, device, weight_dtype, cached_latents, with_class_images):
     """Noise the latents at random timesteps; score the UNet's prediction against the scheduler's target.
-    batch["images"] are pixels, or latents when they were cached; the family turns the batch and its prompts
+    batch["images"] are pixels, or the VAE posterior's moments when they were cached; the family turns the batch and its prompts
     into the UNet's keyword arguments (pooled embeddings and time ids for SDXL), which the loop never sees."""
-    if cached_latents:
-        latents = batch["images"].to(device, weight_dtype)
-    else:
-        with torch.no_grad():  # a VAE encode every step: what --cache_latents saves
+    with torch.no_grad():
+        if cached_latents:  # the VAE posterior's mean and std, encoded once: a fresh sample is still drawn here
+            latents = family.sample_latents(batch["images"].to(device), weight_dtype)
+        else:  # a VAE encode every step: what --cache_latents saves
             latents = family.encode_images(batch["images"], weight_dtype)
     noise = torch.randn_like(latents)
     if settings.noise_offset:

@@ -267,3 +267,39 @@ def test_wandb_offline_gets_loss_and_validation_images(tiny_model, instance_dir,
     images = list((runs[0] / "files" / "media" / "images").glob("validation_*.png"))
     assert len(images) == 2
     assert list(runs[0].glob("run-*.wandb"))
+
+
+def test_default_caching_is_exact_and_says_what_it_cached(tiny_model, instance_dir, tmp_path):
+    """Fast by default, never at the cost of what was asked: with centre crops and a frozen text encoder the
+    default run computes text embeddings and latents once, and its LoRA is bit-identical to the run that encodes
+    everything every step: the latent cache keeps the posterior's moments and still draws a fresh sample each
+    step, from the same random numbers. (With other batch shapes the VAE's float rounding may differ.)"""
+    common = ("--center_crop", "--random_flip", "--max_train_steps", "3", "--sample_batch_size", "1",
+              "--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_data_dir", tmp_path / "class",
+              "--num_class_images", "2", "--class_generation_steps", "1", "--output_format", "diffusers")
+    runs = {"auto": (), "text": ("--no-pre_compute_text_embeddings",),
+            "neither": ("--no-pre_compute_text_embeddings", "--no-cache_latents")}
+    lines, weights = {}, {}
+    for name, flags in runs.items():
+        r = run_script("train_dreambooth_lora.py", *train_args(tiny_model["eps"], instance_dir, tmp_path / name,
+                                                               *common, *flags))
+        assert r.returncode == 0, r.stderr[-3000:]
+        lines[name] = [line for line in r.stdout.splitlines() if line.startswith("cache: ")]
+        weights[name] = load_file(tmp_path / name / "pytorch_lora_weights.safetensors")
+    assert lines["auto"] == ["cache: text embeddings of 2 prompts computed once, text encoders off the device; "
+                             "latents computed once (posterior mean and std, both flips), VAE off the device"]
+    assert lines["neither"] == ["cache: text encoders run every step (--no-pre_compute_text_embeddings); VAE "
+                                "encodes every step (--no-cache_latents)"]
+    auto, text, neither = weights["auto"], weights["text"], weights["neither"]
+    assert auto.keys() == text.keys() == neither.keys()
+    assert any(auto[k].abs().max() > 0 for k in auto if ".lora.up." in k)  # trained (up starts at zero)
+    assert all(torch.equal(auto[k], text[k]) and torch.equal(auto[k], neither[k]) for k in auto)
+    assert "cache_latents: true" in open(tmp_path / "auto" / "config.yaml").read()  # what ran, not "null"
+
+    # random crops of non-square photos (the fixture's 80x64) keep the VAE; a trained text encoder keeps its own
+    r = run_script("train_dreambooth_lora.py", *train_args(tiny_model["eps"], instance_dir, tmp_path / "crops",
+                                                           "--max_train_steps", "1", "--train_text_encoder"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("cache: text encoders run every step (they train); VAE encodes every step: random crops of images of "
+            "another shape; --center_crop or --enable_bucket lets latents be computed once") in r.stdout
+    assert "cache_latents: false" in open(tmp_path / "crops" / "config.yaml").read()

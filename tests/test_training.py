@@ -37,7 +37,7 @@ def family_and_prompts():
 
 
 def batch(pixels=True):
-    images = torch.rand(2, 3, 64, 64) * 2 - 1 if pixels else torch.randn(2, 4, 32, 32)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1 if pixels else torch.rand(2, 8, 32, 32)  # cached: mean and std
     return {"images": images, "prompt_ids": torch.tensor([0, 1]), "original_sizes": torch.tensor([[64, 64]] * 2),
             "crop_top_lefts": torch.zeros(2, 2, dtype=torch.long), "target_sizes": torch.tensor([[64, 64]] * 2)}
 
@@ -58,10 +58,33 @@ def test_one_step_trains_only_the_lora(family_and_prompts):
     assert torch.isfinite(norm) and norm > 0
     assert any(not torch.equal(a, b) for a, b in zip(lora, before))
     assert all(torch.equal(p, frozen[n]) for n, p in family.unet.named_parameters() if n in frozen)
-    # cached latents skip the VAE: the same call on latents runs without it
-    loss = training.training_loss(family, family.unet, prompts, batch(pixels=False), settings, device="cpu",
-                                  weight_dtype=torch.float32, cached_latents=True, with_class_images=False)
+    # cached latents skip the VAE: the same call on the posterior's moments runs without it
+    family.vae.encode = None  # a call would raise
+    try:
+        loss = training.training_loss(family, family.unet, prompts, batch(pixels=False), settings, device="cpu",
+                                      weight_dtype=torch.float32, cached_latents=True, with_class_images=False)
+    finally:
+        del family.vae.encode
     assert torch.isfinite(loss)
+
+
+def test_cached_moments_give_the_same_latents_as_encoding_every_step(family_and_prompts):
+    """--cache_latents keeps the posterior's mean and std, not one sample: with the same random state, a cached
+    step draws exactly the latents an uncached step draws (bit for bit), and a fresh one at every step."""
+    family, _ = family_and_prompts
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        moments = family.latent_moments(pixels)
+        assert moments.shape == (2, 8, 32, 32)
+        torch.manual_seed(7)
+        every_step = family.encode_images(pixels, torch.float32)
+        torch.manual_seed(7)
+        cached = family.sample_latents(moments, torch.float32)
+        again = family.sample_latents(moments, torch.float32)
+    assert torch.equal(every_step, cached)
+    assert not torch.equal(cached, again)  # a new posterior sample each time, as without the cache
+    mean = family.vae.encode(pixels).latent_dist.mean * family.vae.config.scaling_factor
+    assert torch.allclose(cached, mean, atol=1.0) and not torch.equal(cached, mean)
 
 
 def test_reads_are_deferred_and_a_bad_step_is_named():

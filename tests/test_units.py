@@ -401,3 +401,24 @@ def test_tokenizer_max_length_and_attention_mask_reach_the_text_encoder():
         default = PromptEncoder(family, ["a dog"]).conditioning({"prompt_ids": torch.tensor([0])})
     assert plain.shape == masked.shape == (2, 20, 32) and default["encoder_hidden_states"].shape == (1, 77, 32)
     assert not torch.allclose(plain, masked)
+
+
+def test_crops_are_fixed_only_when_caching_loses_no_augmentation(tmp_path):
+    """The default --cache_latents decision: an image already of the training shape (any size, EXIF rotation
+    read) has no crop to randomise; another shape does, unless crops are centred or bucketed."""
+    from PIL import Image as _Image
+    square, wide, turned = tmp_path / "square.png", tmp_path / "wide.png", tmp_path / "turned.jpg"
+    _Image.new("RGB", (128, 128), "white").save(square)
+    _Image.new("RGB", (128, 96), "white").save(wide)
+    exif = _Image.Exif()
+    exif[0x0112] = 6  # stored 64x128, shown 128x64
+    _Image.new("RGB", (64, 128), "white").save(turned, exif=exif)
+    fixed = lambda paths, **kw: data.DreamBoothDataset([str(p) for p in paths], "p", resolution=64,  # noqa: E731
+                                                       **kw).crops_are_fixed()
+    assert fixed([square])
+    assert not fixed([square, wide])
+    assert fixed([square, wide], center_crop=True)
+    assert fixed([wide], bucket_args=(32, 128, 32))
+    assert not fixed([turned])
+    ds = data.DreamBoothDataset([str(square)], "p", [str(wide)], "c", resolution=64)  # class images count too
+    assert not ds.crops_are_fixed()

@@ -184,11 +184,28 @@ class ModelFamily:
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return vae_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
 
-    def encode_images(self, pixels, weight_dtype):
-        """Pixels in [-1, 1] -> the latents the UNet is trained on (scaled, and shifted where the VAE says)."""
-        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample()
+    def latent_moments(self, pixels):
+        """Pixels in [-1, 1] -> the VAE posterior's mean and std, [N, 2C, h, w] in the VAE's dtype. This, not a
+        sample, is what --cache_latents keeps: a cached run then still draws a fresh latent every step, as an
+        uncached one does (same random numbers, same order), so caching changes the speed, not the training."""
+        import torch
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        # contiguous: on CPU the VAE hands back channels-last tensors, and randn_like on those (the noise, next)
+        # fills the same numbers in another order, so cached and uncached runs would part ways
+        return torch.cat([dist.mean, dist.std], dim=1).contiguous()
+
+    def sample_latents(self, moments, weight_dtype):
+        """latent_moments -> the latents the UNet is trained on: one posterior sample (drawn as diffusers'
+        DiagonalGaussianDistribution.sample draws it), scaled, and shifted where the VAE says."""
+        import torch
+        mean, std = moments.to(dtype=self.vae_dtype(weight_dtype)).chunk(2, dim=1)  # on the device they are on
+        latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * self.vae.config.scaling_factor).to(weight_dtype)
+        return ((latents - shift) * self.vae.config.scaling_factor).to(weight_dtype).contiguous()
+
+    def encode_images(self, pixels, weight_dtype):
+        """Pixels in [-1, 1] -> the latents the UNet is trained on."""
+        return self.sample_latents(self.latent_moments(pixels), weight_dtype)
 
     # ---- prompts and the UNet's conditioning ---------------------------------------------------------------
     def tokenize(self, prompts, max_length=None):
