@@ -93,7 +93,7 @@ class DreamBoothRecipe:
             a.class_generation_steps, a.sample_batch_size, a.prior_generation_precision,
         ) if a.with_prior_preservation else []
         self._setup_lora(models.LoraSettings.from_args(a), a.enable_xformers_memory_efficient_attention,
-                         a.gradient_checkpointing)
+                         a.gradient_checkpointing, a.dynamo_backend if a.torch_compile else None)
         self._setup_data(a.instance_prompt, a.class_prompt, a.resolution, a.center_crop, a.random_flip, a.repeats,
                          a.image_interpolation_mode, a.seed,
                          (a.min_bucket_reso, a.max_bucket_reso, a.bucket_reso_steps) if a.enable_bucket else None,
@@ -186,8 +186,9 @@ class DreamBoothRecipe:
         accelerator.print(f"class images: {len(images)} in {class_dir} ({generated} generated in {seconds:.1f}s)")
         return images
 
-    def _setup_lora(self, lora, xformers, gradient_checkpointing):
-        """LoRA on the UNet (and the text encoders), after the frozen parts reach the device."""
+    def _setup_lora(self, lora, xformers, gradient_checkpointing, compile_backend=None):
+        """LoRA on the UNet (and the text encoders), after the frozen parts reach the device; then the UNet
+        compiled, if asked, in place (Module.compile: parameter names, LoRA saving and checkpoints unchanged)."""
         from dreambooth import models
         family = self.family
         family.place(self.accelerator.device, self.weight_dtype)
@@ -199,6 +200,8 @@ class DreamBoothRecipe:
             if lora.train_text_encoder:
                 for encoder in family.text_encoders:  # transformers 5 renamed it; 4.x only has the old name
                     getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
+        if compile_backend:
+            family.unet.compile(backend=compile_backend)  # compiles on the first step; recompiles per bucket size
         self.trained_text_encoders = list(family.text_encoders) if lora.train_text_encoder else []
 
     def _setup_data(self, instance_prompt, class_prompt, resolution, center_crop, random_flip, repeats,

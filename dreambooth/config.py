@@ -19,6 +19,7 @@ from .lora_io import LORA_WEIGHT_NAME
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 INTERPOLATION_MODES = ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
 TRACKERS = ("tensorboard", "wandb", "comet_ml")
+DYNAMO_BACKENDS = ("inductor", "cudagraphs", "aot_eager", "eager")  # torch's own; others need extra packages
 IF_ONLY_FLAGS = ("validation_images", "class_labels_conditioning")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -199,6 +200,12 @@ def build_parser():
     g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=False, help="Allow TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--enable_xformers_memory_efficient_attention", action=argparse.BooleanOptionalAction, default=False,
                    help="Use xformers attention (default is PyTorch SDPA).")
+    g.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="Compile the UNet with torch.compile (kohya's flag). The first step pays the compilation "
+                        "(minutes on CPU, where it gains nothing: measured in bench/); off by default.")
+    g.add_argument("--dynamo_backend", default="inductor", choices=DYNAMO_BACKENDS,
+                   help="torch.compile backend for --torch_compile (kohya's flag); eager/aot_eager only check that "
+                        "a model compiles.")
     g.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="Encode the fixed prompts once and free the text encoders during training. Default: on "
                         "whenever that is exact (the text encoders do not train); --no-pre_compute_text_embeddings "
@@ -546,6 +553,8 @@ def _check_flags(args, notes):
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise UsageError("--pre_compute_text_embeddings cannot be used with --train_text_encoder "
                          "(the embeddings change as the text encoder trains); drop one of them")
+    if args.dynamo_backend != "inductor" and not args.torch_compile:
+        notes.append(f"note: --dynamo_backend {args.dynamo_backend} has no effect without --torch_compile")
     if args.use_dora and args.output_format == "kohya":
         raise UsageError("--use_dora cannot be written in the kohya layout; use --output_format diffusers")
     if args.use_dora and args.output_format == "both":
