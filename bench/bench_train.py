@@ -6,7 +6,8 @@
 
 Prints one table per question, all from the same run:
   1. step time: the bare UNet+LoRA forward/backward at the training batch (the floor: instance + class
-     images in one call), against our steady-state seconds per step with and without caching;
+     images in one call), against our steady-state seconds per step with nothing cached (diffusers'
+     behaviour), with the defaults (random crops: text embeddings cached), and the defaults + --center_crop;
   2. class priors: our generation (batched, DPM-Solver++ 25 steps, components reused) against a plain
      DiffusionPipeline loop at 50 steps, one image at a time; and a second run with the same settings;
   3. memory: peak RSS during the training steps of a model with SD 1.5's sizes (random weights, 4.0 GiB in
@@ -142,13 +143,21 @@ def prior_row(name, model, res, first, again, quick):
             f"{again['class_images_generated']} in {again.get('class_generation_seconds', 0):.2f}s"]
 
 
+# Table 1's runs. The instance photos are 160x128, so with diffusers' default random crops only the text
+# embeddings can be computed once; with --center_crop (or square photos, or buckets) the latents can too.
+NOTHING_CACHED = "nothing cached: --no-cache_latents --no-pre_compute_text_embeddings (diffusers' behaviour)"
+CENTER_CROP_DEFAULT = "defaults + --center_crop (text embeddings and latents cached)"
+STEP_SETUPS = {
+    NOTHING_CACHED: ["--no-cache_latents", "--no-pre_compute_text_embeddings"],
+    "defaults, random crops of 160x128 photos (text embeddings cached)": [],
+    CENTER_CROP_DEFAULT: ["--center_crop"],
+}
+
 MEMORY_SETUPS = {  # label: extra training flags
     "fp32, gradient checkpointing": ["--gradient_checkpointing"],
-    "bf16, cached latents + text embeddings": ["--mixed_precision", "bf16", "--cache_latents",
-                                               "--pre_compute_text_embeddings"],
-    "bf16, cached, gradient checkpointing, 8-bit AdamW": ["--mixed_precision", "bf16", "--cache_latents",
-                                                          "--pre_compute_text_embeddings", "--gradient_checkpointing",
-                                                          "--use_8bit_adam"],
+    "bf16, cached latents + text embeddings": ["--mixed_precision", "bf16", "--center_crop"],
+    "bf16, cached, gradient checkpointing, 8-bit AdamW": ["--mixed_precision", "bf16", "--center_crop",
+                                                          "--gradient_checkpointing", "--use_8bit_adam"],
 }
 
 
@@ -230,22 +239,20 @@ def main():
         # measured just before and just after it, and the table shows medians over the rounds.
         def floor():
             return floor_in_subprocess(model, res, 10 if args.quick else 30)
-        floors, plains, cacheds, ratios = [floor()], [], [], {"plain": [], "cached": []}
+        floors, runs = [floor()], {label: [] for label in STEP_SETUPS}
+        ratios = {label: [] for label in STEP_SETUPS}
         for r in range(rounds):
-            plains.append(train(model, instance_dir, os.path.join(work, f"run-{short}-plain{r}"), res, steps,
-                                *prior_flags(short)))
-            floors.append(floor())
-            ratios["plain"].append(plains[-1]["step_seconds_median"] * 2 / (floors[-2] + floors[-1]))
-            cacheds.append(train(model, instance_dir, os.path.join(work, f"run-{short}-cached{r}"), res, steps,
-                                 *prior_flags(short), "--cache_latents", "--pre_compute_text_embeddings"))
-            floors.append(floor())
-            ratios["cached"].append(cacheds[-1]["step_seconds_median"] * 2 / (floors[-2] + floors[-1]))
-        for label, runs, key in (("no caching", plains, "plain"),
-                                 ("cache_latents + pre_compute_text_embeddings", cacheds, "cached")):
-            ours = statistics.median(run["step_seconds_median"] for run in runs)
-            setup = statistics.median(run["setup_seconds"] for run in runs)
+            for k, (label, flags) in enumerate(STEP_SETUPS.items()):
+                runs[label].append(train(model, instance_dir, os.path.join(work, f"run-{short}-{k}-{r}"), res, steps,
+                                         *prior_flags(short), *flags))
+                floors.append(floor())
+                ratios[label].append(runs[label][-1]["step_seconds_median"] * 2 / (floors[-2] + floors[-1]))
+        for label in STEP_SETUPS:
+            ours = statistics.median(run["step_seconds_median"] for run in runs[label])
+            setup = statistics.median(run["setup_seconds"] for run in runs[label])
             step_rows.append([name, label, f"{statistics.median(floors) * 1000:.1f}", f"{ours * 1000:.1f}",
-                              f"{statistics.median(ratios[key]):.2f}x", f"{setup:.1f}"])
+                              f"{statistics.median(ratios[label]):.2f}x", f"{setup:.1f}"])
+        plains, cacheds = runs[NOTHING_CACHED], runs[CENTER_CROP_DEFAULT]
         prior_rows.append(prior_row(name, model, res, plains[0], cacheds[0], args.quick))
     for name, (kwargs, res) in COMPUTE_BOUND.items():
         model = build(os.path.join(work, "tiny-2x-vae"), **kwargs)
@@ -277,8 +284,7 @@ def main():
     model = os.path.join(work, "small")
     res_rows = []
     for res in (64, 128, 256):
-        stats = train(model, instance_dir, os.path.join(work, f"res-{res}"), res, steps // 2 + 4, "--cache_latents",
-                      "--pre_compute_text_embeddings")
+        stats = train(model, instance_dir, os.path.join(work, f"res-{res}"), res, steps // 2 + 4, "--center_crop")
         res_rows.append([res, f"{stats['step_seconds_median'] * 1000:.1f}"])
     table(f"4. Step time vs resolution ({name}, batch 1, cached)", ["resolution px", "ms/step"], res_rows)
 
@@ -286,7 +292,7 @@ def main():
     for count in (5, 20, 80):
         folder = make_images(os.path.join(work, f"dog{count}"), count)
         stats = train(os.path.join(work, "tiny"), folder, os.path.join(work, f"setup-{count}"), 64, 4,
-                      "--cache_latents", "--pre_compute_text_embeddings")
+                      "--center_crop")
         setup_rows.append([count, f"{stats['setup_seconds']:.2f}"])
     table("5. Setup time (flags checked -> first step, tiny model, latents cached) vs instance images",
           ["instance images", "setup s"], setup_rows)

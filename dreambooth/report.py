@@ -50,6 +50,12 @@ def peak_rss_since_restart_mb():
     return 0.0
 
 
+def _cuda():
+    """torch.cuda when this process has used a GPU, else None (never initialises CUDA just to ask)."""
+    torch = sys.modules.get("torch")
+    return torch.cuda if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
 class RunStats:
     """Wall-clock split of a run: setup (flags to first step), class generation, steady-state step time
     (median, checkpoint and validation pauses excluded), and memory: the process's peak RSS, and the peak
@@ -73,6 +79,10 @@ class RunStats:
         # read before the restart: on Linux ru_maxrss follows VmHWM down (and the two can differ by a few pages)
         self.setup_peak_rss_mb = rss_mb()
         self.exact_train_peak = restart_peak_rss()
+        cuda = _cuda()
+        if cuda:  # the training steps' own peak, as for RSS; the setup's is kept
+            self.values["setup_peak_vram_mb"] = cuda.max_memory_allocated() / 2**20
+            cuda.reset_peak_memory_stats()
         self._tick = time.perf_counter()
 
     def step_done(self):
@@ -87,6 +97,9 @@ class RunStats:
 
     def summary(self):
         steady = self.step_seconds[2:] or self.step_seconds
+        cuda = _cuda()
+        if cuda and self.step_seconds:  # torch.cuda.max_memory_allocated: tensors only, not the allocator's cache
+            self.values["train_peak_vram_mb"] = cuda.max_memory_allocated() / 2**20
         train_peak = peak_rss_since_restart_mb() if self.exact_train_peak else self.sampled_train_peak_rss_mb
         return dict(self.values, steps_timed=len(self.step_seconds),
                     step_seconds_median=statistics.median(steady) if steady else None,
