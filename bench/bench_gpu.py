@@ -187,7 +187,6 @@ def main():
                 prior_rows.append([f"{family} @{res}px", precisions[0], f"{plain:.2f}", f"{ours_rate:.2f}",
                                    f"{ours_rate / plain:.1f}x"])
                 first = False
-    lines = [header]
     t1 = ("1. Seconds per step (mean) against the bare UNet+LoRA forward+backward floor at the same batch, dtype "
           "and checkpointing; peak GPU memory during the training steps (torch.cuda.max_memory_allocated)")
     t2 = "2. Class images per second: plain pipeline loop (50 steps, 1 image/call) vs ours (25 steps, batch 4)"
