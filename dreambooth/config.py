@@ -541,11 +541,6 @@ def _check_flags(args, notes):
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise UsageError("--pre_compute_text_embeddings cannot be used with --train_text_encoder "
                          "(the embeddings change as the text encoder trains); drop one of them")
-    if args.use_dora and args.output_format == "kohya":
-        raise UsageError("--use_dora cannot be written in the kohya layout; use --output_format diffusers")
-    if args.use_dora and args.output_format == "both":
-        notes.append("note: --use_dora: writing the diffusers file only (the kohya layout has no DoRA)")
-        args.output_format = "diffusers"
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
     if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
