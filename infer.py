@@ -258,6 +258,9 @@ def load_lora(pipe, lora, adapter_name, base):
     shapes = safetensors_shapes("--lora", path)
     if not any(m in k for k in shapes for m in LORA_MARKERS):
         raise UsageError(f"--lora {path}: not a LoRA file (no lora_A/lora_down/... keys)")
+    if any(k.endswith(".dora_scale") for k in shapes):  # diffusers' kohya loader filters them out, with a warning
+        print(f"infer.py: warning: --lora {path} is a DoRA LoRA in the kohya layout, whose magnitudes diffusers "
+              "ignores; give the folder's pytorch_lora_weights.safetensors for the exact weights", file=sys.stderr)
     with diffusers_log() as log:
         try:
             pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),

@@ -279,4 +279,5 @@ def test_infer_takes_a_kohya_only_folder_and_names_the_trigger_words(run, tiny_m
     assert code == 0, err
     assert f'--lora {folder} was trained with the trigger words "a photo of sks dog", which --prompt ' \
            '"a dog on the beach" does not contain' in err
+    assert "is a DoRA LoRA in the kohya layout, whose magnitudes diffusers ignores" in err  # said, not silent
     assert os.path.isfile(tmp_path / "img" / "grid.png")
