@@ -184,6 +184,39 @@ def lora_weight_file(path):
                         else names[0])
 
 
+def trigger_phrase(lora):
+    """The phrase a LoRA was trained with, from the header of its file or, for a folder, of any LoRA file in it
+    (our diffusers file does not carry it; the kohya file beside it does)."""
+    from safetensors import safe_open
+
+    from dreambooth.kohya_metadata import trigger_phrase as from_header
+    paths = [lora_weight_file(lora)]
+    if os.path.isdir(lora):
+        paths += sorted(os.path.join(lora, n) for n in os.listdir(lora) if n.endswith(".safetensors"))
+    for path in dict.fromkeys(paths):
+        try:
+            with safe_open(path, "pt") as f:
+                found = from_header(f.metadata() or {})
+        except Exception:  # unreadable files were refused already; a stray one is not worth failing over
+            continue
+        if found:
+            return found
+    return None
+
+
+def trigger_notes(loras, prompts):
+    """One note per LoRA whose trigger phrase some --prompt lacks: without it a DreamBooth LoRA mostly does nothing."""
+    notes = []
+    for lora in loras:
+        phrase = trigger_phrase(lora)
+        missing = [p for p in prompts if phrase and phrase.lower() not in p.lower()]
+        if missing:
+            notes.append(f"infer.py: note: --lora {lora} was trained with the trigger words \"{phrase}\", which "
+                         f"--prompt \"{missing[0]}\"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} "
+                         "does not contain; add them to get the trained subject")
+    return notes
+
+
 @contextlib.contextmanager
 def diffusers_log():
     """Collects what diffusers logs instead of printing it: it reports LoRA keys that fit no layer only as a
@@ -225,6 +258,9 @@ def load_lora(pipe, lora, adapter_name, base):
     shapes = safetensors_shapes("--lora", path)
     if not any(m in k for k in shapes for m in LORA_MARKERS):
         raise UsageError(f"--lora {path}: not a LoRA file (no lora_A/lora_down/... keys)")
+    if any(k.endswith(".dora_scale") for k in shapes):  # diffusers' kohya loader filters them out, with a warning
+        print(f"infer.py: warning: --lora {path} is a DoRA LoRA in the kohya layout, whose magnitudes diffusers "
+              "ignores; give the folder's pytorch_lora_weights.safetensors for the exact weights", file=sys.stderr)
     with diffusers_log() as log:
         try:
             pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
@@ -279,6 +315,8 @@ def _main(argv):
         load_lora(pipe, lora, names[-1], args.base)
     if names:
         pipe.set_adapters(names, adapter_weights=args.lora_scale or [1.0] * len(names))
+    for note in trigger_notes(args.lora, args.prompt):
+        print(note, file=sys.stderr)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 

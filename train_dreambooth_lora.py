@@ -67,6 +67,7 @@ class DreamBoothRecipe:
     def __init__(self, args, instance_images, stats):
         self.args, self.instance_images, self.stats = args, instance_images, stats
         self.accelerator = None
+        self.started_at = time.time()  # unix time, for the kohya file's ss_training_started_at
 
     # ---- setup ----------------------------------------------------------------------------------------------
     def setup(self):
@@ -306,7 +307,9 @@ class DreamBoothRecipe:
         self.unet, self.text_encoders = trained[0], trained[1:]  # wrapped (DDP) where several processes train
         if self.text_encoders:
             self.family.text_encoders = list(self.text_encoders)  # prompts are encoded by the training ones
-        checkpoints.register_lora_state_hooks(accelerator, self.family, self.unet, self.text_encoders)
+        kohya = self.args.output_format in ("kohya", "both")
+        checkpoints.register_lora_state_hooks(accelerator, self.family, self.unet, self.text_encoders,
+                                              (lambda folder: self._save_kohya(folder, True)) if kohya else None)
 
     def _setup_resume(self, resume_dir, output_dir, overwrite):
         """Weights, optimizer, schedule, RNG states and the exact batch position; then the output folder exists."""
@@ -469,14 +472,13 @@ class DreamBoothRecipe:
             text_encoders = [accelerator.unwrap_model(e) for e in self.text_encoders]
             check_free_space(a.output_dir, self.lora_bytes, "the LoRA weights")
             lora_io.save_diffusers_lora(a.output_dir, self.family, unet, text_encoders)
-            if a.output_format in ("kohya", "both"):
-                lora_io.save_kohya_lora(a.output_dir, self.family, unet, text_encoders, a, step)
+            kohya_file = self._save_kohya(a.output_dir) if a.output_format in ("kohya", "both") else None
             if a.validation_prompt:
                 self._validate(step)
             report.plot_loss(self.reader.history, os.path.join(a.output_dir, "loss.png"))
             self.stats.set(final_step=step)  # also how a later --resume_from_checkpoint knows the run finished
             self.stats.write(os.path.join(a.output_dir, "train_stats.json"))
-            report.write_run_files(a, step, self.progress.format_dict.get("elapsed", 0), self.family)
+            report.write_run_files(a, step, self.progress.format_dict.get("elapsed", 0), self.family, kohya_file)
             accelerator.print(f"done: {step} steps; LoRA weights in {a.output_dir}/{lora_io.LORA_WEIGHT_NAME}")
         accelerator.end_training()
         if a.push_to_hub and accelerator.is_main_process:
@@ -487,6 +489,30 @@ class DreamBoothRecipe:
             if not uploaded:
                 return 4  # trained and saved, but the asked-for upload did not happen: scripts should notice
         return 0
+
+    def _save_kohya(self, folder, intermediate=False):
+        """The kohya-layout file for ComfyUI/A1111: <output_dir name>.safetensors, and in a checkpoint folder
+        <name>-step00000N.safetensors as sd-scripts names intermediate saves (the UIs list both apart)."""
+        from dreambooth import kohya_metadata, lora_io, report
+        a, accelerator, step = self.args, self.accelerator, self.position.step
+        name = os.path.basename(os.path.normpath(os.path.abspath(a.output_dir))) or "lora"
+        output_name = f"{name}-step{step:08d}" if intermediate else name
+        captions = [self.dataset.prompts[i] for i in self.dataset.instance_prompt_ids]
+        source = a.dataset_name or a.instance_data_dir
+        run = lora_io.KohyaRun(
+            output_name=output_name, base_model=str(a.pretrained_model_name_or_path),
+            instance_prompt=a.instance_prompt, rank=a.rank, alpha=a.lora_alpha or a.rank, steps=step,
+            max_train_steps=self.max_train_steps, resolution=a.resolution, learning_rate=a.learning_rate,
+            text_encoder_lr=a.text_encoder_lr or a.learning_rate, train_text_encoder=bool(a.train_text_encoder),
+            use_dora=bool(a.use_dora), lora_dropout=a.lora_dropout, optimizer=lora_io.optimizer_name(self.optimizer),
+            lr_scheduler=a.lr_scheduler, seed=a.seed, mixed_precision=accelerator.mixed_precision,
+            num_train_images=len(self.instance_images) * a.repeats, num_reg_images=len(self.class_images),
+            prior_loss_weight=a.prior_loss_weight, repeats=a.repeats,
+            tag_frequency=kohya_metadata.tag_frequency(os.path.basename(os.path.normpath(source)), a.repeats, captions),
+            started_at=self.started_at, finished_at=time.time(), session_id=int(self.started_at * 1000) % 2**31,
+            license=report.base_license(str(a.pretrained_model_name_or_path), self.family, a.cache_dir, a.revision)[0])
+        return lora_io.save_kohya_lora(folder, output_name, self.family, accelerator.unwrap_model(self.unet),
+                                       [accelerator.unwrap_model(e) for e in self.text_encoders], run)
 
     def cleanup(self):
         """After an error or interrupt: close the trackers, so their files are complete (a finished or stopped

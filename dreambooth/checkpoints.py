@@ -193,15 +193,18 @@ def load_checkpoint(accelerator, path):
                          f"{previous_checkpoint_offer(path)}") from e
 
 
-def register_lora_state_hooks(accelerator, family, unet, text_encoders=()):
+def register_lora_state_hooks(accelerator, family, unet, text_encoders=(), save_kohya=None):
     """save_state writes only the LoRA weights (megabytes, in the loadable diffusers file) instead
-    of the whole UNet; load_state puts them back into the live adapters."""
+    of the whole UNet; load_state puts them back into the live adapters. save_kohya(folder), when the output
+    format includes it, also writes the kohya file there: UI users try intermediate steps too."""
     from .lora_io import save_diffusers_lora
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             save_diffusers_lora(output_dir, family, accelerator.unwrap_model(unet),
                                 [accelerator.unwrap_model(e) for e in text_encoders])
+            if save_kohya:
+                save_kohya(output_dir)
         weights.clear()
 
     def load_hook(models, input_dir):

@@ -555,11 +555,6 @@ def _check_flags(args, notes):
                          "(the embeddings change as the text encoder trains); drop one of them")
     if args.dynamo_backend != "inductor" and not args.torch_compile:
         notes.append(f"note: --dynamo_backend {args.dynamo_backend} has no effect without --torch_compile")
-    if args.use_dora and args.output_format == "kohya":
-        raise UsageError("--use_dora cannot be written in the kohya layout; use --output_format diffusers")
-    if args.use_dora and args.output_format == "both":
-        notes.append("note: --use_dora: writing the diffusers file only (the kohya layout has no DoRA)")
-        args.output_format = "diffusers"
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
     if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:

@@ -1,10 +1,10 @@
 """LoRA files: the diffusers layout `load_lora_weights` reads, the kohya layout ComfyUI/A1111 read,
 written atomically so a crash mid-save never leaves a file a loader chokes on."""
-import datetime
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 
 from . import __version__
 from .files import atomic_write
@@ -26,21 +26,33 @@ def _adapter_metadata(model):
     return json.loads(json.dumps(config, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
 
+def _peft_layers(model, prefix=""):
+    """A model's LoRA under peft's own names (`<module>.lora_A.weight`, `.lora_B.weight`,
+    `.lora_magnitude_vector.weight`) for every target module alike. diffusers' convert_state_dict_to_diffusers
+    renames only the attention projections (`to_q.lora.down`) and leaves resnet convs, proj_in/out, feed-forward
+    and time-embedding layers as lora_A: a file mixing both styles makes load_lora_weights read it as the old
+    format and silently skip every attention module. One style loads whole. The magnitude vector gets its
+    `.weight`, which peft's and transformers' loaders both map onto the parameter (without it, transformers 5
+    drops a text encoder's DoRA magnitudes)."""
+    out = {}
+    for key, value in _peft_state_dict(model).items():
+        if key.endswith("lora_magnitude_vector"):
+            key += ".weight"
+        out[prefix + key] = value
+    return out
+
+
 def _text_encoder_layers(text_encoder):
-    """A text encoder's LoRA in diffusers' layout, with the `text_model.` level every SD/SDXL LoRA file has, even
-    where transformers 5 flattened it away (its CLIPTextModel has no text_model attribute)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    layers = convert_state_dict_to_diffusers(_peft_state_dict(text_encoder))
-    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in layers.items()}
+    """A text encoder's LoRA with the `text_model.` level every SD/SDXL LoRA file has, even where transformers 5
+    flattened it away (its CLIPTextModel has no text_model attribute)."""
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in _peft_layers(text_encoder).items()}
 
 
 def diffusers_lora_layers(family, unet, text_encoders=()):
-    """The keyword arguments of the family's pipeline `save_lora_weights`: each trained part's LoRA in the layout
-    diffusers' own training scripts save (unet_lora_layers, text_encoder_lora_layers, text_encoder_2_lora_layers),
-    with the adapter metadata diffusers reads back."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    out = {"unet_lora_layers": convert_state_dict_to_diffusers(_peft_state_dict(unet)),
-           "unet_lora_adapter_metadata": _adapter_metadata(unet)}
+    """The keyword arguments of the family's pipeline `save_lora_weights`: each trained part's LoRA (unet_lora_layers,
+    text_encoder_lora_layers, text_encoder_2_lora_layers) in one key style, with the adapter metadata (rank, alpha,
+    targets, DoRA) diffusers reads back."""
+    out = {"unet_lora_layers": _peft_layers(unet), "unet_lora_adapter_metadata": _adapter_metadata(unet)}
     for name, encoder in zip(family.text_encoder_names, text_encoders):
         if getattr(encoder, "peft_config", None):
             out[f"{name}_lora_layers"] = _text_encoder_layers(encoder)
@@ -65,7 +77,10 @@ def kohya_state_dict(family, unet, text_encoders=(), alpha=None):
     """The layout kohya sd-scripts write and A1111/ComfyUI read: lora_unet_<module>.lora_down/up with a
     per-module .alpha (the UNet module named as the family's kohya files name it: diffusers paths for SD 1.x/2.x,
     the original input_blocks/... paths for SDXL); text-encoder modules under the family's prefixes
-    (lora_te_ for SD, lora_te1_/lora_te2_ for SDXL) as text_model_encoder_layers_N_...
+    (lora_te_ for SD, lora_te1_/lora_te2_ for SDXL) as text_model_encoder_layers_N_...; DoRA's magnitude as
+    .dora_scale in LyCORIS' output-axis layout, (out, 1) for Linear and (out, 1, 1, 1) for Conv2d: one magnitude
+    per output row, normalised by the row norms of the updated weight, which is exactly peft's DoRA (ComfyUI
+    tells that layout from the input-axis one by the first dimension).
     Ours, not diffusers' conversion utilities: those write alpha = rank and drop the text_model level."""
     import torch
     out = {}
@@ -75,30 +90,67 @@ def kohya_state_dict(family, unet, text_encoders=(), alpha=None):
               if getattr(encoder, "peft_config", None)]
     for prefix, model, module_name in parts:
         config = model.peft_config["default"]
-        if config.use_dora:
-            raise ValueError("kohya export of DoRA weights is not supported; use --output_format diffusers")
         for key, value in _peft_state_dict(model).items():
             module, kind = key.rsplit(".lora_", 1)
             name = prefix + module_name(module).replace(".", "_")
+            if kind.startswith("magnitude_vector"):
+                base = model.get_submodule(module).get_base_layer().weight
+                out[f"{name}.dora_scale"] = value.reshape(base.shape[0], *[1] * (base.dim() - 1)).contiguous()
+                continue
             out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
             out[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else config.lora_alpha))
     return out
 
 
-def save_kohya_lora(folder, family, unet, text_encoders, args, steps):
-    """<output_dir name>.safetensors with kohya-style ss_* metadata, for ComfyUI and A1111."""
+@dataclass
+class KohyaRun:
+    """What the kohya file's header says about the run (kohya_metadata.training_metadata reads it)."""
+    output_name: str
+    base_model: str
+    instance_prompt: str
+    rank: int
+    alpha: float
+    steps: int
+    max_train_steps: int
+    resolution: int
+    learning_rate: float
+    text_encoder_lr: float = None
+    train_text_encoder: bool = False
+    use_dora: bool = False
+    lora_dropout: float = 0.0
+    optimizer: str = ""
+    lr_scheduler: str = "constant"
+    seed: int = None
+    mixed_precision: str = "no"
+    num_train_images: int = 0
+    num_reg_images: int = 0
+    prior_loss_weight: float = 1.0
+    repeats: int = 1
+    tag_frequency: dict = field(default_factory=dict)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    session_id: int = 0
+    license: str = None
+    version: str = __version__
+
+
+def optimizer_name(optimizer):
+    """sd-scripts' ss_optimizer: the optimizer's full class path and its settings, e.g.
+    torch.optim.adamw.AdamW(weight_decay=0.01,betas=(0.9, 0.999))."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real one
+    cls = type(inner)
+    group = inner.param_groups[0] if getattr(inner, "param_groups", None) else {}
+    settings = ",".join(f"{k}={group[k]}" for k in ("weight_decay", "betas", "eps") if k in group)
+    return f"{cls.__module__}.{cls.__name__}" + (f"({settings})" if settings else "")
+
+
+def save_kohya_lora(folder, name, family, unet, text_encoders, run):
+    """folder/<name>.safetensors in the kohya layout with the header A1111/ComfyUI/Civitai read (kohya_metadata)."""
     from safetensors.torch import save_file
+    from . import kohya_metadata
     state = kohya_state_dict(family, unet, text_encoders)
-    metadata = {
-        "ss_base_model_version": family.base_model_version(),
-        "ss_sd_model_name": str(args.pretrained_model_name_or_path),
-        "ss_network_module": "networks.lora", "ss_network_dim": str(args.rank),
-        "ss_network_alpha": str(args.lora_alpha or args.rank), "ss_resolution": str(args.resolution),
-        "ss_steps": str(steps), "ss_training_comment": args.instance_prompt,
-        "ss_training_finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "dreambooth_lora_version": __version__, "instance_prompt": args.instance_prompt,
-    }
-    name = os.path.basename(os.path.normpath(os.path.abspath(folder))) or "lora"
+    facts = dict(family.kohya_facts(), license=run.license)
+    metadata = kohya_metadata.build(facts, run, state)
     path = os.path.join(folder, f"{name}.safetensors")
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     return path

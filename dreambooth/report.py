@@ -4,6 +4,7 @@ import datetime
 import importlib.util
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -168,53 +169,172 @@ def redacted(argv):
     return out
 
 
-def write_run_files(args, steps, seconds, family=None):
-    """config.yaml to repeat the run, README.md model card with the numbers that matter."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+USE_RESTRICTIONS = {  # what each base licence asks of whoever uses a derivative, in one line for the card
+    "creativeml-openrail-m": "CreativeML Open RAIL-M: the use restrictions of its Attachment A (no unlawful, harmful, "
+                             "defamatory or deceptive uses, no medical or legal advice, ...) pass on to this LoRA and "
+                             "to every image made with it, and must be passed on to anyone you share it with.",
+    "openrail++": "CreativeML Open RAIL++-M: the use restrictions of its Attachment A (no unlawful, harmful, "
+                  "defamatory or deceptive uses, ...) pass on to this LoRA and to every image made with it, and must be "
+                  "passed on to anyone you share it with.",
+}
+
+
+def _front_matter(path):
+    """The YAML block at the top of a model card, as a dict ({} when unreadable or absent)."""
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not text.startswith("---"):
+        return {}
+    try:
+        data = yaml.safe_load(text.split("---", 2)[1])
+    except (yaml.YAMLError, IndexError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _local_card(model, cache_dir=None, revision=None):
+    """The base's own README.md, from its folder or (for a hub id) the local Hugging Face cache: no download."""
+    if os.path.isdir(model):
+        return os.path.join(model, "README.md")
+    if os.path.isfile(model):
+        return os.path.join(os.path.dirname(model), "README.md")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(model, "README.md", cache_dir=cache_dir, revision=revision)
+    except Exception:  # a malformed id: no card to read
+        return None
+    return found if isinstance(found, str) else None
+
+
+def base_hub_id(model):
+    """The base as a Hub id, for the card's base_model (the Hub links the LoRA to it): the flag itself when it is
+    one, the repo of a Hub cache snapshot folder, or the `_name_or_path` its configs were saved with; None for a
+    purely local model."""
+    if not os.path.exists(model):
+        return model if HUB_ID.match(model) else None
+    found = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots", os.path.abspath(model))
+    if found:
+        return f"{found[1]}/{found[2]}"
+    folder = model if os.path.isdir(model) else os.path.dirname(model)
+    for config in ("model_index.json", "unet/config.json", "text_encoder/config.json"):
+        try:
+            with open(os.path.join(folder, config), encoding="utf-8") as f:
+                name = json.load(f).get("_name_or_path", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(name, str) and HUB_ID.match(name) and not os.path.exists(name):
+            return name
+    return None
+
+
+def base_license(model, family=None, cache_dir=None, revision=None):
+    """(licence id, where it came from): the base's own card when it is readable here, else the licence the
+    family's released weights carry (SD 1.x: creativeml-openrail-m; SD 2.x, SDXL: openrail++)."""
+    card = _local_card(model, cache_dir, revision)
+    license = _front_matter(card).get("license") if card else None
+    if isinstance(license, str) and license:
+        return license, "the base model's card"
+    return (family.license(), f"the {family.name} family's licence") if family else ("other", "unknown")
+
+
+def write_run_files(args, steps, seconds, family=None, kohya_file=None):
+    """config.yaml to repeat the run, README.md model card: the Hub's YAML block (licence, base model, tags,
+    instance prompt, widget), how to use the LoRA in diffusers, ComfyUI and A1111, the settings and the command."""
     import yaml
     config = effective_config(args)
     write_text(os.path.join(args.output_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=True))
     command = "accelerate launch train_dreambooth_lora.py " + " ".join(shlex.quote(a) for a in redacted(sys.argv[1:]))
-    grids = sorted(os.listdir(os.path.join(args.output_dir, "validation"))) \
-        if os.path.isdir(os.path.join(args.output_dir, "validation")) else []
-    sample = f"\n![validation](validation/{grids[-1]})\n" if grids else ""
-    card = f"""---
-base_model: {args.pretrained_model_name_or_path}
-library_name: diffusers
-license: {family.license() if family else 'other'}
-instance_prompt: {yaml.safe_dump(args.instance_prompt).strip().removesuffix('...').strip()}
-tags:
-- text-to-image
-- {'stable-diffusion-xl' if family and family.name == 'SDXL' else 'stable-diffusion'}
-- diffusers
-- lora
-- dreambooth
----
+    write_text(os.path.join(args.output_dir, "README.md"), model_card(args, steps, seconds, family, kohya_file, command))
 
+
+def model_card(args, steps, seconds, family, kohya_file, command):
+    import yaml
+    model = str(args.pretrained_model_name_or_path)
+    hub_id = base_hub_id(model)
+    license, license_source = base_license(model, family, args.cache_dir, args.revision)
+    validation = os.path.join(args.output_dir, "validation")
+    grids = sorted(os.listdir(validation)) if os.path.isdir(validation) else []
+    pushed = getattr(args, "_hub_repo_id", None)
+    pipeline = family.pipeline_class_name if family else "StableDiffusionPipeline"
+    xl = bool(family and family.name == "SDXL")
+    meta = {"license": license}
+    if hub_id:
+        meta["base_model"] = hub_id
+    meta.update({
+        "library_name": "diffusers",
+        "instance_prompt": args.instance_prompt,
+        "tags": ["text-to-image", "diffusers", "lora", "dreambooth", "diffusers-training", "template:sd-lora",
+                 "stable-diffusion-xl" if xl else "stable-diffusion",
+                 "stable-diffusion-xl-diffusers" if xl else "stable-diffusion-diffusers"],
+    })
+    if grids:
+        meta["widget"] = [{"text": args.validation_prompt or args.instance_prompt,
+                           "output": {"url": f"validation/{name}"}} for name in grids[-4:]]
+    head = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
+    where = pushed or args.output_dir
+    base_text = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"`{model}` (a local model)"
+    if hub_id and os.path.exists(model):
+        base_text += f", loaded from `{model}`"
+    sample = f"\n![validation](validation/{grids[-1]})\n" if grids else ""
+    restrictions = USE_RESTRICTIONS.get(license, f"Use it under the terms of the base model's licence ({license}).")
+    lora_name = os.path.splitext(os.path.basename(kohya_file))[0] if kohya_file else None
+    ui = (f"""## Use it in ComfyUI
+
+Copy `{lora_name}.safetensors` into `ComfyUI/models/loras/`, add a **Load LoRA** node between the checkpoint loader
+({base_text}) and the sampler, pick the file, and put the trigger words in the prompt.
+
+## Use it in AUTOMATIC1111 / Forge
+
+Copy `{lora_name}.safetensors` into `stable-diffusion-webui/models/Lora/`, load {'an SDXL' if xl else 'the same'}
+base checkpoint, and add `<lora:{lora_name}:1>` plus the trigger words to the prompt. The Lora tab lists it under
+the base's version and offers the trigger words (from its metadata) as activation text.
+""" if kohya_file else """## ComfyUI / AUTOMATIC1111
+
+This run wrote the diffusers file only (`--output_format diffusers`); train with `--output_format both` for the
+kohya-layout file the UIs load.
+""")
+    body = f"""
 # DreamBooth LoRA: {args.instance_prompt}
 
-LoRA weights for `{args.pretrained_model_name_or_path}`, trained with DreamBooth on
-`{args.dataset_name or args.instance_data_dir}` for {steps} steps ({seconds / 60:.1f} min) on {datetime.date.today().isoformat()}.
+LoRA weights for {base_text}, trained with DreamBooth on `{args.dataset_name or args.instance_data_dir}` for {steps}
+steps ({seconds / 60:.1f} min) on {datetime.date.today().isoformat()}.
 {sample}
+## Trigger words
+
+Use `{args.instance_prompt}` in the prompt to get the subject.
+
+## Licence
+
+`{license}` (from {license_source}). {restrictions}
+
+## Use it with diffusers
+
+```python
+from diffusers import {pipeline}
+pipe = {pipeline}.from_pretrained("{hub_id or model}")
+pipe.load_lora_weights("{where}")
+image = pipe("{args.instance_prompt} in a bucket").images[0]
+```
+
+{ui}
+## Settings
+
 | setting | value |
 | --- | --- |
 | instance prompt | `{args.instance_prompt}` |
 | prior preservation | {f'`{args.class_prompt}`, {args.num_class_images} images, weight {args.prior_loss_weight}'
                         if args.with_prior_preservation else 'off'} |
 | resolution | {args.resolution} |
-| rank / alpha | {args.rank} / {args.lora_alpha or args.rank} |
+| rank / alpha | {args.rank} / {args.lora_alpha or args.rank}{' (DoRA)' if args.use_dora else ''} |
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
 | text encoder | {'LoRA-trained' if args.train_text_encoder else 'frozen'} |
 | batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |
 | mixed precision | {args.mixed_precision or 'accelerate default'} |
-
-## Use
-
-```python
-from diffusers import {family.pipeline_class_name if family else 'StableDiffusionPipeline'}
-pipe = {family.pipeline_class_name if family else 'StableDiffusionPipeline'}.from_pretrained("{args.pretrained_model_name_or_path}")
-pipe.load_lora_weights("{args.output_dir}")
-image = pipe("{args.instance_prompt} in a bucket").images[0]
-```
 
 ## Reproduce
 
@@ -223,4 +343,4 @@ image = pipe("{args.instance_prompt} in a bucket").images[0]
 ```
 or `accelerate launch train_dreambooth_lora.py --config {os.path.join(args.output_dir, 'config.yaml')}`.
 """
-    write_text(os.path.join(args.output_dir, "README.md"), card)
+    return f"---\n{head}---\n{body}"

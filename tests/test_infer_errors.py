@@ -55,7 +55,7 @@ def files(tiny_model, tmp_path_factory):
         (d / name).write_bytes(data[:len(data) // 2])
     save_file({"weight": torch.randn(4, 4)}, d / "random.safetensors")
     lora = load_file(d / "lora" / "pytorch_lora_weights.safetensors")
-    extra = {"unet.nonexist.to_q.lora.down.weight": torch.zeros(4, 32), "unet.nonexist.to_q.lora.up.weight":
+    extra = {"unet.nonexist.to_q.lora_A.weight": torch.zeros(4, 32), "unet.nonexist.to_q.lora_B.weight":
              torch.zeros(32, 4)}
     save_file({**lora, **extra}, d / "mixed.safetensors")  # diffusers only warns about the extra layer
     save_file({"transformer.single_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),  # a Flux LoRA's naming
@@ -183,7 +183,10 @@ def test_hub_unreachable(tiny_model, tmp_path, base, env, line):
 @pytest.mark.slow
 def test_kohya_only_folder_loads_and_fp16_on_cpu_warns(files, tmp_path, capsys):
     code, err = run(capsys, tmp_path, ["--base", files["tiny"], "--lora", files["kohya_only"], "--dtype", "fp16"])
-    assert (code, err) == (0, "infer.py: warning: --dtype fp16 on cpu is slow or unsupported; using fp32\n")
+    assert (code, err) == (0, "infer.py: warning: --dtype fp16 on cpu is slow or unsupported; using fp32\n"
+                              f"infer.py: note: --lora {files['kohya_only']} was trained with the trigger words "
+                              '"a photo of sks dog", which --prompt "p" does not contain; add them to get the trained '
+                              "subject\n")  # the kohya file's header names them
     assert sorted(os.listdir(tmp_path / "out")) == ["00-00-p.png", "grid.png"]
 
 

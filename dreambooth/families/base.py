@@ -267,8 +267,25 @@ class ModelFamily:
         """kohya's ss_base_model_version for this base."""
         raise NotImplementedError
 
+    def is_v2(self):
+        """kohya's ss_v2: an SD 2.x base (A1111 files the LoRA under SD 2 by it)."""
+        return False
+
+    def architecture(self):
+        """Stability's modelspec.architecture of the base (the LoRA's is this plus /lora)."""
+        raise NotImplementedError
+
     def license(self):
         raise NotImplementedError
+
+    def kohya_facts(self):
+        """The base as the kohya file's header describes it, all read from the loaded model."""
+        v_pred = self.noise_scheduler.config.prediction_type == "v_prediction"
+        sdxl = self.name == "SDXL"
+        # SD reads the text encoder's last layer (A1111's clip skip 1); SDXL its penultimate one by design, for
+        # which sd-scripts writes None (A1111's clip-skip setting does not apply to it)
+        return {"base_model_version": self.base_model_version(), "v2": self.is_v2(), "v_prediction": v_pred,
+                "sdxl": sdxl, "architecture": self.architecture(), "clip_skip": "None" if sdxl else "1"}
 
 
 class PromptEncoder:

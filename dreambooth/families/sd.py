@@ -26,12 +26,23 @@ class StableDiffusion(ModelFamily):
     def unet_kwargs(self, encoded, batch):
         return {"encoder_hidden_states": encoded["encoder_hidden_states"]}
 
+    def is_v2(self):
+        """SD 2.x: OpenCLIP ViT-H text encoder (1024 wide) feeding a UNet whose cross-attention reads 1024 features;
+        SD 1.x has CLIP ViT-L (768). Either size says it (a text encoder swapped by --tokenizer_name keeps its width)."""
+        return self.text_encoders[0].config.hidden_size == 1024 or self.unet.config.cross_attention_dim == 1024
+
     def base_model_version(self):
-        """As kohya's sd-scripts name it: sd_v1 (CLIP ViT-L, 768 wide) or sd_v2 (OpenCLIP ViT-H, 1024), with _v
-        for v-prediction (SD 2.x 768)."""
-        v2 = self.text_encoders[0].config.hidden_size >= 1024
+        """As kohya's sd-scripts name it: sd_v1 or sd_v2, with _v for v-prediction (SD 2.x 768)."""
         v_pred = self.noise_scheduler.config.prediction_type == "v_prediction"
-        return ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else "")
+        return ("sd_v2" if self.is_v2() else "sd_v1") + ("_v" if v_pred else "")
+
+    def architecture(self):
+        """Stability's modelspec architecture id of the base."""
+        if not self.is_v2():
+            return "stable-diffusion-v1"
+        v_pred = self.noise_scheduler.config.prediction_type == "v_prediction"
+        return "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
 
     def license(self):
-        return "openrail++" if self.base_model_version().startswith("sd_v2") else "creativeml-openrail-m"
+        """The licence the family's released weights carry, for bases whose own card does not say."""
+        return "openrail++" if self.is_v2() else "creativeml-openrail-m"

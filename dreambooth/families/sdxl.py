@@ -53,5 +53,8 @@ class StableDiffusionXL(ModelFamily):
     def base_model_version(self):
         return "sdxl_base_v1-0"
 
+    def architecture(self):
+        return "stable-diffusion-xl-v1-base"
+
     def license(self):
         return "openrail++"
