@@ -85,8 +85,9 @@ def kohya_state_dict(family, unet, text_encoders=(), alpha=None):
     return out
 
 
-def save_kohya_lora(folder, family, unet, text_encoders, args, steps):
-    """<output_dir name>.safetensors with kohya-style ss_* metadata, for ComfyUI and A1111."""
+def save_kohya_lora(folder, family, unet, text_encoders, args, steps, extra_metadata=None):
+    """<output_dir name>.safetensors with kohya-style ss_* metadata, for ComfyUI and A1111. extra_metadata: more
+    string keys (the optimizer, pivotal tuning's prompt: report.training_metadata)."""
     from safetensors.torch import save_file
     state = kohya_state_dict(family, unet, text_encoders)
     metadata = {
@@ -98,6 +99,7 @@ def save_kohya_lora(folder, family, unet, text_encoders, args, steps):
         "ss_training_finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dreambooth_lora_version": __version__, "instance_prompt": args.instance_prompt,
     }
+    metadata.update(extra_metadata or {})
     name = os.path.basename(os.path.normpath(os.path.abspath(folder))) or "lora"
     path = os.path.join(folder, f"{name}.safetensors")
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
