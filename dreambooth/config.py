@@ -266,7 +266,7 @@ def build_parser():
     g.add_argument("--adam_weight_decay", type=finite_float, default=1e-2, help="AdamW (and Prodigy) weight decay.")
     g.add_argument("--adam_weight_decay_text_encoder", type=finite_float, default=None,
                    help="Weight decay of the text encoder's LoRA and the new token embeddings (default: "
-                        "--adam_weight_decay, as the base script; diffusers' advanced scripts default to 1e-3).")
+                        "--adam_weight_decay, as the base script; diffusers' advanced scripts use 1e-3).")
     g.add_argument("--prodigy_beta3", type=finite_float, default=None,
                    help="Prodigy: coefficient of the running averages its step size is estimated from (default: the "
                         "square root of --adam_beta2).")
