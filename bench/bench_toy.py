@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What a run learns, measured on the toy world: base vs LoRA without prior preservation vs LoRA with prior
 preservation (diffusers' settings) vs LoRA with prior preservation (this project's recommended recipe,
-examples/recipes/toy_demo.yaml).
+examples/recipes/toy_demo.yaml), then that recipe with pivotal tuning, with Prodigy at its default rate, and both.
 
 Each LoRA trains on examples/toy_subject from examples/toy-base (the trainer, as a user runs it), then the
 pixel scorer (examples/toy_world.py) reads --num_images images per prompt, seeds 0..N-1, the same for every row:
@@ -10,7 +10,8 @@ fidelity (instance prompt shows the striped subject), recontext (subject on the 
 Wall time is the training command's (class images are cached by settings: a run that had to generate them
 is marked).
 
-    nice -n 19 python bench/bench_toy.py --num_images 8     # ~5 min on 2 CPU cores (the README table)
+    nice -n 19 python bench/bench_toy.py --num_images 8 --only 1,2,3      # ~5 min on 2 CPU cores (README's first table)
+    nice -n 19 python bench/bench_toy.py --num_images 8 --only 3,4,5,6,7  # pivotal tuning and Prodigy (its second)
 """
 import argparse
 import os

@@ -70,12 +70,16 @@ def build_optimizer(name, groups, *, betas, weight_decay, eps, device_type, prod
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(groups, betas=betas, weight_decay=weight_decay, eps=eps)
     if name == "prodigy":
+        import contextlib
+        import io
         import prodigyopt
         lr = groups[0]["lr"]
         groups = [dict(g, lr=lr) for g in groups]
-        return prodigyopt.Prodigy(groups, lr=lr, betas=betas, beta3=prodigy_beta3, weight_decay=weight_decay,
-                                  eps=eps, decouple=prodigy_decouple, use_bias_correction=prodigy_use_bias_correction,
-                                  safeguard_warmup=prodigy_safeguard_warmup)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its weight-decay mode on every construction
+                return prodigyopt.Prodigy(groups, lr=lr, betas=betas, beta3=prodigy_beta3, weight_decay=weight_decay,
+                                      eps=eps, decouple=prodigy_decouple,
+                                      use_bias_correction=prodigy_use_bias_correction,
+                                      safeguard_warmup=prodigy_safeguard_warmup)
     # One fused kernel over all trained tensors instead of a Python loop over them (5x faster on CPU too).
     fused = {"fused": True} if device_type == "cuda" or (device_type == "cpu" and torch.__version__ >= "2.4") else {}
     return torch.optim.AdamW(groups, betas=betas, weight_decay=weight_decay, eps=eps, **fused)
