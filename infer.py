@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # stdlib-only imports: --help and flag errors stay instant
 from dreambooth.config import OneLineParser, UsageError, finite_float, missing_model_path, seed_int  # noqa: E402
 from dreambooth.errors import first_line, run_cli  # noqa: E402
+from dreambooth.pivotal import EMB_SUFFIX  # noqa: E402
 
 SCHEDULERS = {"dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
               "euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler",
@@ -81,7 +82,8 @@ def check(args):
     for lora in args.lora:
         if not os.path.exists(lora):
             raise UsageError(f"--lora {lora}: no such file or folder")
-        if os.path.isdir(lora) and not any(n.endswith(".safetensors") for n in os.listdir(lora)):
+        if os.path.isdir(lora) and not any(n.endswith(".safetensors") and not n.endswith(EMB_SUFFIX)
+                                           for n in os.listdir(lora)):
             raise UsageError(f"--lora {lora}: folder has no .safetensors file")
     if args.num_images < 1 or args.steps < 1:
         raise UsageError("--num_images and --steps must be >= 1")
@@ -179,7 +181,7 @@ def lora_weight_file(path):
     """A folder may hold our diffusers file, a kohya file, or both: prefer the diffusers one."""
     if not os.path.isdir(path):
         return path
-    names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors") and not n.endswith(EMB_SUFFIX))
     return os.path.join(path, "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in names
                         else names[0])
 
@@ -286,6 +288,25 @@ def load_lora(pipe, lora, adapter_name, base):
                          f"{unmatched[0]}); it was made for another kind of model")
 
 
+def load_embeddings(pipe, lora):
+    """A pivotal-tuning run's new tokens (its *_emb.safetensors, in the --lora folder or beside the --lora file),
+    loaded into the pipeline's tokenizers and text encoders; returns the word -> tokens map ({} when none)."""
+    from dreambooth import pivotal
+    if os.path.isdir(lora):
+        path = pivotal.find_embedding_file(lora)
+    else:
+        path = os.path.splitext(lora)[0] + EMB_SUFFIX
+        path = path if os.path.isfile(path) else None
+    if path is None:
+        return {}
+    safetensors_shapes("--lora", path)  # a truncated file is named, not a traceback
+    try:
+        return pivotal.load_into_pipeline(pipe, path)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UsageError(f"--lora {lora}: its embeddings {os.path.basename(path)} do not fit --base ({first_line(e)}); "
+                         "give --base the model it was trained on") from e
+
+
 def main(argv=None):
     return run_cli("infer.py", _main, argv)
 
@@ -309,10 +330,15 @@ def _main(argv):
     pipe = load_base(args.base, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
     if SCHEDULERS[args.scheduler]:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
-    names = []
+    names, token_map = [], {}
     for i, lora in enumerate(args.lora):
         names.append(f"lora{i}")
         load_lora(pipe, lora, names[-1], args.base)
+        token_map.update(load_embeddings(pipe, lora))
+    if token_map:
+        words = ", ".join(f"{w} -> {''.join(t)}" for w, t in token_map.items())
+        print(f"infer.py: new tokens loaded: {words}", file=sys.stderr)
+    from dreambooth.pivotal import rewrite  # pivotal tuning: TOK -> <s0><s1>, as the run's prompts were
     if names:
         pipe.set_adapters(names, adapter_weights=args.lora_scale or [1.0] * len(names))
     for note in trigger_notes(args.lora, args.prompt):
@@ -323,7 +349,7 @@ def _main(argv):
     files = {}  # generated in full before anything is written: a failure or Ctrl-C leaves no partial output
     for p, prompt in enumerate(args.prompt):
         generators = [torch.Generator("cpu").manual_seed(args.seed + k) for k in range(args.num_images)]
-        batch = pipe(prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
+        batch = pipe(rewrite(prompt, token_map), negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generators,
                      height=args.height, width=args.width).images
         slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:40]

@@ -101,8 +101,7 @@ class DreamBoothRecipe:
                          a.tokenizer_max_length, a.text_encoder_use_attention_mask, a.pre_compute_text_embeddings,
                          a.cache_latents, a.sample_batch_size, a.train_batch_size, a.dataloader_num_workers)
         self._setup_optimizer(a.learning_rate, a.text_encoder_lr, a.scale_lr, a.train_batch_size,
-                              a.gradient_accumulation_steps, a.use_8bit_adam,
-                              (a.adam_beta1, a.adam_beta2), a.adam_weight_decay, a.adam_epsilon)
+                              a.gradient_accumulation_steps)
         self._setup_schedule(a.max_train_steps, a.num_train_epochs, a.gradient_accumulation_steps, a.lr_scheduler,
                              a.lr_warmup_steps, a.lr_num_cycles, a.lr_power)
         self._setup_resume(a.resume_from_checkpoint, a.output_dir, a.overwrite_output_dir)
@@ -203,7 +202,17 @@ class DreamBoothRecipe:
                     getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
         if compile_backend:
             family.unet.compile(backend=compile_backend)  # compiles on the first step; recompiles per bucket size
-        self.trained_text_encoders = list(family.text_encoders) if lora.train_text_encoder else []
+        self.pivotal = None
+        if self.args.train_text_encoder_ti:  # after LoRA: the new rows are a parameter of their own, kept fp32
+            from dreambooth import pivotal
+            mapping = pivotal.token_map(pivotal.abstractions(self.args.token_abstraction),
+                                        self.args.num_new_tokens_per_abstraction)
+            self.pivotal = pivotal.PivotalTokens(family, mapping).install(self.args.initializer_concept,
+                                                                          self.args.seed)
+            words = ", ".join(f"{w} -> {''.join(t)}" for w, t in mapping.items())
+            self.accelerator.print(f"pivotal tuning: {words} in {len(family.tokenizers)} tokenizer(s)")
+        train_encoders = lora.train_text_encoder or self.pivotal is not None
+        self.trained_text_encoders = list(family.text_encoders) if train_encoders else []
 
     def _setup_data(self, instance_prompt, class_prompt, resolution, center_crop, random_flip, repeats,
                     interpolation, seed, bucket_args, max_length, use_attention_mask, precompute_text, cache_latents,
@@ -216,10 +225,13 @@ class DreamBoothRecipe:
         self.dataset = data.DreamBoothDataset(
             self.instance_images, instance_prompt, self.class_images, class_prompt, resolution, center_crop,
             random_flip, repeats, interpolation, seed, bucket_args=bucket_args)
-        self.prompts = PromptEncoder(family, self.dataset.prompts, max_length, use_attention_mask)
+        prompts = self.dataset.prompts
+        if self.pivotal:  # TOK -> <s0><s1> in the instance prompt and every caption (the rows keep their order)
+            prompts = [self.pivotal.prompt_example(p) for p in prompts]
+        self.prompts = PromptEncoder(family, prompts, max_length, use_attention_mask)
         fixed_crops = self.dataset.crops_are_fixed()
         line = self._caching_line(precompute_text, cache_latents, fixed_crops)
-        if precompute_text is None:  # exact whenever nothing that encodes the prompts trains
+        if precompute_text is None:  # exact whenever nothing that encodes the prompts trains (LoRA or new rows)
             precompute_text = not self.trained_text_encoders
         if cache_latents is None:
             cache_latents = fixed_crops
@@ -264,27 +276,40 @@ class DreamBoothRecipe:
                        "--enable_bucket lets latents be computed once")
         return f"cache: {text}; {latents}"
 
-    def _setup_optimizer(self, lr, text_encoder_lr, scale_lr, batch_size, accumulation, use_8bit_adam, betas,
-                         weight_decay, eps):
-        from dreambooth import models
-        torch, accelerator = self.torch, self.accelerator
+    def _setup_optimizer(self, lr, text_encoder_lr, scale_lr, batch_size, accumulation):
+        """Parameter groups (UNet LoRA; text-encoder LoRA; new token rows), each with its learning rate and
+        weight decay, the phases in which each trains, and the optimizer (dreambooth/optimizers.py)."""
+        from dreambooth import models, optimizers
+        a, accelerator = self.args, self.accelerator
         scale = batch_size * accumulation * accelerator.num_processes if scale_lr else 1
+        text_decay = a.adam_weight_decay if a.adam_weight_decay_text_encoder is None else a.adam_weight_decay_text_encoder
         groups = [{"params": models.trainable_parameters(self.family.unet), "lr": lr * scale}]
-        if self.trained_text_encoders:  # --text_encoder_lr applies to every text encoder of the family
-            groups.append({"params": [p for e in self.trained_text_encoders for p in models.trainable_parameters(e)],
-                           "lr": (text_encoder_lr or lr) * scale})
+        # (last step, parameters): what trains only for the first share of the run (diffusers' *_frac flags)
+        self.phases = []
+        text_lora = [p for e in self.trained_text_encoders for p in models.trainable_parameters(e)
+                     if not self.pivotal or all(p is not q for q in self.pivotal.parameters())]
+        if text_lora:  # --text_encoder_lr applies to every text encoder of the family
+            groups.append({"params": text_lora, "lr": (text_encoder_lr or lr) * scale, "weight_decay": text_decay})
+            self.phases.append(("train_text_encoder_frac", a.train_text_encoder_frac, text_lora))
+        if self.pivotal:
+            rows = self.pivotal.parameters()
+            groups.append({"params": rows, "lr": (text_encoder_lr or lr) * scale, "weight_decay": text_decay})
+            self.phases.append(("train_text_encoder_ti_frac", a.train_text_encoder_ti_frac, rows))
         self.lora_parameters = [p for group in groups for p in group["params"]]
-        self.lora_bytes = 4 * sum(p.numel() for p in self.lora_parameters) + 2**20  # fp32 file, for space checks
-        self.checkpoint_bytes = 3 * self.lora_bytes  # the LoRA weights plus AdamW's two moments
-        if use_8bit_adam:
-            import bitsandbytes as bnb
-            optimizer_class, fused = bnb.optim.AdamW8bit, {}
-        else:
-            # One fused kernel over all LoRA tensors instead of a Python loop over them (5x faster on CPU too).
-            optimizer_class = torch.optim.AdamW
-            fused = {"fused": True} if accelerator.device.type == "cuda" or (
-                accelerator.device.type == "cpu" and torch.__version__ >= "2.4") else {}
-        self.optimizer = optimizer_class(groups, betas=betas, weight_decay=weight_decay, eps=eps, **fused)
+        trained = sum(p.numel() for p in self.lora_parameters)
+        self.lora_bytes = 4 * trained + 2**20  # fp32 file, for space checks
+        # the weights plus the optimizer's state for them (Prodigy keeps twice AdamW's, 8-bit AdamW a quarter)
+        self.checkpoint_bytes = self.lora_bytes + optimizers.state_bytes(a.optimizer, trained)
+        self.optimizer = optimizers.build_optimizer(
+            a.optimizer, groups, betas=(a.adam_beta1, a.adam_beta2), weight_decay=a.adam_weight_decay,
+            eps=a.adam_epsilon, device_type=accelerator.device.type, prodigy_beta3=a.prodigy_beta3,
+            prodigy_decouple=a.prodigy_decouple, prodigy_use_bias_correction=a.prodigy_use_bias_correction,
+            prodigy_safeguard_warmup=a.prodigy_safeguard_warmup)
+
+    def _frozen_now(self, step):
+        """Parameters whose share of the run is over at optimizer step `step` (0-based): their gradients are
+        dropped, so no optimizer touches them (no update, no weight decay) while the graph stays the same."""
+        return [p for _, end, params in self.phase_steps if step >= end for p in params]
 
     def _setup_schedule(self, max_train_steps, epochs, accumulation, scheduler, warmup, cycles, power):
         """Steps, epochs and the learning-rate schedule; then accelerate wraps what trains."""
@@ -295,6 +320,9 @@ class DreamBoothRecipe:
         steps_per_epoch = math.ceil(len(self.dataloader) / accelerator.num_processes / accumulation)
         self.max_train_steps = max_train_steps or epochs * steps_per_epoch
         self.num_train_epochs = math.ceil(self.max_train_steps / steps_per_epoch)
+        # diffusers' *_frac count epochs; steps are the same share, and exact for runs of a few epochs
+        self.phase_steps = [(flag, math.ceil(frac * self.max_train_steps), params)
+                            for flag, frac, params in self.phases]
         if self.args.resume_from_checkpoint:  # when the total comes from epochs, it is known only now
             checkpoints.check_resume_step(self.args.resume_from_checkpoint, self.max_train_steps)
         self.lr_scheduler = get_scheduler(scheduler, optimizer=self.optimizer,
@@ -309,7 +337,12 @@ class DreamBoothRecipe:
             self.family.text_encoders = list(self.text_encoders)  # prompts are encoded by the training ones
         kohya = self.args.output_format in ("kohya", "both")
         checkpoints.register_lora_state_hooks(accelerator, self.family, self.unet, self.text_encoders,
-                                              (lambda folder: self._save_kohya(folder, True)) if kohya else None)
+                                              (lambda folder: self._save_kohya(folder, True)) if kohya else None,
+                                              self.pivotal, self._embedding_name())
+
+    def _embedding_name(self):
+        from dreambooth import pivotal
+        return pivotal.embedding_file_name(self.args.output_dir) if self.pivotal else None
 
     def _setup_resume(self, resume_dir, output_dir, overwrite):
         """Weights, optimizer, schedule, RNG states and the exact batch position; then the output folder exists."""
@@ -332,7 +365,7 @@ class DreamBoothRecipe:
     def train(self):
         """Returns the exit code: 0, 3 (non-finite loss or gradient) or 128 + signal."""
         from tqdm.auto import tqdm
-        from dreambooth import checkpoints, training
+        from dreambooth import checkpoints, optimizers, training
         a, accelerator, position, torch = self.args, self.accelerator, self.position, self.torch
         settings = training.LossSettings(a.noise_offset, a.snr_gamma, a.prior_loss_weight)
         stopper = checkpoints.GracefulStop()
@@ -371,14 +404,17 @@ class DreamBoothRecipe:
                                 micro_losses = []
                                 continue
                         grad_norm = training.optimizer_step(accelerator, loss, self.lora_parameters, self.optimizer,
-                                                            self.lr_scheduler, a.max_grad_norm)
+                                                            self.lr_scheduler, a.max_grad_norm,
+                                                            drop_grads=self._frozen_now(position.step))
                         micro_losses.append(loss.detach())
                     if not accelerator.sync_gradients:
                         continue
                     position.step += 1
                     self.stats.step_done()
                     self.progress.update(1)
-                    reader.add(training.PendingStep(position.step, self.lr_scheduler.get_last_lr()[0],
+                    # the rate the first group really got: Prodigy's d x lr, the schedule's lr otherwise
+                    reader.add(training.PendingStep(position.step, optimizers.effective_lr(
+                                                        self.optimizer, self.lr_scheduler.get_last_lr()[0]),
                                                     torch.stack(micro_losses).mean(), grad_norm))
                     micro_losses = []
                     code = self._between_steps(reader, stopper)
@@ -454,7 +490,8 @@ class DreamBoothRecipe:
                 torch.autocast(accelerator.device.type, dtype=self.weight_dtype,
                                enabled=self.weight_dtype != torch.float32):
             pipe = family.sampling_pipeline(unet, text_encoders)
-            validation.run_validation(lambda **kw: family.generate(pipe, **kw), pipe.device, a.validation_prompt,
+            prompt = self.pivotal.prompt_example(a.validation_prompt) if self.pivotal else a.validation_prompt
+            validation.run_validation(lambda **kw: family.generate(pipe, **kw), pipe.device, prompt,
                                       a.num_validation_images, a.resolution, a.seed,
                                       os.path.join(a.output_dir, "validation", f"step-{step:06d}.png"),
                                       accelerator, step)
@@ -472,13 +509,16 @@ class DreamBoothRecipe:
             text_encoders = [accelerator.unwrap_model(e) for e in self.text_encoders]
             check_free_space(a.output_dir, self.lora_bytes, "the LoRA weights")
             lora_io.save_diffusers_lora(a.output_dir, self.family, unet, text_encoders)
+            if self.pivotal:
+                self.pivotal.save(os.path.join(a.output_dir, self._embedding_name()))
             kohya_file = self._save_kohya(a.output_dir) if a.output_format in ("kohya", "both") else None
             if a.validation_prompt:
                 self._validate(step)
             report.plot_loss(self.reader.history, os.path.join(a.output_dir, "loss.png"))
             self.stats.set(final_step=step)  # also how a later --resume_from_checkpoint knows the run finished
             self.stats.write(os.path.join(a.output_dir, "train_stats.json"))
-            report.write_run_files(a, step, self.progress.format_dict.get("elapsed", 0), self.family, kohya_file)
+            report.write_run_files(a, step, self.progress.format_dict.get("elapsed", 0), self.family, kohya_file,
+                                   pivotal_prompt=report.pivotal_usage(a, self.pivotal, self._embedding_name()))
             accelerator.print(f"done: {step} steps; LoRA weights in {a.output_dir}/{lora_io.LORA_WEIGHT_NAME}")
         accelerator.end_training()
         if a.push_to_hub and accelerator.is_main_process:
@@ -493,7 +533,7 @@ class DreamBoothRecipe:
     def _save_kohya(self, folder, intermediate=False):
         """The kohya-layout file for ComfyUI/A1111: <output_dir name>.safetensors, and in a checkpoint folder
         <name>-step00000N.safetensors as sd-scripts names intermediate saves (the UIs list both apart)."""
-        from dreambooth import kohya_metadata, lora_io, report
+        from dreambooth import kohya_metadata, lora_io, optimizers, report
         a, accelerator, step = self.args, self.accelerator, self.position.step
         name = os.path.basename(os.path.normpath(os.path.abspath(a.output_dir))) or "lora"
         output_name = f"{name}-step{step:08d}" if intermediate else name
@@ -504,13 +544,14 @@ class DreamBoothRecipe:
             instance_prompt=a.instance_prompt, rank=a.rank, alpha=a.lora_alpha or a.rank, steps=step,
             max_train_steps=self.max_train_steps, resolution=a.resolution, learning_rate=a.learning_rate,
             text_encoder_lr=a.text_encoder_lr or a.learning_rate, train_text_encoder=bool(a.train_text_encoder),
-            use_dora=bool(a.use_dora), lora_dropout=a.lora_dropout, optimizer=lora_io.optimizer_name(self.optimizer),
+            use_dora=bool(a.use_dora), lora_dropout=a.lora_dropout, optimizer=optimizers.describe(a.optimizer, self.optimizer),
             lr_scheduler=a.lr_scheduler, seed=a.seed, mixed_precision=accelerator.mixed_precision,
             num_train_images=len(self.instance_images) * a.repeats, num_reg_images=len(self.class_images),
             prior_loss_weight=a.prior_loss_weight, repeats=a.repeats,
             tag_frequency=kohya_metadata.tag_frequency(os.path.basename(os.path.normpath(source)), a.repeats, captions),
             started_at=self.started_at, finished_at=time.time(), session_id=int(self.started_at * 1000) % 2**31,
-            license=report.base_license(str(a.pretrained_model_name_or_path), self.family, a.cache_dir, a.revision)[0])
+            license=report.base_license(str(a.pretrained_model_name_or_path), self.family, a.cache_dir, a.revision)[0],
+            extra=report.training_metadata(a, self.optimizer, self.pivotal, self._embedding_name()))
         return lora_io.save_kohya_lora(folder, output_name, self.family, accelerator.unwrap_model(self.unet),
                                        [accelerator.unwrap_model(e) for e in self.text_encoders], run)
 

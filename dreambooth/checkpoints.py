@@ -44,7 +44,17 @@ def lora_settings(args):
     """The flags that decide the shape of the LoRA and what trains: a checkpoint only fits a run with the same."""
     return {"rank": args.rank, "lora_alpha": args.lora_alpha or args.rank, "use_dora": bool(args.use_dora),
             "lora_target_modules": ",".join(sorted(m.strip() for m in args.lora_target_modules.split(",") if m.strip())),
-            "train_text_encoder": bool(args.train_text_encoder)}
+            "train_text_encoder": bool(args.train_text_encoder), **_training_settings(args)}
+
+
+def _training_settings(args):
+    """What else a checkpoint's state only fits: the optimizer (its state's layout) and the new tokens."""
+    out = {"optimizer": getattr(args, "optimizer", None) or "adamw",
+           "train_text_encoder_ti": bool(getattr(args, "train_text_encoder_ti", False))}
+    if out["train_text_encoder_ti"]:
+        out.update(token_abstraction=args.token_abstraction,
+                   num_new_tokens_per_abstraction=args.num_new_tokens_per_abstraction)
+    return out
 
 
 def _flag_text(flag, value):
@@ -193,9 +203,11 @@ def load_checkpoint(accelerator, path):
                          f"{previous_checkpoint_offer(path)}") from e
 
 
-def register_lora_state_hooks(accelerator, family, unet, text_encoders=(), save_kohya=None):
+def register_lora_state_hooks(accelerator, family, unet, text_encoders=(), save_kohya=None, pivotal=None,
+                              embedding_name=None):
     """save_state writes only the LoRA weights (megabytes, in the loadable diffusers file) instead
-    of the whole UNet; load_state puts them back into the live adapters. save_kohya(folder), when the output
+    of the whole UNet, and with pivotal tuning the new token rows (<name>_emb.safetensors, loadable as the final
+    one is); load_state puts them back into the live adapters and rows. save_kohya(folder), when the output
     format includes it, also writes the kohya file there: UI users try intermediate steps too."""
     from .lora_io import save_diffusers_lora
 
@@ -205,11 +217,19 @@ def register_lora_state_hooks(accelerator, family, unet, text_encoders=(), save_
                                 [accelerator.unwrap_model(e) for e in text_encoders])
             if save_kohya:
                 save_kohya(output_dir)
+            if pivotal is not None:
+                pivotal.save(os.path.join(output_dir, embedding_name))
         weights.clear()
 
     def load_hook(models, input_dir):
         load_lora_into(input_dir, family, accelerator.unwrap_model(unet),
                        [accelerator.unwrap_model(e) for e in text_encoders])
+        if pivotal is not None:
+            from .pivotal import find_embedding_file
+            path = find_embedding_file(input_dir)
+            if path is None:
+                raise FileNotFoundError(f"no *_emb.safetensors (the new token embeddings) in {input_dir}")
+            pivotal.load(path)
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -236,6 +256,8 @@ def load_lora_into(folder, family, unet, text_encoders=()):
     parts += [(f"{name}.", encoder, text_encoder_convert(encoder))
               for name, encoder in zip(family.text_encoder_names, text_encoders)]
     for prefix, model, convert in parts:
+        if not getattr(model, "peft_config", None):  # a text encoder that trains only new token rows
+            continue
         sd = convert({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         result = set_peft_model_state_dict(model, sd, adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None)

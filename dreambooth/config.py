@@ -15,6 +15,8 @@ from .errors import UsageError  # noqa: F401  (re-exported: callers import it fr
 from .images import IMAGE_EXTENSIONS, check_captions, check_images, list_images, list_instance_images
 from .files import sniff_weights_file, writable_folder_problem
 from .lora_io import LORA_WEIGHT_NAME
+from .optimizers import OPTIMIZERS, check_optimizer_flags
+from . import pivotal
 
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 INTERPOLATION_MODES = ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
@@ -74,6 +76,23 @@ example:
 
 Every on/off flag has a --no-... form (to turn off what a --config file turned on).
 """
+
+
+class OptionalBool(argparse.BooleanOptionalAction):
+    """An on/off flag that also takes a value: `--flag`, `--no-flag`, `--flag false`, `--flag=True`. diffusers'
+    advanced scripts declare the Prodigy switches with type=bool and are called with a value."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nargs = "?"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-") or values is None:
+            return super().__call__(parser, namespace, None, option_string)
+        word = str(values).strip().lower()
+        if word not in TRUE_WORDS + FALSE_WORDS:
+            raise argparse.ArgumentError(self, f"expected true or false, got {values!r}")
+        setattr(namespace, self.dest, word in TRUE_WORDS)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -177,6 +196,21 @@ def build_parser():
                    help="Comma-separated UNet module names that get LoRA.")
     g.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=False,
                    help="Also train LoRA on the text encoder's attention (q,k,v,out projections).")
+    g.add_argument("--train_text_encoder_ti", action=argparse.BooleanOptionalAction, default=False,
+                   help="Pivotal tuning: new tokens stand for --token_abstraction in prompts and captions, and their "
+                        "embeddings train with the LoRA (written to <output_dir name>_emb.safetensors).")
+    g.add_argument("--token_abstraction", default="TOK",
+                   help="The word in --instance_prompt, captions and --validation_prompt that the new tokens replace; "
+                        "comma-separated for several subjects.")
+    g.add_argument("--num_new_tokens_per_abstraction", type=int, default=2,
+                   help="New tokens (embedding vectors) per --token_abstraction word.")
+    g.add_argument("--initializer_concept", default=None,
+                   help="Words whose token embeddings start the new ones, e.g. 'dog' (default: random, at the "
+                        "embedding table's own scale).")
+    g.add_argument("--train_text_encoder_ti_frac", type=finite_float, default=0.5,
+                   help="Share of the steps in which the new token embeddings train; frozen after it (the 'pivot').")
+    g.add_argument("--train_text_encoder_frac", type=finite_float, default=1.0,
+                   help="Share of the steps in which the text encoder's LoRA (--train_text_encoder) trains.")
     g.add_argument("--tokenizer_max_length", type=int, default=None,
                    help="Tokens per prompt (default: the tokenizer's own, 77 for CLIP); longer prompts are cut.")
     g.add_argument("--text_encoder_use_attention_mask", action=argparse.BooleanOptionalAction, default=False,
@@ -233,10 +267,29 @@ def build_parser():
                    help="Warm-up steps of the schedule (the constant schedule has none; use constant_with_warmup).")
     g.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts for cosine_with_restarts.")
     g.add_argument("--lr_power", type=finite_float, default=1.0, help="Power of the polynomial schedule.")
-    g.add_argument("--use_8bit_adam", action=argparse.BooleanOptionalAction, default=False, help="bitsandbytes 8-bit AdamW (less optimizer memory).")
-    g.add_argument("--adam_beta1", type=finite_float, default=0.9, help="AdamW beta1.")
-    g.add_argument("--adam_beta2", type=finite_float, default=0.999, help="AdamW beta2.")
-    g.add_argument("--adam_weight_decay", type=finite_float, default=1e-2, help="AdamW weight decay.")
+    g.add_argument("--optimizer", type=str.lower, default="adamw", choices=OPTIMIZERS,
+                   help="adamw (torch, fused), adamw8bit (bitsandbytes: less optimizer memory) or prodigy (sets its "
+                        "own step size: use --learning_rate 1.0; needs `pip install prodigyopt`); case-insensitive, "
+                        "as diffusers' advanced scripts.")
+    g.add_argument("--use_8bit_adam", action=argparse.BooleanOptionalAction, default=False,
+                   help="bitsandbytes 8-bit AdamW (less optimizer memory); the same as --optimizer adamw8bit.")
+    g.add_argument("--adam_beta1", type=finite_float, default=0.9, help="AdamW (and Prodigy) beta1.")
+    g.add_argument("--adam_beta2", type=finite_float, default=0.999, help="AdamW (and Prodigy) beta2.")
+    g.add_argument("--adam_weight_decay", type=finite_float, default=1e-2, help="AdamW (and Prodigy) weight decay.")
+    g.add_argument("--adam_weight_decay_text_encoder", type=finite_float, default=None,
+                   help="Weight decay of the text encoder's LoRA and the new token embeddings (default: "
+                        "--adam_weight_decay, as the base script; diffusers' advanced scripts use 1e-3).")
+    g.add_argument("--prodigy_beta3", type=finite_float, default=None,
+                   help="Prodigy: coefficient of the running averages its step size is estimated from (default: the "
+                        "square root of --adam_beta2).")
+    g.add_argument("--prodigy_decouple", action=OptionalBool, default=True,
+                   help="Prodigy: AdamW-style decoupled weight decay (default: on). Also takes a value, as diffusers: "
+                        "--prodigy_decouple false.")
+    g.add_argument("--prodigy_use_bias_correction", action=OptionalBool, default=True,
+                   help="Prodigy: Adam's bias correction (default: on).")
+    g.add_argument("--prodigy_safeguard_warmup", action=OptionalBool, default=True,
+                   help="Prodigy: leave the learning rate out of the step-size estimate's denominator during "
+                        "warm-up (default: on).")
     g.add_argument("--adam_epsilon", type=finite_float, default=1e-8, help="AdamW epsilon.")
     g.add_argument("--max_grad_norm", type=finite_float, default=1.0, help="Gradient clipping norm.")
 
@@ -493,8 +546,8 @@ def _check_numbers(args, notes):
     for flag, value in positive.items():
         if value is not None and value <= 0:
             raise UsageError(f"--{flag} must be > 0 (got {value})")
-    for flag in ("prior_loss_weight", "noise_offset", "adam_weight_decay"):
-        if getattr(args, flag) < 0:
+    for flag in ("prior_loss_weight", "noise_offset", "adam_weight_decay", "adam_weight_decay_text_encoder"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
     for flag in ("adam_beta1", "adam_beta2", "lora_dropout"):
         if not 0 <= getattr(args, flag) < 1:
@@ -555,8 +608,8 @@ def _check_flags(args, notes):
                          "(the embeddings change as the text encoder trains); drop one of them")
     if args.dynamo_backend != "inductor" and not args.torch_compile:
         notes.append(f"note: --dynamo_backend {args.dynamo_backend} has no effect without --torch_compile")
-    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        raise UsageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
+    check_optimizer_flags(args, notes)
+    pivotal.check_flags(args, notes)
     if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
                          "(PyTorch SDPA is used by default and is as fast on torch>=2)")
@@ -612,6 +665,7 @@ def _check_data(args, images, skipped, notes):
     """Last: every photo decoded and every caption read, once the cheap checks have passed."""
     notes += check_images(images, "--instance_data_dir", args.resolution)
     check_captions(images)
+    pivotal.check_words_used(args, images)
     if skipped:
         notes.append(f"note: --instance_data_dir: skipping {skipped} non-image file(s)")
     if args.with_prior_preservation and args.class_data_dir and os.path.isdir(args.class_data_dir):

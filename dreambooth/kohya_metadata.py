@@ -114,6 +114,7 @@ def build(facts, run, tensors):
     """Every header key of the kohya file: ss_*, the hashes over the tensors and ss_* keys, modelspec, and our
     own two (the exact instance prompt, the trainer version)."""
     meta = training_metadata(facts, run)
+    meta.update(run.extra)  # before hashing: sd-scripts hashes over the tensors and every ss_* key
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)
     meta.update(modelspec(facts, run.output_name, run.resolution, run.instance_prompt, run.started_at,
                           description=f"DreamBooth LoRA of {run.base_model}: {run.instance_prompt}",

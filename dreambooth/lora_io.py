@@ -132,16 +132,7 @@ class KohyaRun:
     session_id: int = 0
     license: str = None
     version: str = __version__
-
-
-def optimizer_name(optimizer):
-    """sd-scripts' ss_optimizer: the optimizer's full class path and its settings, e.g.
-    torch.optim.adamw.AdamW(weight_decay=0.01,betas=(0.9, 0.999))."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real one
-    cls = type(inner)
-    group = inner.param_groups[0] if getattr(inner, "param_groups", None) else {}
-    settings = ",".join(f"{k}={group[k]}" for k in ("weight_decay", "betas", "eps") if k in group)
-    return f"{cls.__module__}.{cls.__name__}" + (f"({settings})" if settings else "")
+    extra: dict = field(default_factory=dict)  # more header keys (pivotal tuning's: report.training_metadata)
 
 
 def save_kohya_lora(folder, name, family, unet, text_encoders, run):

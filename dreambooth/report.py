@@ -242,17 +242,68 @@ def base_license(model, family=None, cache_dir=None, revision=None):
     return (family.license(), f"the {family.name} family's licence") if family else ("other", "unknown")
 
 
-def write_run_files(args, steps, seconds, family=None, kohya_file=None):
+def training_metadata(args, optimizer, pivotal=None, embedding_name=None):
+    """Extra kohya metadata: the optimizer as kohya's ss_optimizer names it, and with pivotal tuning the
+    embeddings file and the prompt that uses it (A1111/ComfyUI: the embedding's file name is its word)."""
+    from .optimizers import describe
+    out = {"ss_optimizer": describe(args.optimizer, optimizer)}
+    if pivotal is not None:
+        word = embedding_name.removesuffix(".safetensors")
+        out.update({"ss_embeddings": embedding_name, "ss_token_map": json.dumps(pivotal.mapping),
+                    "ss_embedding_prompt": _rewrite_words(args.instance_prompt, pivotal.mapping, word)})
+    return out
+
+
+def _rewrite_words(prompt, mapping, replacement):
+    import re
+    for word in mapping:
+        prompt = re.sub(r"(?<![\w<>])" + re.escape(word) + r"(?![\w<>])", replacement, prompt)
+    return prompt
+
+
+def pivotal_usage(args, pivotal, embedding_name):
+    """The model card's section on the trained tokens: the file, the prompt for diffusers and for the UIs."""
+    if pivotal is None:
+        return ""
+    import json as _json
+    family = pivotal.family
+    tokens = [t for ts in pivotal.mapping.values() for t in ts]
+    loads = "\n".join(
+        f'pipe.load_textual_inversion(emb["{key}"], token={_json.dumps(tokens)}, text_encoder=pipe.{enc}, '
+        f'tokenizer=pipe.{tok})' for key, enc, tok in zip(family.embedding_file_keys, family.text_encoder_names,
+                                                           family.tokenizer_names))
+    word = embedding_name.removesuffix(".safetensors")
+    return f"""
+## Trained tokens (pivotal tuning)
+
+`{embedding_name}` holds the new tokens' embeddings ({', '.join(f'`{w}` -> `{"".join(t)}`' for w, t in
+pivotal.mapping.items())}); load it with the LoRA. The prompt to use:
+
+- diffusers and `infer.py`: `{pivotal.prompt_example(args.instance_prompt)}` (infer.py loads the file from the
+  LoRA folder and rewrites `{', '.join(pivotal.mapping)}` in prompts itself)
+- AUTOMATIC1111 / ComfyUI (the file in `embeddings/`): `{_rewrite_words(args.instance_prompt, pivotal.mapping, word)}`
+  (ComfyUI: `embedding:{word}`)
+
+```python
+from safetensors.torch import load_file
+emb = load_file("{os.path.join(args.output_dir, embedding_name)}")
+{loads}
+```
+"""
+
+
+def write_run_files(args, steps, seconds, family=None, kohya_file=None, pivotal_prompt=""):
     """config.yaml to repeat the run, README.md model card: the Hub's YAML block (licence, base model, tags,
     instance prompt, widget), how to use the LoRA in diffusers, ComfyUI and A1111, the settings and the command."""
     import yaml
     config = effective_config(args)
     write_text(os.path.join(args.output_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=True))
     command = "accelerate launch train_dreambooth_lora.py " + " ".join(shlex.quote(a) for a in redacted(sys.argv[1:]))
-    write_text(os.path.join(args.output_dir, "README.md"), model_card(args, steps, seconds, family, kohya_file, command))
+    write_text(os.path.join(args.output_dir, "README.md"), model_card(args, steps, seconds, family, kohya_file, command,
+                                                                            pivotal_prompt))
 
 
-def model_card(args, steps, seconds, family, kohya_file, command):
+def model_card(args, steps, seconds, family, kohya_file, command, pivotal_prompt=""):
     import yaml
     model = str(args.pretrained_model_name_or_path)
     hub_id = base_hub_id(model)
@@ -320,7 +371,7 @@ pipe = {pipeline}.from_pretrained("{hub_id or model}")
 pipe.load_lora_weights("{where}")
 image = pipe("{args.instance_prompt} in a bucket").images[0]
 ```
-
+{pivotal_prompt}
 {ui}
 ## Settings
 
@@ -332,6 +383,10 @@ image = pipe("{args.instance_prompt} in a bucket").images[0]
 | resolution | {args.resolution} |
 | rank / alpha | {args.rank} / {args.lora_alpha or args.rank}{' (DoRA)' if args.use_dora else ''} |
 | learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+| optimizer | {getattr(args, 'optimizer', 'adamw')} |
+| pivotal tuning | {f'`{args.token_abstraction}` -> {args.num_new_tokens_per_abstraction} new token(s), embeddings trained for '
+                    f'{args.train_text_encoder_ti_frac:g} of the steps' if getattr(args, 'train_text_encoder_ti', False)
+                    else 'off'} |
 | text encoder | {'LoRA-trained' if args.train_text_encoder else 'frozen'} |
 | batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |
 | mixed precision | {args.mixed_precision or 'accelerate default'} |

@@ -71,10 +71,15 @@ def training_loss(family, unet, prompts, batch, settings, *, device, weight_dtyp
     return prior_preservation_loss(per_example, num_instance, settings.prior_loss_weight)
 
 
-def optimizer_step(accelerator, loss, parameters, optimizer, lr_scheduler, max_grad_norm):
+def optimizer_step(accelerator, loss, parameters, optimizer, lr_scheduler, max_grad_norm, drop_grads=()):
     """Backward, clip (on the last micro-batch of an accumulation window), update. Returns the gradient norm
-    (a device tensor: not read here) or None inside an accumulation window."""
+    (a device tensor: not read here) or None inside an accumulation window. drop_grads: parameters whose share
+    of the run is over (--train_text_encoder_ti_frac): their gradients go before clipping, and every optimizer
+    here skips a parameter without one (no update, no weight decay)."""
     accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        for p in drop_grads:
+            p.grad = None
     grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm) if accelerator.sync_gradients else None
     optimizer.step()
     lr_scheduler.step()

@@ -50,10 +50,12 @@ def test_prior_preservation_run_writes_everything(tiny_model, instance_dir, tmp_
     assert keys and all(k.startswith("unet.") for k in keys)
     assert any(".to_q.lora_A.weight" in k for k in keys)  # one key style for every module (tests/test_export.py)
     assert os.path.isfile(out / "run.safetensors")  # kohya copy (default --output_format both)
+    assert lora_keys(out / "run.safetensors")[1]["ss_optimizer"].startswith("torch.optim.adamw.AdamW(betas=(0.9, 0.999)")
     assert sorted(os.listdir(out / "validation")) == ["step-000002.png", "step-000004.png"]
     card = open(out / "README.md").read()
     assert card.startswith("---\nlicense: creativeml-openrail-m\n") and "instance_prompt: a photo of sks dog" in card
     assert "--with_prior_preservation" in card and "validation/step-000004.png" in card
+    assert "| optimizer | adamw |" in card and "| pivotal tuning | off |" in card
     config = open(out / "config.yaml").read()
     assert "num_class_images: 5" in config and "with_prior_preservation: true" in config
 

@@ -96,6 +96,7 @@ class ModelFamily:
     text_encoder_names = ()        # pipeline attributes, also the diffusers LoRA file's key prefixes
     text_encoder_classes = ()      # transformers class of each
     tokenizer_names = ()
+    embedding_file_keys = ()       # pivotal tuning: each text encoder's new-token rows' key in <name>_emb.safetensors
     kohya_text_prefixes = ()       # kohya/A1111/ComfyUI prefix of each text encoder's LoRA weights
     pipeline_extras = {}           # constructor arguments the pipeline needs beyond the components
     single_file_extras = {}

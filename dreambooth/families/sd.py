@@ -9,6 +9,7 @@ class StableDiffusion(ModelFamily):
     default_resolution = 512
     text_encoder_names = ("text_encoder",)
     text_encoder_classes = ("CLIPTextModel",)
+    embedding_file_keys = ("emb_params",)  # <name>_emb.safetensors keys, as A1111/ComfyUI read them
     tokenizer_names = ("tokenizer",)
     kohya_text_prefixes = ("lora_te_",)
     pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}

@@ -10,6 +10,7 @@ class StableDiffusionXL(ModelFamily):
     default_resolution = 1024
     text_encoder_names = ("text_encoder", "text_encoder_2")
     text_encoder_classes = ("CLIPTextModel", "CLIPTextModelWithProjection")
+    embedding_file_keys = ("clip_l", "clip_g")  # <name>_emb.safetensors keys, as A1111/ComfyUI read them
     tokenizer_names = ("tokenizer", "tokenizer_2")
     kohya_text_prefixes = ("lora_te1_", "lora_te2_")
     pipeline_extras = {"add_watermarker": False}  # the watermark needs an extra package and alters images

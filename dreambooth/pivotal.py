@@ -1,0 +1,250 @@
+"""Pivotal tuning (--train_text_encoder_ti), with the meaning of diffusers' advanced DreamBooth scripts: the
+word --token_abstraction (TOK) in prompts and captions stands for --num_new_tokens_per_abstraction new tokens
+(<s0><s1>), added to every tokenizer of the model family; only the new tokens' embedding rows train, for the
+first --train_text_encoder_ti_frac of the run, alongside the LoRA.
+
+The rows live in their own small fp32 parameter spliced into the text encoder's token embedding
+(`NewTokenEmbedding`), not in a trainable copy of the whole table as in diffusers' script: the original rows
+are then never written, so they stay bit-identical by construction (no restore after each step), the optimizer
+keeps state for a few rows instead of 49 408, and a checkpoint holds only those rows.
+
+The output `<name>_emb.safetensors` holds one tensor [tokens, width] per text encoder under the key the
+ecosystem reads: `emb_params` for SD 1.x/2.x, `clip_l`/`clip_g` for SDXL (the family says which); its metadata
+maps each abstraction word to its tokens, which infer.py reads to load them and rewrite prompts.
+
+Stdlib at import: the flag checks use it before torch loads.
+"""
+import json
+import os
+import re
+
+from .errors import UsageError
+
+EMB_SUFFIX = "_emb.safetensors"
+TOKENS_METADATA = "dreambooth_token_map"
+
+
+# ---- words, tokens, prompts ----------------------------------------------------------------------------------
+def abstractions(text):
+    """--token_abstraction's comma-separated words ('TOK' or 'TOK,OBJ'), in order."""
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
+def token_map(words, per_word):
+    """{word: [<s0>, <s1>, ...]}: new token names numbered across all words, as diffusers' script names them."""
+    out, i = {}, 0
+    for word in words:
+        out[word] = [f"<s{j}>" for j in range(i, i + per_word)]
+        i += per_word
+    return out
+
+
+def _word(word):
+    return re.compile(r"(?<![\w<>])" + re.escape(word) + r"(?![\w<>])")
+
+
+def rewrite(prompt, mapping):
+    """Each abstraction word (a whole word: TOK, not TOKYO) replaced by its tokens written together."""
+    for word, tokens in (mapping or {}).items():
+        prompt = _word(word).sub("".join(tokens), prompt)
+    return prompt
+
+
+def embedding_file_name(output_dir):
+    """<output_dir name>_emb.safetensors, beside the kohya file <output_dir name>.safetensors."""
+    return (os.path.basename(os.path.normpath(os.path.abspath(output_dir))) or "lora") + EMB_SUFFIX
+
+
+# ---- flag checks (no model) ---------------------------------------------------------------------------------
+def check_flags(args, notes):
+    """The pivotal-tuning flags on their own and with the others; one line naming the flag and the fix."""
+    if not 0 < args.train_text_encoder_frac <= 1:
+        raise UsageError(f"--train_text_encoder_frac must be in (0, 1] (got {args.train_text_encoder_frac}): the "
+                         "share of the steps the text encoder's LoRA trains")
+    if not args.train_text_encoder_ti:
+        if args.initializer_concept:
+            notes.append("warning: --initializer_concept is ignored without --train_text_encoder_ti")
+        return
+    if not 0 < args.train_text_encoder_ti_frac <= 1:
+        raise UsageError(f"--train_text_encoder_ti_frac must be in (0, 1] (got {args.train_text_encoder_ti_frac}): "
+                         "the share of the steps the new token embeddings train (0.5 is diffusers' default)")
+    if args.num_new_tokens_per_abstraction < 1:
+        raise UsageError(f"--num_new_tokens_per_abstraction must be >= 1 (got {args.num_new_tokens_per_abstraction})")
+    words = abstractions(args.token_abstraction)
+    if not words:
+        raise UsageError("--token_abstraction is empty; give the word that stands for the subject in prompts, e.g. TOK")
+    for word in words:
+        if re.search(r"\s", word) or "<" in word or ">" in word:
+            raise UsageError(f"--token_abstraction {word!r}: one word per abstraction, without spaces or <>; e.g. TOK")
+    if args.pre_compute_text_embeddings:
+        raise UsageError("--pre_compute_text_embeddings cannot be used with --train_text_encoder_ti (the new tokens' "
+                         "embeddings train, so the prompts' text embeddings change every step); drop one of them")
+    if args.initializer_concept is not None and not args.initializer_concept.strip():
+        raise UsageError("--initializer_concept is empty; give words whose embeddings start the new tokens (e.g. "
+                         "'dog'), or leave it out for a random start")
+
+
+def check_words_used(args, images):
+    """Every abstraction word must appear in --instance_prompt or a caption: a word in no prompt leaves its tokens
+    untrained. Runs once the captions are known (they were checked to be readable already)."""
+    if not args.train_text_encoder_ti:
+        return
+    from .images import caption_path, read_caption
+    texts = [args.instance_prompt or ""]
+    texts += [read_caption(caption_path(p)) for p in images if os.path.isfile(caption_path(p))]
+    for word in abstractions(args.token_abstraction):
+        if not any(_word(word).search(t) for t in texts):
+            raise UsageError(f"--token_abstraction {word}: the word is in neither --instance_prompt nor any caption, "
+                             f"so its new tokens would never train; name the subject with it, e.g. --instance_prompt "
+                             f"'a photo of {word} dog'")
+
+
+# ---- the trainable rows -------------------------------------------------------------------------------------
+def _module():
+    import torch
+
+    class NewTokenEmbedding(torch.nn.Module):
+        """A token embedding whose new tokens' rows come from `new` (trainable, fp32) and every other row from the
+        original, frozen table, untouched. Ids the tokenizer gave the new tokens may lie inside the table (a
+        tokenizer smaller than its embedding) or past it: `slot` maps each id to its new row, or -1."""
+
+        def __init__(self, base, ids, rows):
+            super().__init__()
+            self.base = base
+            self.new = torch.nn.Parameter(rows.detach().to(base.weight.device, torch.float32).clone())
+            slot = torch.full((max(base.num_embeddings, max(ids) + 1),), -1, dtype=torch.long)
+            slot[torch.tensor(ids)] = torch.arange(len(ids))
+            self.register_buffer("slot", slot.to(base.weight.device), persistent=False)
+            self.ids = list(ids)
+
+        @property
+        def weight(self):
+            """The whole table as it now reads (for code that looks at .weight, e.g. the embedding width)."""
+            table = self.base.weight.detach()
+            if self.slot.numel() > table.shape[0]:
+                table = torch.cat([table, table.new_zeros(self.slot.numel() - table.shape[0], table.shape[1])])
+            table = table.clone()
+            table[torch.tensor(self.ids, device=table.device)] = self.new.detach().to(table.dtype)
+            return table
+
+        @property
+        def embedding_dim(self):
+            return self.base.embedding_dim
+
+        @property
+        def num_embeddings(self):
+            return self.slot.numel()
+
+        def forward(self, input_ids):
+            slot = self.slot[input_ids]
+            old = self.base(input_ids.clamp(max=self.base.num_embeddings - 1))
+            new = self.new[slot.clamp(min=0)].to(old.dtype)
+            return torch.where((slot >= 0).unsqueeze(-1), new, old)
+
+    return NewTokenEmbedding
+
+
+class PivotalTokens:
+    """The run's new tokens across the family's tokenizers and text encoders: added, initialised, trained rows
+    read and written."""
+
+    def __init__(self, family, mapping):
+        self.family, self.mapping = family, mapping
+        self.tokens = [t for tokens in mapping.values() for t in tokens]
+        self.modules = []
+
+    def install(self, initializer_concept=None, seed=0):
+        """Adds the tokens to every tokenizer and splices their rows into every text encoder. Rows start from
+        the embeddings of --initializer_concept's tokens (cycled), or random at the table's own scale (diffusers'
+        script does the same), from a generator of their own so the run's other random numbers do not move."""
+        import torch
+        NewTokenEmbedding = _module()
+        generator = torch.Generator().manual_seed(seed or 0)
+        added = set()  # a family may share one tokenizer between its encoders
+        for tokenizer, encoder in zip(self.family.tokenizers, self.family.text_encoders):
+            if id(tokenizer) not in added:
+                if any(t in tokenizer.get_vocab() for t in self.tokens):
+                    raise UsageError(f"--train_text_encoder_ti: the tokenizer already has a token named "
+                                     f"{self.tokens[0]}; this base was trained with pivotal tuning already")
+                tokenizer.add_tokens(self.tokens)
+                added.add(id(tokenizer))
+            ids = tokenizer.convert_tokens_to_ids(self.tokens)
+            base = encoder.get_input_embeddings()
+            table = base.weight.detach().float().cpu()
+            if initializer_concept:
+                source = tokenizer.encode(initializer_concept, add_special_tokens=False)
+                if not source:
+                    raise UsageError(f"--initializer_concept {initializer_concept!r}: the tokenizer makes no tokens of "
+                                     "it; give a word, e.g. 'dog'")
+                rows = torch.stack([table[source[i % len(source)]] for i in range(len(ids))])
+            else:
+                rows = torch.randn(len(ids), table.shape[1], generator=generator) * table.std()
+            module = NewTokenEmbedding(base, ids, rows)
+            encoder.set_input_embeddings(module)
+            self.modules.append(module)
+        return self
+
+    def parameters(self):
+        return [m.new for m in self.modules]
+
+    def state_dict(self):
+        """{file key: rows [tokens, width] fp32 on the CPU} per text encoder, in the family's key names."""
+        return {key: m.new.detach().to("cpu").float().contiguous()
+                for key, m in zip(self.family.embedding_file_keys, self.modules)}
+
+    def save(self, path):
+        """The embeddings file, written atomically, with the word -> tokens map in its metadata."""
+        from safetensors.torch import save_file
+        from .files import atomic_write
+        state = self.state_dict()
+        metadata = {TOKENS_METADATA: json.dumps(self.mapping)}
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+        return path
+
+    def load(self, path):
+        """Rows back from a checkpoint's embeddings file (resume); every encoder's rows must be there, same shape."""
+        from safetensors.torch import load_file
+        state = load_file(path)
+        for key, module in zip(self.family.embedding_file_keys, self.modules):
+            if key not in state or state[key].shape != module.new.shape:
+                found = tuple(state[key].shape) if key in state else "missing"
+                raise ValueError(f"{os.path.basename(path)}: {key} is {found}, expected {tuple(module.new.shape)}")
+            with __import__("torch").no_grad():
+                module.new.copy_(state[key])
+
+    def prompt_example(self, instance_prompt):
+        return rewrite(instance_prompt, self.mapping)
+
+
+def find_embedding_file(folder):
+    """The *_emb.safetensors in a training output or checkpoint folder, or None."""
+    if not os.path.isdir(folder):
+        return None
+    found = sorted(n for n in os.listdir(folder) if n.endswith(EMB_SUFFIX))
+    return os.path.join(folder, found[0]) if found else None
+
+
+def read_token_map(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return json.loads((f.metadata() or {}).get(TOKENS_METADATA, "{}"))
+
+
+def load_into_pipeline(pipe, path):
+    """Loads an embeddings file into a diffusers pipeline with its own `load_textual_inversion`, once per text
+    encoder (SDXL: clip_l into text_encoder/tokenizer, clip_g into text_encoder_2/tokenizer_2); returns the
+    word -> tokens map to rewrite prompts with."""
+    from safetensors.torch import load_file
+    from .families import FAMILIES
+    mapping = read_token_map(path)
+    tokens = [t for ts in mapping.values() for t in ts]
+    if not tokens:
+        raise UsageError(f"{path}: no token map in its metadata; it was not written by this trainer")
+    state = load_file(path)
+    family = next((f for f in FAMILIES if type(pipe).__name__ in f.pipeline_class_names or
+                   all(getattr(pipe, n, None) is not None for n in f.text_encoder_names)), None)
+    for key, encoder_name, tokenizer_name in zip(family.embedding_file_keys, family.text_encoder_names,
+                                                 family.tokenizer_names):
+        pipe.load_textual_inversion(state[key], token=tokens, text_encoder=getattr(pipe, encoder_name),
+                                    tokenizer=getattr(pipe, tokenizer_name))
+    return mapping
