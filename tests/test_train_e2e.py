@@ -293,7 +293,7 @@ def test_default_caching_is_exact_and_says_what_it_cached(tiny_model, instance_d
                                 "encodes every step (--no-cache_latents)"]
     auto, neither = weights["auto"], weights["neither"]
     assert auto.keys() == neither.keys()
-    assert any(auto[k].abs().max() > 0 for k in auto if ".lora.up." in k)  # trained (up starts at zero)
+    assert any(auto[k].abs().max() > 0 for k in auto if ".lora_B." in k)  # trained (B starts at zero)
     assert all(torch.equal(auto[k], neither[k]) for k in auto)
     assert "cache_latents: true" in open(tmp_path / "auto" / "config.yaml").read()  # what ran, not "null"
 
