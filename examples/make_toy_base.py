@@ -17,7 +17,7 @@ so the trainer, infer.py and evaluate.py load it exactly as they load SD 1.5. Th
 Then: fp16 safetensors to --out, a sample grid and REPORT.md (share of held-out prompts whose images show the
 asked shape, colour and background, read by toy_world's pixel scorer).
 
-    nice -n 19 python examples/make_toy_base.py --out examples/toy-base      # ~40 min on 2 shared CPU cores
+    nice -n 19 python examples/make_toy_base.py --out examples/toy-base      # ~30 min on 2 CPU cores
 """
 import argparse
 import json
