@@ -159,8 +159,11 @@ def test_ctrl_c_during_class_generation(tiny_model, instance_dir, tmp_path):
            *train_args(tiny_model["eps"], instance_dir, out, "--with_prior_preservation", "--class_prompt",
                        "a photo of dog", "--class_data_dir", classes, "--num_class_images", "200",
                        "--sample_batch_size", "1", "--class_generation_steps", "2", "--report_to", "none")]
+    # Ctrl-C as a terminal sends it: Python turns SIGINT into KeyboardInterrupt only when SIGINT is not ignored at
+    # start, and a suite launched in the background by a non-interactive shell (`make test &`) passes it ignored
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1"))
+                            cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(proc, "Generating 200 class images")
     deadline = time.time() + 60
     while time.time() < deadline and len(os.listdir(classes)) < 2:
