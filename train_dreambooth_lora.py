@@ -551,7 +551,7 @@ class DreamBoothRecipe:
             tag_frequency=kohya_metadata.tag_frequency(os.path.basename(os.path.normpath(source)), a.repeats, captions),
             started_at=self.started_at, finished_at=time.time(), session_id=int(self.started_at * 1000) % 2**31,
             license=report.base_license(str(a.pretrained_model_name_or_path), self.family, a.cache_dir, a.revision)[0],
-            extra=report.training_metadata(a, self.optimizer, self.pivotal, self._embedding_name()))
+            extra=report.training_metadata(a, self.pivotal, self._embedding_name()))
         return lora_io.save_kohya_lora(folder, output_name, self.family, accelerator.unwrap_model(self.unet),
                                        [accelerator.unwrap_model(e) for e in self.text_encoders], run)
 

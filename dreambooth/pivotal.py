@@ -43,10 +43,11 @@ def _word(word):
     return re.compile(r"(?<![\w<>])" + re.escape(word) + r"(?![\w<>])")
 
 
-def rewrite(prompt, mapping):
-    """Each abstraction word (a whole word: TOK, not TOKYO) replaced by its tokens written together."""
+def rewrite(prompt, mapping, replacement=None):
+    """Each abstraction word (a whole word: TOK, not TOKYO) replaced by its tokens written together, or by
+    `replacement` (the UIs' prompt: the embedding file's name)."""
     for word, tokens in (mapping or {}).items():
-        prompt = _word(word).sub("".join(tokens), prompt)
+        prompt = _word(word).sub("".join(tokens) if replacement is None else replacement, prompt)
     return prompt
 
 

@@ -242,34 +242,26 @@ def base_license(model, family=None, cache_dir=None, revision=None):
     return (family.license(), f"the {family.name} family's licence") if family else ("other", "unknown")
 
 
-def training_metadata(args, optimizer, pivotal=None, embedding_name=None):
-    """Extra kohya metadata: the optimizer as kohya's ss_optimizer names it, and with pivotal tuning the
-    embeddings file and the prompt that uses it (A1111/ComfyUI: the embedding's file name is its word)."""
-    from .optimizers import describe
-    out = {"ss_optimizer": describe(args.optimizer, optimizer)}
-    if pivotal is not None:
-        word = embedding_name.removesuffix(".safetensors")
-        out.update({"ss_embeddings": embedding_name, "ss_token_map": json.dumps(pivotal.mapping),
-                    "ss_embedding_prompt": _rewrite_words(args.instance_prompt, pivotal.mapping, word)})
-    return out
-
-
-def _rewrite_words(prompt, mapping, replacement):
-    import re
-    for word in mapping:
-        prompt = re.sub(r"(?<![\w<>])" + re.escape(word) + r"(?![\w<>])", replacement, prompt)
-    return prompt
+def training_metadata(args, pivotal=None, embedding_name=None):
+    """Extra kohya metadata with pivotal tuning: the embeddings file and the prompt that uses it (A1111/ComfyUI:
+    the embedding's file name is its word). ss_optimizer comes with the rest (lora_io.KohyaRun.optimizer)."""
+    if pivotal is None:
+        return {}
+    from .pivotal import rewrite
+    word = embedding_name.removesuffix(".safetensors")
+    return {"ss_embeddings": embedding_name, "ss_token_map": json.dumps(pivotal.mapping),
+            "ss_embedding_prompt": rewrite(args.instance_prompt, pivotal.mapping, word)}
 
 
 def pivotal_usage(args, pivotal, embedding_name):
     """The model card's section on the trained tokens: the file, the prompt for diffusers and for the UIs."""
     if pivotal is None:
         return ""
-    import json as _json
+    from .pivotal import rewrite
     family = pivotal.family
     tokens = [t for ts in pivotal.mapping.values() for t in ts]
     loads = "\n".join(
-        f'pipe.load_textual_inversion(emb["{key}"], token={_json.dumps(tokens)}, text_encoder=pipe.{enc}, '
+        f'pipe.load_textual_inversion(emb["{key}"], token={json.dumps(tokens)}, text_encoder=pipe.{enc}, '
         f'tokenizer=pipe.{tok})' for key, enc, tok in zip(family.embedding_file_keys, family.text_encoder_names,
                                                            family.tokenizer_names))
     word = embedding_name.removesuffix(".safetensors")
@@ -281,7 +273,7 @@ pivotal.mapping.items())}); load it with the LoRA. The prompt to use:
 
 - diffusers and `infer.py`: `{pivotal.prompt_example(args.instance_prompt)}` (infer.py loads the file from the
   LoRA folder and rewrites `{', '.join(pivotal.mapping)}` in prompts itself)
-- AUTOMATIC1111 / ComfyUI (the file in `embeddings/`): `{_rewrite_words(args.instance_prompt, pivotal.mapping, word)}`
+- AUTOMATIC1111 / ComfyUI (the file in `embeddings/`): `{rewrite(args.instance_prompt, pivotal.mapping, word)}`
   (ComfyUI: `embedding:{word}`)
 
 ```python
