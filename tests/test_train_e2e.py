@@ -150,14 +150,27 @@ def test_two_process_run(tiny_model, instance_dir, tmp_path):
     r = run_script("train_dreambooth_lora.py", *train_args(
         tiny_model["eps"], instance_dir, out, "--with_prior_preservation", "--class_prompt", "a photo of dog",
         "--class_data_dir", class_dir, "--num_class_images", "4", "--sample_batch_size", "1",
-        "--class_generation_steps", "2", "--max_train_steps", "2", "--checkpointing_steps", "2"),
-        launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+        "--class_generation_steps", "2", "--max_train_steps", "2", "--checkpointing_steps", "2",
+        # pivotal tuning too: the new token rows live outside the wrapped UNet, so DDP must not lose them
+        "--train_text_encoder_ti", "--token_abstraction", "sks", "--initializer_concept", "dog"),
+        # --standalone: torchrun picks a free port, so two suites on one machine do not collide
+        launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
         env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
     assert "batch=1x1x2" in r.stdout
     assert r.stdout.count("done: 2 steps") == 1  # only the main process writes outputs
     assert len([p for p in os.listdir(class_dir) if p.endswith(".png")]) == 4
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(out / "checkpoint-2"))
+    # The new rows started as "dog"'s embedding and trained: written once, by the main process, the final file
+    # the same as the last checkpoint's.
+    from transformers import CLIPTextModel, CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model["eps"], subfolder="tokenizer")
+    table = CLIPTextModel.from_pretrained(tiny_model["eps"], subfolder="text_encoder").get_input_embeddings().weight
+    dog = table[tokenizer.encode("dog", add_special_tokens=False)[0]]
+    emb = load_file(out / "ddp_emb.safetensors")["emb_params"]
+    assert emb.shape == (2, table.shape[1])
+    assert not torch.allclose(emb[0].float(), dog.float()) and not torch.allclose(emb[1].float(), dog.float())
+    assert torch.equal(emb, load_file(out / "checkpoint-2" / "ddp_emb.safetensors")["emb_params"])
     assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
 
 

@@ -1,4 +1,6 @@
 """Stable Diffusion 1.x / 2.x: one CLIP text encoder whose last hidden state is the UNet's cross-attention input."""
+from accelerate.utils import extract_model_from_parallel
+
 from .base import ModelFamily
 
 
@@ -30,7 +32,10 @@ class StableDiffusion(ModelFamily):
     def is_v2(self):
         """SD 2.x: OpenCLIP ViT-H text encoder (1024 wide) feeding a UNet whose cross-attention reads 1024 features;
         SD 1.x has CLIP ViT-L (768). Either size says it (a text encoder swapped by --tokenizer_name keeps its width)."""
-        return self.text_encoders[0].config.hidden_size == 1024 or self.unet.config.cross_attention_dim == 1024
+        # While the text encoder trains on several processes the family holds its DDP wrapper (its forward is
+        # what syncs gradients), which has no .config: read the module inside.
+        encoder = extract_model_from_parallel(self.text_encoders[0])
+        return encoder.config.hidden_size == 1024 or self.unet.config.cross_attention_dim == 1024
 
     def base_model_version(self):
         """As kohya's sd-scripts name it: sd_v1 or sd_v2, with _v for v-prediction (SD 2.x 768)."""
