@@ -518,7 +518,7 @@ class DreamBoothRecipe:
             self.stats.set(final_step=step)  # also how a later --resume_from_checkpoint knows the run finished
             self.stats.write(os.path.join(a.output_dir, "train_stats.json"))
             report.write_run_files(a, step, self.progress.format_dict.get("elapsed", 0), self.family, kohya_file,
-                                   pivotal_prompt=report.pivotal_usage(a, self.pivotal, self._embedding_name()))
+                                   pivotal=report.pivotal_usage(a, self.pivotal, self._embedding_name()))
             accelerator.print(f"done: {step} steps; LoRA weights in {a.output_dir}/{lora_io.LORA_WEIGHT_NAME}")
         accelerator.end_training()
         if a.push_to_hub and accelerator.is_main_process:

@@ -253,38 +253,47 @@ def training_metadata(args, pivotal=None, embedding_name=None):
             "ss_embedding_prompt": rewrite(args.instance_prompt, pivotal.mapping, word)}
 
 
-def pivotal_usage(args, pivotal, embedding_name):
-    """The model card's section on the trained tokens: the file, the prompt for diffusers and for the UIs."""
-    if pivotal is None:
-        return ""
-    from .pivotal import rewrite
-    family = pivotal.family
-    tokens = [t for ts in pivotal.mapping.values() for t in ts]
-    loads = "\n".join(
-        f'pipe.load_textual_inversion(emb["{key}"], token={json.dumps(tokens)}, text_encoder=pipe.{enc}, '
-        f'tokenizer=pipe.{tok})' for key, enc, tok in zip(family.embedding_file_keys, family.text_encoder_names,
-                                                           family.tokenizer_names))
-    word = embedding_name.removesuffix(".safetensors")
-    return f"""
+class PivotalUsage:
+    """With pivotal tuning, what the model card tells a user: the diffusers prompt (new tokens in place of the
+    word), the UI prompt (the embedding file's name in place of it), the lines that load the embeddings, and the
+    section about the tokens."""
+
+    def __init__(self, args, pivotal, embedding_name, where=None):
+        from .pivotal import rewrite
+        family = pivotal.family
+        tokens = [t for ts in pivotal.mapping.values() for t in ts]
+        self.word = embedding_name.removesuffix(".safetensors")
+        self.prompt = pivotal.prompt_example(args.instance_prompt)
+        self.ui_prompt = rewrite(args.instance_prompt, pivotal.mapping, self.word)
+        # A pushed run's card is read on the Hub: the file comes from the repo, not from the trainer's disk.
+        source = (f'hf_hub_download("{where}", "{embedding_name}")' if where
+                  else json.dumps(os.path.join(args.output_dir, embedding_name)))
+        self.imports = ("from huggingface_hub import hf_hub_download\n" if where else "") + \
+            "from safetensors.torch import load_file\n"
+        self.load_code = f"emb = load_file({source})\n" + "\n".join(
+            f'pipe.load_textual_inversion(emb["{key}"], token={json.dumps(tokens)}, text_encoder=pipe.{enc}, '
+            f'tokenizer=pipe.{tok})' for key, enc, tok in zip(family.embedding_file_keys, family.text_encoder_names,
+                                                               family.tokenizer_names)) + "\n"
+        self.section = f"""
 ## Trained tokens (pivotal tuning)
 
 `{embedding_name}` holds the new tokens' embeddings ({', '.join(f'`{w}` -> `{"".join(t)}`' for w, t in
 pivotal.mapping.items())}); load it with the LoRA. The prompt to use:
 
-- diffusers and `infer.py`: `{pivotal.prompt_example(args.instance_prompt)}` (infer.py loads the file from the
+- diffusers and `infer.py`: `{self.prompt}` (the snippet above loads the file; infer.py loads it from the
   LoRA folder and rewrites `{', '.join(pivotal.mapping)}` in prompts itself)
-- AUTOMATIC1111 / ComfyUI (the file in `embeddings/`): `{rewrite(args.instance_prompt, pivotal.mapping, word)}`
-  (ComfyUI: `embedding:{word}`)
-
-```python
-from safetensors.torch import load_file
-emb = load_file("{os.path.join(args.output_dir, embedding_name)}")
-{loads}
-```
+- AUTOMATIC1111 / ComfyUI (the file in `embeddings/`): `{self.ui_prompt}` (ComfyUI: `embedding:{self.word}`)
 """
 
 
-def write_run_files(args, steps, seconds, family=None, kohya_file=None, pivotal_prompt=""):
+def pivotal_usage(args, pivotal, embedding_name):
+    """PivotalUsage for the model card, or None without pivotal tuning."""
+    if pivotal is None:
+        return None
+    return PivotalUsage(args, pivotal, embedding_name, getattr(args, "_hub_repo_id", None))
+
+
+def write_run_files(args, steps, seconds, family=None, kohya_file=None, pivotal=None):
     """config.yaml to repeat the run, README.md model card: the Hub's YAML block (licence, base model, tags,
     instance prompt, widget), how to use the LoRA in diffusers, ComfyUI and A1111, the settings and the command."""
     import yaml
@@ -292,10 +301,12 @@ def write_run_files(args, steps, seconds, family=None, kohya_file=None, pivotal_
     write_text(os.path.join(args.output_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=True))
     command = "accelerate launch train_dreambooth_lora.py " + " ".join(shlex.quote(a) for a in redacted(sys.argv[1:]))
     write_text(os.path.join(args.output_dir, "README.md"), model_card(args, steps, seconds, family, kohya_file, command,
-                                                                            pivotal_prompt))
+                                                                            pivotal))
 
 
-def model_card(args, steps, seconds, family, kohya_file, command, pivotal_prompt=""):
+def model_card(args, steps, seconds, family, kohya_file, command, pivotal=None):
+    """The README.md text; `pivotal` is a PivotalUsage when new tokens were trained (its prompt and loading lines
+    replace the plain ones in the diffusers snippet)."""
     import yaml
     model = str(args.pretrained_model_name_or_path)
     hub_id = base_hub_id(model)
@@ -326,6 +337,10 @@ def model_card(args, steps, seconds, family, kohya_file, command, pivotal_prompt
     sample = f"\n![validation](validation/{grids[-1]})\n" if grids else ""
     restrictions = USE_RESTRICTIONS.get(license, f"Use it under the terms of the base model's licence ({license}).")
     lora_name = os.path.splitext(os.path.basename(kohya_file))[0] if kohya_file else None
+    trigger = (f"`{pivotal.prompt}` in diffusers (after loading the trained tokens, below), "
+               f"`{pivotal.ui_prompt}` in AUTOMATIC1111 / ComfyUI: the trained tokens stand for "
+               f"`{args.token_abstraction}` in `{args.instance_prompt}`." if pivotal
+               else f"Use `{args.instance_prompt}` in the prompt to get the subject.")
     ui = (f"""## Use it in ComfyUI
 
 Copy `{lora_name}.safetensors` into `ComfyUI/models/loras/`, add a **Load LoRA** node between the checkpoint loader
@@ -349,7 +364,7 @@ steps ({seconds / 60:.1f} min) on {datetime.date.today().isoformat()}.
 {sample}
 ## Trigger words
 
-Use `{args.instance_prompt}` in the prompt to get the subject.
+{trigger}
 
 ## Licence
 
@@ -358,12 +373,12 @@ Use `{args.instance_prompt}` in the prompt to get the subject.
 ## Use it with diffusers
 
 ```python
-from diffusers import {pipeline}
+{pivotal.imports if pivotal else ""}from diffusers import {pipeline}
 pipe = {pipeline}.from_pretrained("{hub_id or model}")
 pipe.load_lora_weights("{where}")
-image = pipe("{args.instance_prompt} in a bucket").images[0]
+{pivotal.load_code if pivotal else ""}image = pipe("{pivotal.prompt if pivotal else args.instance_prompt} in a bucket").images[0]
 ```
-{pivotal_prompt}
+{pivotal.section if pivotal else ""}
 {ui}
 ## Settings
 

@@ -219,7 +219,14 @@ def test_prodigy_pivotal_outputs_record_the_optimizer_and_the_prompt(sd_prodigy)
     card = open(full / "README.md").read()
     assert "| optimizer | prodigy |" in card and "`TOK` -> 2 new token(s)" in card
     assert "`a photo of <s0><s1> dog`" in card and "`a photo of full_emb dog`" in card
-    assert 'pipe.load_textual_inversion(emb["emb_params"], token=["<s0>", "<s1>"]' in card
+    # The card's diffusers snippet runs as written: it loads the LoRA and the tokens and prompts with them.
+    snippet = card.split("## Use it with diffusers")[1].split("```python\n")[1].split("```")[0]
+    assert 'pipe.load_textual_inversion(emb["emb_params"], token=["<s0>", "<s1>"]' in snippet
+    assert 'pipe("a photo of <s0><s1> dog in a bucket")' in snippet
+    scope = {}
+    exec(snippet, scope)
+    assert scope["image"].size == (64, 64)
+    assert scope["pipe"].tokenizer.convert_tokens_to_ids("<s1>") == len(scope["pipe"].tokenizer) - 1
     config = open(full / "config.yaml").read()
     assert "optimizer: prodigy" in config and "train_text_encoder_ti: true" in config
     settings = json.load(open(full / "checkpoint-3" / "lora_settings.json"))
