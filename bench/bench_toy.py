@@ -58,22 +58,6 @@ def train(name, flags, out, log, model):
     return wall, bool(m and int(m.group(1)) > 0)
 
 
-def score_pivotal(model, out, num_images):
-    """A pivotal-tuning run scored on a fresh pipeline (its tokenizer gains the new tokens): the embeddings and the
-    LoRA loaded, and every scorer prompt rewritten as infer.py rewrites it ("a sks circle" -> "a <s0><s1> circle")."""
-    import demo_grids
-    import toy_world as world
-    from dreambooth import pivotal
-    pipe = demo_grids.load_pipeline(model)
-    mapping = pivotal.load_into_pipeline(pipe, pivotal.find_embedding_file(out))
-    pipe.load_lora_weights(out)
-    prompts = [p for p in demo_grids.PROMPTS for _ in range(num_images)]
-    seeds = [k for _ in demo_grids.PROMPTS for k in range(num_images)]
-    images = world.generate(pipe, [pivotal.rewrite(p, mapping) for p in prompts], seeds)
-    by_prompt = {p: images[i * num_images:(i + 1) * num_images] for i, p in enumerate(demo_grids.PROMPTS)}
-    return demo_grids.numbers(by_prompt)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_images", type=int, default=16, help="Seeds per prompt for the scorer.")
@@ -102,8 +86,7 @@ def main(argv=None):
             continue
         out = os.path.join(args.out, f"run{i}")
         wall, generated = train(name, flags, out, log, args.model)
-        numbers = (score_pivotal(args.model, out, args.num_images) if "--train_text_encoder_ti" in flags
-                   else demo_grids.score_lora(pipe, out, args.num_images)[0])
+        numbers = demo_grids.score_lora(pipe, out, args.num_images)[0]  # pivotal runs: tokens loaded, prompts rewritten
         rows.append((name, numbers, f"{wall:.0f}" + (" (incl. class images)" if generated else "")))
         print(f"{name}: {demo_grids.fmt(numbers)} in {wall:.0f}s", file=sys.stderr, flush=True)
     print(f"Toy world, examples/toy_subject on {os.path.relpath(args.model, ROOT)}; {args.num_images} images per prompt (seeds "

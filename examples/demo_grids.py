@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Base vs LoRA, same seeds, on the toy base model: side-by-side grids and the pixel scorer's numbers.
 
-Prompts: the instance prompt ("a sks circle"), three recontextualisations (the subject asked on a black, a
-gray and a white background; the photos are all on white, so white tests that the identifier composes with a
-background phrase at all, black and gray that it moves to a new one), and the class prompt ("a circle"),
-which must still give ordinary one-colour circles.
+Prompts: the instance prompt ("a sks circle"), three recontextualisations (the subject asked on a black, a gray
+and a white background) and the class prompt ("a circle"), which must still give ordinary one-colour circles.
+The photos are all on white, so black and gray are the new scenes the recontext number counts; the white row
+shows the photos' own setting for comparison.
+
+A pivotal-tuning run (its folder holds <name>_emb.safetensors) is scored as infer.py uses it: the trained
+tokens loaded beside the LoRA and "sks" in every prompt rewritten to them ("a <s0><s1> circle").
 
 Numbers (examples/toy_world.py reads the pixels; no model downloads):
   fidelity   share of instance-prompt images showing the striped subject
-  recontext  share of recontextualised images showing the subject on the asked background
+  recontext  share of black- and gray-background prompts' images showing the subject on the asked background
   drift      share of class-prompt images showing the subject (the class has turned into it)
   class_ok   share of class-prompt images that are an ordinary one-colour circle
 
@@ -26,9 +29,11 @@ import toy_world as world  # noqa: E402
 
 IDENTIFIER = "sks"
 INSTANCE = world.prompt(world.SUBJECT_SHAPE, identifier=IDENTIFIER)  # "a sks circle"
-RECONTEXT = [(world.prompt(world.SUBJECT_SHAPE, bg=bg, identifier=IDENTIFIER), bg) for bg in ("black", "gray", "white")]
+PHOTOS_BACKGROUND = "white"  # every image in examples/toy_subject
+RECONTEXT = [(world.prompt(world.SUBJECT_SHAPE, bg=bg, identifier=IDENTIFIER), bg) for bg in ("black", "gray")]
+SAME_SCENE = world.prompt(world.SUBJECT_SHAPE, bg=PHOTOS_BACKGROUND, identifier=IDENTIFIER)  # shown, not scored
 CLASS = world.prompt(world.SUBJECT_SHAPE)  # "a circle"
-PROMPTS = [INSTANCE] + [p for p, _ in RECONTEXT] + [CLASS]
+PROMPTS = [INSTANCE] + [p for p, _ in RECONTEXT] + [SAME_SCENE, CLASS]
 
 
 def load_pipeline(base):
@@ -39,9 +44,9 @@ def load_pipeline(base):
                                                    requires_safety_checker=False)
 
 
-def sample_all(pipe, num_images, seed=0):
-    """{prompt: [images]} with seeds seed..seed+num_images-1 for every prompt."""
-    prompts = [p for p in PROMPTS for _ in range(num_images)]
+def sample_all(pipe, num_images, seed=0, rewrite=lambda p: p):
+    """{prompt: [images]} with seeds seed..seed+num_images-1 for every prompt (each sampled as rewrite(prompt))."""
+    prompts = [rewrite(p) for p in PROMPTS for _ in range(num_images)]
     seeds = [seed + k for _ in PROMPTS for k in range(num_images)]
     images = world.generate(pipe, prompts, seeds)
     return {p: images[i * num_images:(i + 1) * num_images] for i, p in enumerate(PROMPTS)}
@@ -55,12 +60,20 @@ def numbers(images):
 
 
 def score_lora(pipe, lora, num_images, seed=0):
-    """Numbers for the base (lora None) or a LoRA loaded onto it (and unloaded again)."""
+    """Numbers and images for the base (lora None) or a run loaded onto it: its LoRA and, after pivotal tuning,
+    its trained tokens (prompts rewritten to use them); both unloaded again, so one pipeline scores many runs."""
+    from dreambooth import pivotal
+    mapping = {}
     if lora:
         pipe.load_lora_weights(lora)
     try:
-        images = sample_all(pipe, num_images, seed)
+        emb = pivotal.find_embedding_file(lora) if lora else None
+        if emb:
+            mapping = pivotal.load_into_pipeline(pipe, emb)
+        images = sample_all(pipe, num_images, seed, lambda p: pivotal.rewrite(p, mapping))
     finally:
+        if mapping:
+            pipe.unload_textual_inversion([t for ts in mapping.values() for t in ts])
         if lora:
             pipe.unload_lora_weights()
     return numbers(images), images

@@ -153,12 +153,22 @@ def _nearest(rgb, table):
     return names, d.argmin(-1), d
 
 
+def _border(arr):
+    return np.concatenate([arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3),
+                           arr[:, :2].reshape(-1, 3), arr[:, -2:].reshape(-1, 3)])
+
+
 def background_of(arr):
     """The background name: nearest to the median colour of the 2-px border."""
-    border = np.concatenate([arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3),
-                             arr[:, :2].reshape(-1, 3), arr[:, -2:].reshape(-1, 3)])
+    border = _border(arr)
     names, idx, _ = _nearest(np.median(border, 0), BACKGROUNDS)
     return names[int(idx)], np.median(border, 0)
+
+
+def plain_background(arr, bg_rgb, threshold=60.0, share=0.75):
+    """Whether the border is one plain colour: at least 75% of its pixels within `threshold` (RGB distance) of
+    its median. Blue and yellow stripes across the whole frame have a gray median but are no gray background."""
+    return float(np.mean(np.sqrt(((_border(arr) - bg_rgb) ** 2).sum(-1)) <= threshold)) >= share
 
 
 def object_mask(arr, bg_rgb, threshold=60.0):
@@ -189,15 +199,16 @@ _TEMPLATES = None
 
 
 def classify(image):
-    """{'shape', 'colour', 'background', 'subject'} read from the pixels. shape/colour are None when no object
-    stands out from the background; 'subject' says whether the striped-circle pattern is there."""
+    """{'shape', 'colour', 'background', 'plain', 'subject'} read from the pixels. shape/colour are None when no
+    object stands out from the background; 'plain' says whether the border is one colour (not a pattern that
+    fills the frame); 'subject' says whether the striped-circle pattern is there."""
     global _TEMPLATES
     if _TEMPLATES is None:
         _TEMPLATES = _shape_templates()
     arr = to_array(image)
     bg, bg_rgb = background_of(arr)
     mask = object_mask(arr, bg_rgb)
-    out = {"background": bg, "shape": None, "colour": None, "subject": False}
+    out = {"background": bg, "plain": plain_background(arr, bg_rgb), "shape": None, "colour": None, "subject": False}
     if mask.sum() < 20:  # under 2% of the image: nothing drawn
         return out
     feats = _grid_features(mask)
@@ -245,7 +256,7 @@ def score(images_by_prompt):
     """Scorer numbers for a dict {kind: [PIL images]} with kinds 'instance', 'recontext' (a list of
     (image, asked_background) pairs), 'class':
     fidelity = share of instance-prompt images showing the subject pattern;
-    recontext = share of recontextualised images showing the subject AND the asked background;
+    recontext = share of recontextualised images showing the subject on a plain background of the asked colour;
     drift = share of class-prompt images showing the subject pattern (the class forgot what a circle is);
     class_ok = share of class-prompt images that are an ordinary one-colour circle."""
     out = {}
@@ -256,7 +267,7 @@ def score(images_by_prompt):
         hits = []
         for im, bg in images_by_prompt["recontext"]:
             c = classify(im)
-            hits.append(c["subject"] and c["background"] == bg)
+            hits.append(c["subject"] and c["plain"] and c["background"] == bg)
         out["recontext"] = float(np.mean(hits))
     if "class" in images_by_prompt:
         cs = [classify(im) for im in images_by_prompt["class"]]

@@ -18,12 +18,25 @@ def test_scorer_reads_every_drawn_combination():
     for shape, colour, bg in itertools.product(world.SHAPES, world.COLOURS, world.BACKGROUNDS):
         for _ in range(2):
             c = world.classify(world.draw_object(shape, colour, bg, rng))
-            assert (c["shape"], c["colour"], c["background"], c["subject"]) == (shape, colour, bg, False)
+            assert (c["shape"], c["colour"], c["background"], c["plain"], c["subject"]) == (shape, colour, bg, True,
+                                                                                           False)
     for bg in world.BACKGROUNDS:
         c = world.classify(world.draw_subject(bg, rng))
-        assert c["subject"] and c["shape"] == "circle" and c["background"] == bg
+        assert c["subject"] and c["shape"] == "circle" and c["background"] == bg and c["plain"]
     empty = world.classify(Image.new("RGB", (32, 32), world.BACKGROUNDS["gray"]))
-    assert empty == {"background": "gray", "shape": None, "colour": None, "subject": False}
+    assert empty == {"background": "gray", "plain": True, "shape": None, "colour": None, "subject": False}
+
+
+def test_stripes_filling_the_frame_are_no_background():
+    """Blue and yellow stripes edge to edge: the pattern is there, but the border's median is gray-ish and the
+    border is no plain colour, so a LoRA that paints stripes everywhere does not score "on a gray background"."""
+    big = Image.new("RGB", (128, 128))
+    d = ImageDraw.Draw(big)
+    for k, y in enumerate(range(0, 128, 16)):
+        d.rectangle((0, y, 127, y + 15), fill=world.COLOURS[world.SUBJECT_STRIPES[k % 2]])
+    c = world.classify(big.resize((32, 32), Image.BOX))
+    assert c["background"] == "gray" and not c["plain"]
+    assert world.score({"recontext": [(big.resize((32, 32), Image.BOX), "gray")]}) == {"recontext": 0.0}
 
 
 def test_two_colours_without_stripes_are_not_the_subject():
