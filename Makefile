@@ -16,8 +16,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 # The toy base (examples/toy-base, pretrained by examples/make_toy_base.py and committed) learns the striped
-# circle of examples/toy_subject with prior preservation; demo_grids.py writes base-vs-LoRA grids (same seeds)
-# to work_dirs/toy-demo/grids and prints the pixel scorer's numbers.
+# circle of examples/toy_subject (pivotal tuning + UNet LoRA, prior preservation); demo_grids.py writes
+# base-vs-LoRA grids (same seeds) to work_dirs/toy-demo/grids and prints the pixel scorer's numbers.
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) train_dreambooth_lora.py --config examples/recipes/toy_demo.yaml \
 		--overwrite_output_dir
@@ -34,7 +34,7 @@ bench: setup
 	$(PY) bench/bench_train.py
 
 bench-toy: setup
-	$(PY) bench/bench_toy.py
+	$(PY) bench/bench_toy.py --num_images 8 --seeds 0,1,2
 
 clean:
 	rm -rf work_dirs

@@ -1,17 +1,21 @@
 #!/usr/bin/env python
-"""What a run learns, measured on the toy world: base vs LoRA without prior preservation vs LoRA with prior
-preservation (diffusers' settings) vs LoRA with prior preservation (this project's recommended recipe,
-examples/recipes/toy_demo.yaml), then that recipe with pivotal tuning, with Prodigy at its default rate, and both.
+"""What a run learns, measured on the toy world: the base, then the recommended recipe
+(examples/recipes/toy_demo.yaml: pivotal tuning + UNet LoRA, prior preservation, captions that name the
+background, 150 steps, the new tokens at 2e-2) against what each of its choices buys: no prior preservation,
+diffusers' settings, a text-encoder LoRA instead of new tokens, the tokens at the LoRA's rate, training longer,
+photos on one background only, photos without captions, and Prodigy.
 
-Each LoRA trains on examples/toy_subject from examples/toy-base (the trainer, as a user runs it), then the
-pixel scorer (examples/toy_world.py) reads --num_images images per prompt, seeds 0..N-1, the same for every row:
-fidelity (instance prompt shows the striped subject), recontext (subject on the asked background), drift
-(class prompt "a circle" shows the subject) and class_ok (class prompt gives an ordinary one-colour circle).
-Wall time is the training command's (class images are cached by settings: a run that had to generate them
-is marked).
+Each LoRA trains on the striped circle (examples/toy_subject: 5 photos on white and gray, captioned) from
+examples/toy-base (the trainer, as a user runs it), then the pixel scorer (examples/toy_world.py, through
+examples/demo_grids.py) reads --num_images images per prompt, seeds 0..N-1, the same for every row: fidelity
+("a sks circle" shows the striped subject), recontext (on a plain black background, a scene no photo shows),
+drift (class prompt "a circle" shows the subject) and class_ok (an ordinary one-colour circle). Pivotal runs
+are scored with their tokens loaded and "sks" rewritten, as infer.py does. Wall time is the training command's
+(class images are cached by settings: a run that had to generate them is marked). --seeds trains every row
+with several training seeds and prints their mean (the toy's few photos make single runs noisy).
 
-    nice -n 19 python bench/bench_toy.py --num_images 8 --only 1,2,3      # ~5 min on 2 CPU cores (README's first table)
-    nice -n 19 python bench/bench_toy.py --num_images 8 --only 3,4,5,6,7  # pivotal tuning and Prodigy (its second)
+    nice -n 19 python bench/bench_toy.py --num_images 8            # ~10 min on 2 CPU cores (README's table)
+    nice -n 19 python bench/bench_toy.py --only 1,2,3 --seeds 0,1,2
 """
 import argparse
 import os
@@ -24,22 +28,37 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, ROOT)
 
 RECIPE = os.path.join(ROOT, "examples", "recipes", "toy_demo.yaml")
-# Rows: name -> flags on top of the recipe. The recipe is the recommended one; the diffusers row undoes what
-# it changes (UNet-only LoRA, diffusers' learning rate, prior weight 1.0), the no-prior row drops the prior.
-PIVOTAL = ["--train_text_encoder_ti", "--token_abstraction", "sks"]
+NO_PIVOTAL = ["--no-train_text_encoder_ti"]
+# Rows: name -> (flags on top of the recipe, the photos: "photos" = examples/toy_subject, or a variant of it that
+# the bench writes: "white_only" = the same 5 photos all on white, "no_captions" = without the caption files).
 VARIANTS = {
-    "LoRA, no prior preservation": ["--no-with_prior_preservation"],
-    "LoRA + prior, diffusers' settings": ["--no-train_text_encoder", "--learning_rate", "5e-4", "--rank", "4",
-                                          "--noise_offset", "0", "--prior_loss_weight", "1.0"],
-    "LoRA + prior, recommended (toy_demo.yaml)": [],
-    # Issue 14: pivotal tuning ("sks" becomes two new trained tokens; the scorer's prompts are rewritten the same
-    # way) with and without the text encoder's LoRA, and Prodigy at its default rate instead of the searched 5e-3.
-    "pivotal tuning + LoRA (recipe + --train_text_encoder_ti)": PIVOTAL,
-    "pivotal tuning + UNet LoRA (no text-encoder LoRA)": PIVOTAL + ["--no-train_text_encoder"],
-    "recipe with Prodigy, --learning_rate 1.0": ["--optimizer", "prodigy", "--learning_rate", "1.0"],
-    "pivotal tuning + LoRA with Prodigy, --learning_rate 1.0": PIVOTAL + ["--optimizer", "prodigy",
-                                                                          "--learning_rate", "1.0"],
+    "recommended (toy_demo.yaml)": ([], "photos"),
+    "no prior preservation": (["--no-with_prior_preservation"], "photos"),
+    "diffusers' settings (UNet LoRA rank 4, 5e-4, 400 steps, no captions)":
+        (NO_PIVOTAL + ["--learning_rate", "5e-4", "--rank", "4", "--max_train_steps", "400"], "no_captions"),
+    # The recipe's --text_encoder_lr 2e-2 is for the new tokens' rows; a text-encoder LoRA trains at the LoRA's rate.
+    "text-encoder LoRA instead of pivotal tuning, 400 steps":
+        (NO_PIVOTAL + ["--train_text_encoder", "--text_encoder_lr", "5e-3", "--max_train_steps", "400"], "photos"),
+    "new tokens at the LoRA's rate (--text_encoder_lr 5e-3)": (["--text_encoder_lr", "5e-3"], "photos"),
+    "400 steps instead of 150": (["--max_train_steps", "400"], "photos"),
+    "photos all on white": ([], "white_only"),
+    "photos without captions": ([], "no_captions"),
+    "Prodigy, --learning_rate 1.0": (["--optimizer", "prodigy", "--learning_rate", "1.0"], "photos"),
 }
+
+
+def photos(kind, out):
+    """The instance folder for a row."""
+    import toy_world as world
+    if kind == "photos":
+        return os.path.join(ROOT, "examples", "toy_subject")
+    folder = os.path.join(out, kind)
+    if not os.path.isdir(folder):
+        if kind == "white_only":
+            world.write_subject_images(folder, backgrounds=("white",) * len(world.SUBJECT_PHOTO_BACKGROUNDS))
+        else:
+            world.write_subject_images(folder, captions=False)
+    return folder
 
 
 def train(name, flags, out, log, model):
@@ -60,11 +79,12 @@ def train(name, flags, out, log, model):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_images", type=int, default=16, help="Seeds per prompt for the scorer.")
+    parser.add_argument("--num_images", type=int, default=8, help="Seeds per prompt for the scorer.")
+    parser.add_argument("--seeds", default="0", help="Comma-separated training seeds; several: each row's mean.")
     parser.add_argument("--out", default=os.path.join(ROOT, "work_dirs", "bench_toy"), help="Runs and logs go here.")
     parser.add_argument("--only", default=None,
-                        help=f"Comma-separated row numbers (1-{len(VARIANTS)}) to run (default: all), e.g. 3,4,5,6,7 "
-                             "for the recipe against pivotal tuning and Prodigy.")
+                        help=f"Comma-separated row numbers (1-{len(VARIANTS)}) to run (default: all), e.g. 1,6,7 "
+                             "for the recipe against its photos' variants.")
     parser.add_argument("--model", default=os.path.join(ROOT, "examples", "toy-base"),
                         help="The pretrained toy base to train and score on (default: examples/toy-base).")
     args = parser.parse_args(argv)
@@ -78,19 +98,26 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, "train.log")
     open(log, "w").close()
+    seeds = [int(x) for x in args.seeds.split(",")]
     pipe = demo_grids.load_pipeline(args.model)
     rows = [("base model (no training)", demo_grids.score_lora(pipe, None, args.num_images)[0], None)]
     chosen = set(int(x) for x in args.only.split(",")) if args.only else None
-    for i, (name, flags) in enumerate(VARIANTS.items(), 1):
+    for i, (name, (flags, kind)) in enumerate(VARIANTS.items(), 1):
         if chosen and i not in chosen:
             continue
-        out = os.path.join(args.out, f"run{i}")
-        wall, generated = train(name, flags, out, log, args.model)
-        numbers = demo_grids.score_lora(pipe, out, args.num_images)[0]  # pivotal runs: tokens loaded, prompts rewritten
-        rows.append((name, numbers, f"{wall:.0f}" + (" (incl. class images)" if generated else "")))
-        print(f"{name}: {demo_grids.fmt(numbers)} in {wall:.0f}s", file=sys.stderr, flush=True)
-    print(f"Toy world, examples/toy_subject on {os.path.relpath(args.model, ROOT)}; {args.num_images} images per prompt (seeds "
-          f"0-{args.num_images - 1}); recipe {os.path.relpath(RECIPE, ROOT)} with the flags in the log "
+        runs = []
+        for seed in seeds:
+            out = os.path.join(args.out, f"run{i}-seed{seed}")
+            wall, generated = train(name, flags + ["--seed", str(seed), "--instance_data_dir", photos(kind, args.out)],
+                                    out, log, args.model)
+            runs.append((demo_grids.score_lora(pipe, out, args.num_images)[0], wall, generated))
+            print(f"{name}, seed {seed}: {demo_grids.fmt(runs[-1][0])} in {wall:.0f}s", file=sys.stderr, flush=True)
+        mean = {k: sum(r[0][k] for r in runs) / len(runs) for k in runs[0][0]}
+        wall = sum(r[1] for r in runs) / len(runs)
+        rows.append((name, mean, f"{wall:.0f}" + (" (incl. class images)" if any(r[2] for r in runs) else "")))
+    print(f"Toy world, examples/toy_subject on {os.path.relpath(args.model, ROOT)}; {args.num_images} images per prompt "
+          f"(seeds 0-{args.num_images - 1}); training seed{'s' if len(seeds) > 1 else ''} {args.seeds}"
+          f"{' (mean)' if len(seeds) > 1 else ''}; recipe {os.path.relpath(RECIPE, ROOT)} with the flags in the log "
           f"({os.path.relpath(log, ROOT)})")
     header = "| run | fidelity ↑ | recontext ↑ | drift ↓ | class_ok ↑ | train wall s |"
     print(header)

@@ -259,7 +259,8 @@ def build_parser():
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--learning_rate", type=finite_float, default=5e-4, help="Learning rate of the UNet LoRA.")
     g.add_argument("--text_encoder_lr", type=finite_float, default=None,
-                   help="Learning rate of the text-encoder LoRA (default: learning_rate).")
+                   help="Learning rate of the text-encoder LoRA and of pivotal tuning's new token rows "
+                        "(default: learning_rate).")
     g.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False,
                    help="Multiply learning rates by batch size x accumulation x processes.")
     g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule.")

@@ -1,17 +1,17 @@
 #!/usr/bin/env python
 """Base vs LoRA, same seeds, on the toy base model: side-by-side grids and the pixel scorer's numbers.
 
-Prompts: the instance prompt ("a sks circle"), three recontextualisations (the subject asked on a black, a gray
-and a white background) and the class prompt ("a circle"), which must still give ordinary one-colour circles.
-The photos are all on white, so black and gray are the new scenes the recontext number counts; the white row
-shows the photos' own setting for comparison.
+Prompts: the instance prompt ("a sks circle"), the subject asked on each of the world's three backgrounds, and
+the class prompt ("a circle"), which must still give ordinary one-colour circles. The photos
+(examples/toy_subject) show it on white and gray only, so "on a black background" is the new scene the
+recontext number counts; the white and gray rows show the photos' own settings for comparison.
 
 A pivotal-tuning run (its folder holds <name>_emb.safetensors) is scored as infer.py uses it: the trained
 tokens loaded beside the LoRA and "sks" in every prompt rewritten to them ("a <s0><s1> circle").
 
 Numbers (examples/toy_world.py reads the pixels; no model downloads):
   fidelity   share of instance-prompt images showing the striped subject
-  recontext  share of black- and gray-background prompts' images showing the subject on the asked background
+  recontext  share of black-background images showing the subject on a plain black background
   drift      share of class-prompt images showing the subject (the class has turned into it)
   class_ok   share of class-prompt images that are an ordinary one-colour circle
 
@@ -29,11 +29,12 @@ import toy_world as world  # noqa: E402
 
 IDENTIFIER = "sks"
 INSTANCE = world.prompt(world.SUBJECT_SHAPE, identifier=IDENTIFIER)  # "a sks circle"
-PHOTOS_BACKGROUND = "white"  # every image in examples/toy_subject
-RECONTEXT = [(world.prompt(world.SUBJECT_SHAPE, bg=bg, identifier=IDENTIFIER), bg) for bg in ("black", "gray")]
-SAME_SCENE = world.prompt(world.SUBJECT_SHAPE, bg=PHOTOS_BACKGROUND, identifier=IDENTIFIER)  # shown, not scored
+NEW_BACKGROUNDS = [bg for bg in world.BACKGROUNDS if bg not in world.SUBJECT_PHOTO_BACKGROUNDS]  # ["black"]
+RECONTEXT = [(world.prompt(world.SUBJECT_SHAPE, bg=bg, identifier=IDENTIFIER), bg) for bg in NEW_BACKGROUNDS]
+SEEN = [world.prompt(world.SUBJECT_SHAPE, bg=bg, identifier=IDENTIFIER)  # the photos' backgrounds: shown, not scored
+        for bg in world.BACKGROUNDS if bg in world.SUBJECT_PHOTO_BACKGROUNDS]
 CLASS = world.prompt(world.SUBJECT_SHAPE)  # "a circle"
-PROMPTS = [INSTANCE] + [p for p, _ in RECONTEXT] + [SAME_SCENE, CLASS]
+PROMPTS = [INSTANCE] + [p for p, _ in RECONTEXT] + SEEN + [CLASS]
 
 
 def load_pipeline(base):

@@ -63,6 +63,24 @@ def test_score_numbers():
     assert n == {"fidelity": 0.75, "recontext": 0.5, "drift": 0.25, "class_ok": 0.75}
 
 
+def test_shipped_subject_photos_are_what_the_world_draws(tmp_path):
+    """examples/toy_subject is write_subject_images' output, byte for byte: the striped circle on white and gray,
+    each photo with a caption naming its background; black is left for the recontextualisation prompt."""
+    world.write_subject_images(tmp_path)
+    shipped = os.path.join(ROOT, "examples", "toy_subject")
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(shipped))
+    for name in os.listdir(tmp_path):
+        if name.endswith(".png"):
+            assert np.array_equal(np.asarray(Image.open(tmp_path / name)), np.asarray(Image.open(os.path.join(shipped, name))))
+        else:
+            assert (tmp_path / name).read_text() == open(os.path.join(shipped, name)).read()
+    bgs = [world.classify(Image.open(tmp_path / f"striped_circle_{k}.png"))["background"] for k in range(5)]
+    assert bgs == list(world.SUBJECT_PHOTO_BACKGROUNDS) and "black" not in bgs
+    assert (tmp_path / "striped_circle_1.txt").read_text() == "a sks circle on a gray background\n"
+    world.write_subject_images(tmp_path / "bare", captions=False)
+    assert not [n for n in os.listdir(tmp_path / "bare") if n.endswith(".txt")]
+
+
 def test_captions_leave_attributes_out_and_hold_out_combinations():
     pairs = world.training_pairs(3000, seed=7)
     captions = [c for _, c in pairs]
@@ -97,22 +115,24 @@ def test_shipped_base_loads_as_is():
 
 @pytest.mark.slow
 def test_recommended_recipe_learns_the_subject_and_keeps_the_class(tmp_path):
-    """The recipe of make demo with fewer class images: with prior preservation the instance prompt draws the
-    striped circle while the class prompt does not (the base draws it in none of either)."""
+    """The recipe of make demo, as it is: with prior preservation the instance prompt draws the
+    striped circle, also on the black background no photo shows, while the class prompt does not (the base draws
+    it in none of them). The run is pivotal tuning, so the scorer loads its tokens (demo_grids.score_lora)."""
     import demo_grids
     out = tmp_path / "run"
     r = run_script("train_dreambooth_lora.py", "--config", os.path.join(ROOT, "examples", "recipes", "toy_demo.yaml"),
-                   "--output_dir", out, "--class_data_dir", tmp_path / "class", *LEARNING_TEST_FLAGS, timeout=240)
+                   "--output_dir", out, "--class_data_dir", tmp_path / "class", timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.isfile(out / "run_emb.safetensors")
     pipe = demo_grids.load_pipeline(TOY_BASE)
     base, _ = demo_grids.score_lora(pipe, None, 8)
     lora, _ = demo_grids.score_lora(pipe, str(out), 8)
-    assert base["fidelity"] == 0.0 and base["drift"] == 0.0
-    assert lora["fidelity"] >= 0.5, lora  # the demo's 50 class images give 1.00 (bench/bench_toy.py)
+    assert base["fidelity"] == 0.0 and base["recontext"] == 0.0 and base["drift"] == 0.0
+    # make demo on the 2-core machine: fidelity 1.00, recontext 1.00 (bench_toy, 3 training seeds: 1.00, 0.71)
+    assert lora["fidelity"] >= 0.5, lora
+    assert lora["recontext"] >= 0.25, lora
     assert lora["drift"] <= 0.15, lora
+    # Unloaded again: the same pipeline gives the base's images afterwards (bench_toy scores many runs on one).
+    assert demo_grids.score_lora(pipe, None, 8)[0] == base
     with open(out / "config.yaml") as f:
         assert "with_prior_preservation: true" in f.read()
-
-
-# Fewer class images than the demo (20, not 50), so the test stays near 90 s on 2 cores.
-LEARNING_TEST_FLAGS = ["--num_class_images", "20"]
