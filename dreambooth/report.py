@@ -389,7 +389,8 @@ pipe.load_lora_weights("{where}")
                         if args.with_prior_preservation else 'off'} |
 | resolution | {args.resolution} |
 | rank / alpha | {args.rank} / {args.lora_alpha or args.rank}{' (DoRA)' if args.use_dora else ''} |
-| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}){f'; text encoder / new tokens {args.text_encoder_lr}'
+                                                        if args.text_encoder_lr else ''} |
 | optimizer | {getattr(args, 'optimizer', 'adamw')} |
 | pivotal tuning | {f'`{args.token_abstraction}` -> {args.num_new_tokens_per_abstraction} new token(s), embeddings trained for '
                     f'{args.train_text_encoder_ti_frac:g} of the steps' if getattr(args, 'train_text_encoder_ti', False)

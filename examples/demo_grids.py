@@ -11,7 +11,7 @@ tokens loaded beside the LoRA and "sks" in every prompt rewritten to them ("a <s
 
 Numbers (examples/toy_world.py reads the pixels; no model downloads):
   fidelity   share of instance-prompt images showing the striped subject
-  recontext  share of black-background images showing the subject on a plain black background
+  recontext  share of black-background images showing the subject on a uniform border nearest to black
   drift      share of class-prompt images showing the subject (the class has turned into it)
   class_ok   share of class-prompt images that are an ordinary one-colour circle
 
@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 import toy_world as world  # noqa: E402
+from infer import load_embeddings  # noqa: E402
 
 IDENTIFIER = "sks"
 INSTANCE = world.prompt(world.SUBJECT_SHAPE, identifier=IDENTIFIER)  # "a sks circle"
@@ -68,9 +69,8 @@ def score_lora(pipe, lora, num_images, seed=0):
     if lora:
         pipe.load_lora_weights(lora)
     try:
-        emb = pivotal.find_embedding_file(lora) if lora else None
-        if emb:
-            mapping = pivotal.load_into_pipeline(pipe, emb)
+        if lora:  # found as infer.py finds them: in the run's folder, or <name>_emb beside a <name> LoRA file
+            mapping = load_embeddings(pipe, lora)
         images = sample_all(pipe, num_images, seed, lambda p: pivotal.rewrite(p, mapping))
     finally:
         if mapping:

@@ -256,7 +256,8 @@ def score(images_by_prompt):
     """Scorer numbers for a dict {kind: [PIL images]} with kinds 'instance', 'recontext' (a list of
     (image, asked_background) pairs), 'class':
     fidelity = share of instance-prompt images showing the subject pattern;
-    recontext = share of recontextualised images showing the subject on a plain background of the asked colour;
+    recontext = share of recontextualised images showing the subject on a uniform background (see
+                plain_background) whose median is nearest to the asked colour;
     drift = share of class-prompt images showing the subject pattern (the class forgot what a circle is);
     class_ok = share of class-prompt images that are an ordinary one-colour circle."""
     out = {}

@@ -136,3 +136,4 @@ def test_recommended_recipe_learns_the_subject_and_keeps_the_class(tmp_path):
     assert demo_grids.score_lora(pipe, None, 8)[0] == base
     with open(out / "config.yaml") as f:
         assert "with_prior_preservation: true" in f.read()
+    assert "| learning rate | 0.005 (constant); text encoder / new tokens 0.02 |" in open(out / "README.md").read()
