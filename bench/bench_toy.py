@@ -106,10 +106,10 @@ def main(argv=None):
     for i, (name, (flags, kind)) in enumerate(VARIANTS.items(), 1):
         if chosen and i not in chosen:
             continue
-        runs = []
+        runs, instance_dir = [], photos(kind, args.out)  # written once per row, shared by its seeds
         for seed in seeds:
             out = os.path.join(args.out, f"run{i}-seed{seed}")
-            wall, generated = train(name, flags + ["--seed", str(seed), "--instance_data_dir", photos(kind, args.out)],
+            wall, generated = train(name, flags + ["--seed", str(seed), "--instance_data_dir", instance_dir],
                                     out, log, args.model)
             runs.append((demo_grids.score_lora(pipe, out, args.num_images)[0], wall, generated))
             print(f"{name}, seed {seed}: {demo_grids.fmt(runs[-1][0])} in {wall:.0f}s", file=sys.stderr, flush=True)

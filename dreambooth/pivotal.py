@@ -51,6 +51,11 @@ def rewrite(prompt, mapping, replacement=None):
     return prompt
 
 
+def token_list(mapping):
+    """Every new token of a word -> tokens map, in order (what load_textual_inversion and its unloading take)."""
+    return [t for tokens in mapping.values() for t in tokens]
+
+
 def embedding_file_name(output_dir):
     """<output_dir name>_emb.safetensors, beside the kohya file <output_dir name>.safetensors."""
     return (os.path.basename(os.path.normpath(os.path.abspath(output_dir))) or "lora") + EMB_SUFFIX
@@ -151,7 +156,7 @@ class PivotalTokens:
 
     def __init__(self, family, mapping):
         self.family, self.mapping = family, mapping
-        self.tokens = [t for tokens in mapping.values() for t in tokens]
+        self.tokens = token_list(mapping)
         self.modules = []
 
     def install(self, initializer_concept=None, seed=0):
@@ -216,6 +221,10 @@ class PivotalTokens:
     def prompt_example(self, instance_prompt):
         return rewrite(instance_prompt, self.mapping)
 
+    def ui_prompt(self, instance_prompt, embedding_name):
+        """The prompt for A1111/ComfyUI, where an embedding file's name is its word: "a photo of <name>_emb dog"."""
+        return rewrite(instance_prompt, self.mapping, embedding_name.removesuffix(".safetensors"))
+
 
 def find_embedding_file(folder):
     """The *_emb.safetensors in a training output or checkpoint folder, or None."""
@@ -238,7 +247,7 @@ def load_into_pipeline(pipe, path):
     from safetensors.torch import load_file
     from .families import FAMILIES
     mapping = read_token_map(path)
-    tokens = [t for ts in mapping.values() for t in ts]
+    tokens = token_list(mapping)
     if not tokens:
         raise UsageError(f"{path}: no token map in its metadata; it was not written by this trainer")
     state = load_file(path)

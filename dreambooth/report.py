@@ -247,10 +247,8 @@ def training_metadata(args, pivotal=None, embedding_name=None):
     the embedding's file name is its word). ss_optimizer comes with the rest (lora_io.KohyaRun.optimizer)."""
     if pivotal is None:
         return {}
-    from .pivotal import rewrite
-    word = embedding_name.removesuffix(".safetensors")
     return {"ss_embeddings": embedding_name, "ss_token_map": json.dumps(pivotal.mapping),
-            "ss_embedding_prompt": rewrite(args.instance_prompt, pivotal.mapping, word)}
+            "ss_embedding_prompt": pivotal.ui_prompt(args.instance_prompt, embedding_name)}
 
 
 class PivotalUsage:
@@ -259,19 +257,17 @@ class PivotalUsage:
     section about the tokens."""
 
     def __init__(self, args, pivotal, embedding_name, where=None):
-        from .pivotal import rewrite
         family = pivotal.family
-        tokens = [t for ts in pivotal.mapping.values() for t in ts]
         self.word = embedding_name.removesuffix(".safetensors")
         self.prompt = pivotal.prompt_example(args.instance_prompt)
-        self.ui_prompt = rewrite(args.instance_prompt, pivotal.mapping, self.word)
+        self.ui_prompt = pivotal.ui_prompt(args.instance_prompt, embedding_name)
         # A pushed run's card is read on the Hub: the file comes from the repo, not from the trainer's disk.
         source = (f'hf_hub_download("{where}", "{embedding_name}")' if where
                   else json.dumps(os.path.join(args.output_dir, embedding_name)))
         self.imports = ("from huggingface_hub import hf_hub_download\n" if where else "") + \
             "from safetensors.torch import load_file\n"
         self.load_code = f"emb = load_file({source})\n" + "\n".join(
-            f'pipe.load_textual_inversion(emb["{key}"], token={json.dumps(tokens)}, text_encoder=pipe.{enc}, '
+            f'pipe.load_textual_inversion(emb["{key}"], token={json.dumps(pivotal.tokens)}, text_encoder=pipe.{enc}, '
             f'tokenizer=pipe.{tok})' for key, enc, tok in zip(family.embedding_file_keys, family.text_encoder_names,
                                                                family.tokenizer_names)) + "\n"
         self.section = f"""

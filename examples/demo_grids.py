@@ -74,7 +74,7 @@ def score_lora(pipe, lora, num_images, seed=0):
         images = sample_all(pipe, num_images, seed, lambda p: pivotal.rewrite(p, mapping))
     finally:
         if mapping:
-            pipe.unload_textual_inversion([t for ts in mapping.values() for t in ts])
+            pipe.unload_textual_inversion(pivotal.token_list(mapping))
         if lora:
             pipe.unload_lora_weights()
     return numbers(images), images

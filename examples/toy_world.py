@@ -160,9 +160,9 @@ def _border(arr):
 
 def background_of(arr):
     """The background name: nearest to the median colour of the 2-px border."""
-    border = _border(arr)
-    names, idx, _ = _nearest(np.median(border, 0), BACKGROUNDS)
-    return names[int(idx)], np.median(border, 0)
+    median = np.median(_border(arr), 0)
+    names, idx, _ = _nearest(median, BACKGROUNDS)
+    return names[int(idx)], median
 
 
 def plain_background(arr, bg_rgb, threshold=60.0, share=0.75):
