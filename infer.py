@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate images with a base Stable Diffusion model (1.x, 2.x or SDXL) plus one or more LoRAs.
+"""Generate images with a base model (SD 1.x, 2.x, SDXL, SD 3 or Flux.1) plus one or more LoRAs.
 
 example:
   python infer.py --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -26,8 +26,9 @@ SCHEDULERS = {"dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteSch
               "unipc": "UniPCMultistepScheduler", "default": None}
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 LORA_MARKERS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up")
-# the text-conditioning width a UNet's cross-attention reads tells the model families apart
+# the text-conditioning width a UNet's cross-attention reads tells the UNet families apart
 FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+FLOW_SCHEDULERS = ("default",)  # flow-matching models sample with their own FlowMatchEulerDiscreteScheduler
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -51,10 +52,16 @@ def build_parser():
     p.add_argument("--prompt", action="append", required=True, help="Prompt; repeat for several.")
     p.add_argument("--negative_prompt", default=None, help="Negative prompt for every image (default: none).")
     p.add_argument("--num_images", type=int, default=4, help="Images per prompt.")
-    p.add_argument("--steps", type=int, default=30, help="Denoising steps.")
-    p.add_argument("--guidance_scale", type=finite_float, default=7.5, help="Classifier-free guidance scale.")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Denoising steps (default: the family's: 30 for SD 1.x/2.x and SDXL, 28 for SD 3 and "
+                        "Flux.1-dev, 4 for schnell).")
+    p.add_argument("--guidance_scale", type=finite_float, default=None,
+                   help="Guidance scale (default: the family's: 7.5 for SD 1.x/2.x and SDXL, 7.0 for SD 3, 3.5 for "
+                        "Flux.1-dev's distilled guidance, 0 for schnell).")
     p.add_argument("--seed", type=seed_int, default=0, help="Seed (0..2**32-1); image k of a prompt uses seed + k.")
-    p.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS), help="Sampler.")
+    p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
+                   help="Sampler (default: dpm++ for SD 1.x/2.x and SDXL; SD 3 takes only its own flow-matching "
+                        "Euler, 'default').")
     p.add_argument("--height", type=int, default=None, help="Image height (default: the model's size).")
     p.add_argument("--width", type=int, default=None, help="Image width (default: the model's size).")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
@@ -85,7 +92,7 @@ def check(args):
         if os.path.isdir(lora) and not any(n.endswith(".safetensors") and not n.endswith(EMB_SUFFIX)
                                            for n in os.listdir(lora)):
             raise UsageError(f"--lora {lora}: folder has no .safetensors file")
-    if args.num_images < 1 or args.steps < 1:
+    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError("--num_images and --steps must be >= 1")
     for flag in ("height", "width"):
         if getattr(args, flag) is not None and getattr(args, flag) % 8:
@@ -141,12 +148,13 @@ def load_base(base, dtype):
         keys = safetensors_shapes("--base", base)
         if any(m in k for k in keys for m in LORA_MARKERS):
             raise UsageError(f"--base {base} is a LoRA; pass it as --lora, with the model it was trained on as --base")
-        if not any(k.startswith("model.diffusion_model.") for k in keys):
+        if not any(k.startswith(("model.diffusion_model.", "double_blocks.", "joint_blocks.")) for k in keys):
             raise UsageError(f"--base {base}: not a Stable Diffusion checkpoint (no model.diffusion_model.* weights); "
-                             "give an SD 1.x/2.x or SDXL checkpoint or a diffusers folder")
+                             "give an SD 1.x/2.x, SDXL, SD 3 or Flux.1 checkpoint or a diffusers folder")
     if os.path.exists(base):  # the family's pipeline, read from the model's own files (no download)
         family = detect(ModelSource(base), flag="--base")
-        pipeline_class, kwargs = family.pipeline_class(), dict(family.single_file_extras, torch_dtype=dtype)
+        pipeline_class, kwargs = family.pipeline_class(), dict(family.single_file_extras, torch_dtype=dtype,
+                                                               **family.from_pretrained_extras(base))
     else:  # a hub id: DiffusionPipeline picks the class from its model_index.json, errors handled below
         pipeline_class = DiffusionPipeline
         kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
@@ -240,11 +248,27 @@ def diffusers_log():
         logger.setLevel(saved[1])
 
 
+def family_mismatch(lora, shapes, base, pipe):
+    """A LoRA made for another kind of denoiser (a UNet LoRA on SD 3, an SD 3 LoRA on SDXL), named in one line
+    before diffusers loads nothing or fails deep inside: which family's names its keys carry, against the base's."""
+    from dreambooth.families import FAMILIES, family_of_pipeline
+    have = family_of_pipeline(pipe)
+    made = [f for f in FAMILIES if f.made_lora(shapes)]
+    if not made or have in made:
+        return None
+    kinds = " or ".join(f.name for f in made)
+    article = "an" if kinds[0] in "AEFHILMNORSX" else "a"  # an SD 3, an SDXL, a Flux
+    return (f"--lora {lora} was trained for {article} {kinds} base ({made[0].denoiser_name} LoRA); --base {base} is "
+            f"{have.name}; give --base the model it was trained on")
+
+
 def width_mismatch(lora, shapes, base, pipe):
     """'trained for another base' in the words users know: the cross-attention width (the text encoder's
     output size) that an attn2.to_k down/lora_A weight reads, against the base's."""
     widths = [s[1] for k, s in shapes.items() if re.search(r"attn2[._]to_k", k)
               and any(m in k for m in ("lora_A", "lora_down", "lora.down")) and len(s) == 2]
+    if getattr(pipe, "unet", None) is None:
+        return None
     have = pipe.unet.config.cross_attention_dim
     if not widths or widths[0] == have:
         return None
@@ -260,13 +284,22 @@ def load_lora(pipe, lora, adapter_name, base):
     shapes = safetensors_shapes("--lora", path)
     if not any(m in k for k in shapes for m in LORA_MARKERS):
         raise UsageError(f"--lora {path}: not a LoRA file (no lora_A/lora_down/... keys)")
+    mismatch = family_mismatch(lora, shapes, base, pipe)
+    if mismatch:
+        raise UsageError(mismatch)
     if any(k.endswith(".dora_scale") for k in shapes):  # diffusers' kohya loader filters them out, with a warning
         print(f"infer.py: warning: --lora {path} is a DoRA LoRA in the kohya layout, whose magnitudes diffusers "
               "ignores; give the folder's pytorch_lora_weights.safetensors for the exact weights", file=sys.stderr)
+    from dreambooth.families import family_of_pipeline
+    family = family_of_pipeline(pipe)
+    source = {"pretrained_model_name_or_path_or_dict": os.path.dirname(os.path.abspath(path)),
+              "weight_name": os.path.basename(path)}
+    if hasattr(family, "diffusers_state_from_ui") and any(k.endswith(".lora_down.weight") for k in shapes):
+        from safetensors.torch import load_file  # a UI (ComfyUI) file of a flow model: alpha folded in for diffusers
+        source = {"pretrained_model_name_or_path_or_dict": family.diffusers_state_from_ui(load_file(path))}
     with diffusers_log() as log:
         try:
-            pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path),
-                                   adapter_name=adapter_name)
+            pipe.load_lora_weights(**source, adapter_name=adapter_name)
         except (ValueError, RuntimeError, KeyError, OSError) as e:  # size mismatch, unknown layers, bad layout
             size = re.search(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from "
                              r"checkpoint, the shape in current model is torch.Size\((\[.*?\])\)", str(e))
@@ -328,8 +361,18 @@ def _main(argv):
         print("infer.py: warning: --dtype fp16 on cpu is slow or unsupported; using fp32", file=sys.stderr)
         dtype = "fp32"
     pipe = load_base(args.base, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
-    if SCHEDULERS[args.scheduler]:
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    from dreambooth.families import family_of_pipeline
+    family = family_of_pipeline(pipe)
+    flow = family.scheduler_class == "FlowMatchEulerDiscreteScheduler"
+    if flow and args.scheduler not in (None,) + FLOW_SCHEDULERS:
+        raise UsageError(f"--scheduler {args.scheduler}: {family.name} is a flow-matching model and samples with its "
+                         "own scheduler; leave --scheduler out (or give 'default')")
+    scheduler = args.scheduler or ("default" if flow else "dpm++")
+    if SCHEDULERS[scheduler]:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    default_steps, default_guidance = family.inference_defaults(pipe)
+    steps = args.steps or default_steps
+    guidance = default_guidance if args.guidance_scale is None else args.guidance_scale
     names, token_map = [], {}
     for i, lora in enumerate(args.lora):
         names.append(f"lora{i}")
@@ -350,7 +393,7 @@ def _main(argv):
     for p, prompt in enumerate(args.prompt):
         generators = [torch.Generator("cpu").manual_seed(args.seed + k) for k in range(args.num_images)]
         batch = pipe(rewrite(prompt, token_map), negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-                     num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generators,
+                     num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                      height=args.height, width=args.width).images
         slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:40]
         files.update({f"{p:02d}-{k:02d}-{slug}.png": image for k, image in enumerate(batch)})

@@ -86,9 +86,11 @@ class DreamBoothRecipe:
         self._setup_accelerator(a.output_dir, a.logging_dir, a.report_to, a.mixed_precision,
                                 a.gradient_accumulation_steps, a.ddp_timeout, a.seed, a.allow_tf32, unused)
         self.family = self._setup_model(families.ModelSource.from_args(a), a.lora_target_modules, a.resolution,
-                                        a.bucket_reso_steps if a.enable_bucket else None)
-        if a.crops_coords_top_left_h is not None or a.crops_coords_top_left_w is not None:
-            self.family.fixed_crop_top_left = (a.crops_coords_top_left_h or 0, a.crops_coords_top_left_w or 0)
+                                        a.bucket_reso_steps if a.enable_bucket else None,
+                                        {flag: getattr(a, flag) for flag in a._family.flags})
+        self.objective = self.family.objective(a.noise_offset, a.snr_gamma)
+        self.accelerator.print(f"{self.objective.describe()} scheduler={type(self.family.noise_scheduler).__name__} "
+                          f"{self.family.denoiser_name}_params={sum(p.numel() for p in self.family.denoiser.parameters())}")
         self.class_images = self._setup_class_priors(
             a.class_prompt, a.class_data_dir or os.path.join(a.output_dir, "class_images"), a.num_class_images,
             a.class_generation_steps, a.sample_batch_size, a.prior_generation_precision,
@@ -135,8 +137,9 @@ class DreamBoothRecipe:
                                                                                 torch.float32)
         check_free_space(output_dir, 50 * 2**20, "LoRA weights and checkpoints")
 
-    def _setup_model(self, source, lora_target_modules, resolution, bucket_steps):
-        """The base model, frozen, in the weight dtype; everything checked that needs it, before any output."""
+    def _setup_model(self, source, lora_target_modules, resolution, bucket_steps, family_options):
+        """The base model, frozen, in the weight dtype, given its family's own flags; everything checked that
+        needs it, before any output."""
         from dreambooth import families, models
         a, accelerator = self.args, self.accelerator
         family_class = self.args._family or families.detect(source)
@@ -147,13 +150,11 @@ class DreamBoothRecipe:
             f"res={resolution} batch={a.train_batch_size}x{a.gradient_accumulation_steps}x{accelerator.num_processes} "
             f"lr={a.learning_rate} rank={a.rank} text_encoder={'lora' if a.train_text_encoder else 'frozen'} "
             f"precision={accelerator.mixed_precision} device={accelerator.device} out={a.output_dir}")
-        family = family_class.load(source, self.weight_dtype)
+        family = family_class.load(source, self.weight_dtype).configure(**family_options)
         family.freeze()
-        models.check_lora_targets(family.unet, lora_target_modules)
+        models.check_lora_targets(family.denoiser, lora_target_modules, family.default_lora_targets,
+                                  a._lora_targets_flag)
         models.check_resolution(family.size_multiple(), resolution, bucket_steps)
-        accelerator.print(f"prediction_type={family.noise_scheduler.config.prediction_type} "
-                          f"scheduler={type(family.noise_scheduler).__name__} "
-                          f"unet_params={sum(p.numel() for p in family.unet.parameters())}")
         self.stats.set(model_weights_fp32_mb=sum(p.numel() for m in family.frozen_modules()
                                                  for p in m.parameters()) * 4 / 2**20)
         return family
@@ -187,21 +188,21 @@ class DreamBoothRecipe:
         return images
 
     def _setup_lora(self, lora, xformers, gradient_checkpointing, compile_backend=None):
-        """LoRA on the UNet (and the text encoders), after the frozen parts reach the device; then the UNet
+        """LoRA on the denoiser (and the text encoders), after the frozen parts reach the device; then the denoiser
         compiled, if asked, in place (Module.compile: parameter names, LoRA saving and checkpoints unchanged)."""
         from dreambooth import models
         family = self.family
         family.place(self.accelerator.device, self.weight_dtype)
         if xformers:
-            family.unet.enable_xformers_memory_efficient_attention()
-        models.add_lora(family.unet, family.text_encoders, lora)
+            family.denoiser.enable_xformers_memory_efficient_attention()
+        models.add_lora(family.denoiser, family.text_encoders, lora, family.text_encoder_lora_targets)
+        lora_encoders = [e for e in family.text_encoders if getattr(e, "peft_config", None)]
         if gradient_checkpointing:
-            family.unet.enable_gradient_checkpointing()
-            if lora.train_text_encoder:
-                for encoder in family.text_encoders:  # transformers 5 renamed it; 4.x only has the old name
-                    getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
+            family.denoiser.enable_gradient_checkpointing()
+            for encoder in lora_encoders:  # transformers 5 renamed it; 4.x only has the old name
+                getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
         if compile_backend:
-            family.unet.compile(backend=compile_backend)  # compiles on the first step; recompiles per bucket size
+            family.denoiser.compile(backend=compile_backend)  # compiles on the first step; recompiles per bucket size
         self.pivotal = None
         if self.args.train_text_encoder_ti:  # after LoRA: the new rows are a parameter of their own, kept fp32
             from dreambooth import pivotal
@@ -211,8 +212,10 @@ class DreamBoothRecipe:
                                                                           self.args.seed)
             words = ", ".join(f"{w} -> {''.join(t)}" for w, t in mapping.items())
             self.accelerator.print(f"pivotal tuning: {words} in {len(family.tokenizers)} tokenizer(s)")
-        train_encoders = lora.train_text_encoder or self.pivotal is not None
-        self.trained_text_encoders = list(family.text_encoders) if train_encoders else []
+        pivotal_encoders = self.pivotal.encoders() if self.pivotal else []
+        # the encoders whose output changes as the run trains (LoRA or new token rows), in the family's order
+        self.trained_text_encoders = [e for e in family.text_encoders
+                                      if e in lora_encoders or any(e is p for p in pivotal_encoders)]
 
     def _setup_data(self, instance_prompt, class_prompt, resolution, center_crop, random_flip, repeats,
                     interpolation, seed, bucket_args, max_length, use_attention_mask, precompute_text, cache_latents,
@@ -277,13 +280,13 @@ class DreamBoothRecipe:
         return f"cache: {text}; {latents}"
 
     def _setup_optimizer(self, lr, text_encoder_lr, scale_lr, batch_size, accumulation):
-        """Parameter groups (UNet LoRA; text-encoder LoRA; new token rows), each with its learning rate and
+        """Parameter groups (denoiser LoRA; text-encoder LoRA; new token rows), each with its learning rate and
         weight decay, the phases in which each trains, and the optimizer (dreambooth/optimizers.py)."""
         from dreambooth import models, optimizers
         a, accelerator = self.args, self.accelerator
         scale = batch_size * accumulation * accelerator.num_processes if scale_lr else 1
         text_decay = a.adam_weight_decay if a.adam_weight_decay_text_encoder is None else a.adam_weight_decay_text_encoder
-        groups = [{"params": models.trainable_parameters(self.family.unet), "lr": lr * scale}]
+        groups = [{"params": models.trainable_parameters(self.family.denoiser), "lr": lr * scale}]
         # (last step, parameters): what trains only for the first share of the run (diffusers' *_frac flags)
         self.phases = []
         text_lora = [p for e in self.trained_text_encoders for p in models.trainable_parameters(e)
@@ -329,14 +332,15 @@ class DreamBoothRecipe:
                                           num_warmup_steps=warmup * accelerator.num_processes,
                                           num_training_steps=self.max_train_steps * accelerator.num_processes,
                                           num_cycles=cycles, power=power)
-        trained = [self.family.unet, *self.trained_text_encoders]
+        trained = [self.family.denoiser, *self.trained_text_encoders]
         *trained, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
             *trained, self.optimizer, self.dataloader, self.lr_scheduler)
-        self.unet, self.text_encoders = trained[0], trained[1:]  # wrapped (DDP) where several processes train
-        if self.text_encoders:
-            self.family.text_encoders = list(self.text_encoders)  # prompts are encoded by the training ones
+        self.denoiser, self.text_encoders = trained[0], trained[1:]  # wrapped (DDP) where several processes train
+        if self.text_encoders:  # prompts are encoded by the training ones
+            wrapped = dict(zip(map(id, self.trained_text_encoders), self.text_encoders))
+            self.family.text_encoders = [wrapped.get(id(e), e) for e in self.family.text_encoders]
         kohya = self.args.output_format in ("kohya", "both")
-        checkpoints.register_lora_state_hooks(accelerator, self.family, self.unet, self.text_encoders,
+        checkpoints.register_lora_state_hooks(accelerator, self.family, self.denoiser, self.family.text_encoders,
                                               (lambda folder: self._save_kohya(folder, True)) if kohya else None,
                                               self.pivotal, self._embedding_name())
 
@@ -367,7 +371,6 @@ class DreamBoothRecipe:
         from tqdm.auto import tqdm
         from dreambooth import checkpoints, optimizers, training
         a, accelerator, position, torch = self.args, self.accelerator, self.position, self.torch
-        settings = training.LossSettings(a.noise_offset, a.snr_gamma, a.prior_loss_weight)
         stopper = checkpoints.GracefulStop()
         reader = training.StepReader(accelerator, a.logging_steps, checkpoints.agree)
         self.reader = reader
@@ -378,7 +381,7 @@ class DreamBoothRecipe:
         self.stats.mark_training_start()
         try:
             for epoch in range(first_epoch, self.num_train_epochs):
-                for model in (self.unet, *self.text_encoders):
+                for model in (self.denoiser, *self.text_encoders):
                     model.train()
                 self.sampler.start_epoch(epoch)
                 if epoch == first_epoch and skip_batches:
@@ -387,8 +390,9 @@ class DreamBoothRecipe:
                     batches, position.epoch, position.batches = self.dataloader, epoch, 0
                 for batch in batches:
                     position.batches += 1
-                    with accelerator.accumulate(self.unet, *self.text_encoders):
-                        loss = training.training_loss(self.family, self.unet, self.prompts, batch, settings,
+                    with accelerator.accumulate(self.denoiser, *self.text_encoders):
+                        loss = training.training_loss(self.family, self.denoiser, self.objective, self.prompts, batch,
+                                                      a.prior_loss_weight,
                                                       device=accelerator.device, weight_dtype=self.weight_dtype,
                                                       cached_latents=self.cached_latents,
                                                       with_class_images=bool(self.class_images))
@@ -480,16 +484,16 @@ class DreamBoothRecipe:
         from diffusers.training_utils import offload_models
         from dreambooth import validation
         a, accelerator, family, torch = self.args, self.accelerator, self.family, self.torch
-        unet = accelerator.unwrap_model(self.unet)
+        denoiser = accelerator.unwrap_model(self.denoiser)
         text_encoders = [accelerator.unwrap_model(e) for e in family.text_encoders]
-        trained = [unet, *(text_encoders if self.text_encoders else [])]
+        trained = [denoiser, *(text_encoders if self.text_encoders else [])]
         for model in trained:
             model.eval()  # no LoRA dropout while sampling
         # the parts moved off the device after caching come back for this only, and go back after it
         with offload_models(*text_encoders, family.vae, device=accelerator.device), \
                 torch.autocast(accelerator.device.type, dtype=self.weight_dtype,
                                enabled=self.weight_dtype != torch.float32):
-            pipe = family.sampling_pipeline(unet, text_encoders)
+            pipe = family.sampling_pipeline(denoiser, text_encoders)
             prompt = self.pivotal.prompt_example(a.validation_prompt) if self.pivotal else a.validation_prompt
             validation.run_validation(lambda **kw: family.generate(pipe, **kw), pipe.device, prompt,
                                       a.num_validation_images, a.resolution, a.seed,
@@ -505,10 +509,10 @@ class DreamBoothRecipe:
         a, accelerator, step = self.args, self.accelerator, self.position.step
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            unet = accelerator.unwrap_model(self.unet)
-            text_encoders = [accelerator.unwrap_model(e) for e in self.text_encoders]
+            denoiser = accelerator.unwrap_model(self.denoiser)
+            text_encoders = [accelerator.unwrap_model(e) for e in self.family.text_encoders]
             check_free_space(a.output_dir, self.lora_bytes, "the LoRA weights")
-            lora_io.save_diffusers_lora(a.output_dir, self.family, unet, text_encoders)
+            lora_io.save_diffusers_lora(a.output_dir, self.family, denoiser, text_encoders)
             if self.pivotal:
                 self.pivotal.save(os.path.join(a.output_dir, self._embedding_name()))
             kohya_file = self._save_kohya(a.output_dir) if a.output_format in ("kohya", "both") else None
@@ -552,8 +556,8 @@ class DreamBoothRecipe:
             started_at=self.started_at, finished_at=time.time(), session_id=int(self.started_at * 1000) % 2**31,
             license=report.base_license(str(a.pretrained_model_name_or_path), self.family, a.cache_dir, a.revision)[0],
             extra=report.training_metadata(a, self.pivotal, self._embedding_name()))
-        return lora_io.save_kohya_lora(folder, output_name, self.family, accelerator.unwrap_model(self.unet),
-                                       [accelerator.unwrap_model(e) for e in self.text_encoders], run)
+        return lora_io.save_kohya_lora(folder, output_name, self.family, accelerator.unwrap_model(self.denoiser),
+                                       [accelerator.unwrap_model(e) for e in self.family.text_encoders], run)
 
     def cleanup(self):
         """After an error or interrupt: close the trackers, so their files are complete (a finished or stopped

@@ -203,17 +203,17 @@ def load_checkpoint(accelerator, path):
                          f"{previous_checkpoint_offer(path)}") from e
 
 
-def register_lora_state_hooks(accelerator, family, unet, text_encoders=(), save_kohya=None, pivotal=None,
+def register_lora_state_hooks(accelerator, family, denoiser, text_encoders=(), save_kohya=None, pivotal=None,
                               embedding_name=None):
     """save_state writes only the LoRA weights (megabytes, in the loadable diffusers file) instead
-    of the whole UNet, and with pivotal tuning the new token rows (<name>_emb.safetensors, loadable as the final
+    of the whole denoiser, and with pivotal tuning the new token rows (<name>_emb.safetensors, loadable as the final
     one is); load_state puts them back into the live adapters and rows. save_kohya(folder), when the output
     format includes it, also writes the kohya file there: UI users try intermediate steps too."""
     from .lora_io import save_diffusers_lora
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            save_diffusers_lora(output_dir, family, accelerator.unwrap_model(unet),
+            save_diffusers_lora(output_dir, family, accelerator.unwrap_model(denoiser),
                                 [accelerator.unwrap_model(e) for e in text_encoders])
             if save_kohya:
                 save_kohya(output_dir)
@@ -222,7 +222,7 @@ def register_lora_state_hooks(accelerator, family, unet, text_encoders=(), save_
         weights.clear()
 
     def load_hook(models, input_dir):
-        load_lora_into(input_dir, family, accelerator.unwrap_model(unet),
+        load_lora_into(input_dir, family, accelerator.unwrap_model(denoiser),
                        [accelerator.unwrap_model(e) for e in text_encoders])
         if pivotal is not None:
             from .pivotal import find_embedding_file
@@ -236,7 +236,7 @@ def register_lora_state_hooks(accelerator, family, unet, text_encoders=(), save_
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def load_lora_into(folder, family, unet, text_encoders=()):
+def load_lora_into(folder, family, denoiser, text_encoders=()):
     """Inverse of lora_io.save_diffusers_lora, for resuming: every saved tensor must find its place."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
@@ -252,7 +252,7 @@ def load_lora_into(folder, family, unet, text_encoders=()):
             return sd
         return convert
 
-    parts = [("unet.", unet, convert_unet_state_dict_to_peft)]
+    parts = [(f"{family.denoiser_name}.", denoiser, convert_unet_state_dict_to_peft)]  # peft names stay as they are
     parts += [(f"{name}.", encoder, text_encoder_convert(encoder))
               for name, encoder in zip(family.text_encoder_names, text_encoders)]
     for prefix, model, convert in parts:

@@ -130,7 +130,7 @@ def build_parser():
     g.add_argument("--cache_dir", type=path_arg, default=None,
                    help="Where downloaded models and datasets are cached (default: the Hugging Face cache).")
     g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
-                   help="Override the scheduler's prediction type (default: the base model's own).")
+                   help="SD 1.x/2.x, SDXL: override the scheduler's prediction type (default: the base model's own).")
 
     g = p.add_argument_group("data")
     g.add_argument("--instance_data_dir", type=path_arg, default=None,
@@ -192,8 +192,11 @@ def build_parser():
                    "(default: equal to rank, scale 1).")
     g.add_argument("--lora_dropout", type=finite_float, default=0.0, help="Dropout on the LoRA branch.")
     g.add_argument("--use_dora", action=argparse.BooleanOptionalAction, default=False, help="Weight-decomposed LoRA (DoRA).")
-    g.add_argument("--lora_target_modules", default="to_q,to_k,to_v,to_out.0",
-                   help="Comma-separated UNet module names that get LoRA.")
+    g.add_argument("--lora_target_modules", default=None,
+                   help="Comma-separated denoiser module names that get LoRA (default: the family's, as diffusers' "
+                        "scripts: to_q,to_k,to_v,to_out.0 for SD 1.x/2.x and SDXL; the joint attention's projections "
+                        "for SD 3 and Flux; see docs). --lora_layers is the same flag under the SD 3 / Flux scripts' "
+                        "name.")
     g.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=False,
                    help="Also train LoRA on the text encoder's attention (q,k,v,out projections).")
     g.add_argument("--train_text_encoder_ti", action=argparse.BooleanOptionalAction, default=False,
@@ -244,8 +247,10 @@ def build_parser():
                    help="Encode the fixed prompts once and free the text encoders during training. Default: on "
                         "whenever that is exact (the text encoders do not train); --no-pre_compute_text_embeddings "
                         "turns it off.")
-    g.add_argument("--snr_gamma", type=finite_float, default=None, help="Min-SNR loss weighting gamma (5.0 is common).")
-    g.add_argument("--noise_offset", type=finite_float, default=0.0, help="Noise offset (0.1 is common).")
+    g.add_argument("--snr_gamma", type=finite_float, default=None,
+                   help="SD 1.x/2.x, SDXL: min-SNR loss weighting gamma (5.0 is common).")
+    g.add_argument("--noise_offset", type=finite_float, default=None,
+                   help="SD 1.x/2.x, SDXL: noise offset (0.1 is common; default 0).")
     g.add_argument("--local_rank", type=int, default=-1,
                    help="Set by older distributed launchers; the process rank comes from the environment (accelerate).")
     g.add_argument("--ddp_timeout", type=int, default=1800,
@@ -257,10 +262,12 @@ def build_parser():
                         "dropped and the window goes on.")
 
     g = p.add_argument_group("optimizer and schedule")
-    g.add_argument("--learning_rate", type=finite_float, default=5e-4, help="Learning rate of the UNet LoRA.")
+    g.add_argument("--learning_rate", type=finite_float, default=None,
+                   help="Learning rate of the denoiser's LoRA (default: the family's, as diffusers' scripts: 5e-4 for "
+                        "SD 1.x/2.x and SDXL, 1e-4 for SD 3).")
     g.add_argument("--text_encoder_lr", type=finite_float, default=None,
                    help="Learning rate of the text-encoder LoRA and of pivotal tuning's new token rows "
-                        "(default: learning_rate).")
+                        "(default: learning_rate; 5e-6 for SD 3, as its diffusers script).")
     g.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False,
                    help="Multiply learning rates by batch size x accumulation x processes.")
     g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule.")
@@ -276,10 +283,13 @@ def build_parser():
                    help="bitsandbytes 8-bit AdamW (less optimizer memory); the same as --optimizer adamw8bit.")
     g.add_argument("--adam_beta1", type=finite_float, default=0.9, help="AdamW (and Prodigy) beta1.")
     g.add_argument("--adam_beta2", type=finite_float, default=0.999, help="AdamW (and Prodigy) beta2.")
-    g.add_argument("--adam_weight_decay", type=finite_float, default=1e-2, help="AdamW (and Prodigy) weight decay.")
+    g.add_argument("--adam_weight_decay", type=finite_float, default=None,
+                   help="AdamW (and Prodigy) weight decay (default: 1e-2 for SD 1.x/2.x and SDXL, 1e-4 for SD 3, as "
+                        "diffusers' scripts).")
     g.add_argument("--adam_weight_decay_text_encoder", type=finite_float, default=None,
                    help="Weight decay of the text encoder's LoRA and the new token embeddings (default: "
-                        "--adam_weight_decay, as the base script; diffusers' advanced scripts use 1e-3).")
+                        "--adam_weight_decay, as the base script; 1e-3 for SD 3, as its script and diffusers' advanced "
+                        "scripts).")
     g.add_argument("--prodigy_beta3", type=finite_float, default=None,
                    help="Prodigy: coefficient of the running averages its step size is estimated from (default: the "
                         "square root of --adam_beta2).")
@@ -330,6 +340,9 @@ def build_parser():
                    help="Repo to push to, 'user/name' or 'name' (default: the output_dir folder's name).")
     g.add_argument("--hub_token", default=None,
                    help="Hub token with write access (default: the one saved by `huggingface-cli login` or HF_TOKEN).")
+
+    from .families import add_family_flags
+    add_family_flags(p)
 
     g = p.add_argument_group("not supported (DeepFloyd IF only in diffusers; refused with one line)")
     for flag in IF_ONLY_FLAGS:
@@ -410,6 +423,7 @@ def parse_args(argv=None):
     args = parser.parse_args(tokens + argv)  # later tokens win: the command line over the file
     args.config = config_path
     args._family, args._hub_repo_id = None, None  # set by validate() and before training; never saved
+    args._lora_targets_flag = "--lora_target_modules"
     if args.local_rank == -1 and os.environ.get("LOCAL_RANK", "").isdigit():  # as diffusers: the launcher's env wins
         args.local_rank = int(os.environ["LOCAL_RANK"])
     return args
@@ -540,7 +554,7 @@ def _check_numbers(args, notes):
                  "tokenizer_max_length"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
-    if args.learning_rate <= 0:
+    if args.learning_rate is not None and args.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be > 0 (got {args.learning_rate}); 1e-4 is a good start")
     positive = {"text_encoder_lr": args.text_encoder_lr, "lora_alpha": args.lora_alpha, "snr_gamma": args.snr_gamma,
                 "max_grad_norm": args.max_grad_norm, "adam_epsilon": args.adam_epsilon, "lr_power": args.lr_power}
@@ -572,13 +586,11 @@ def _check_family_defaults(args):
     download before loading) and fill in what depends on it: --resolution defaults to the family's (512 SD,
     1024 SDXL, as diffusers' scripts)."""
     from .families import ModelSource, detect
+    from .families import resolve_family_flags
     args._family = detect(ModelSource.from_args(args))
     if args.resolution is None:
         args.resolution = args._family.default_resolution
-    if (args.crops_coords_top_left_h, args.crops_coords_top_left_w) != (None, None) and \
-            not hasattr(args._family, "fixed_crop_top_left"):
-        raise UsageError("--crops_coords_top_left_h/_w are SDXL conditioning; this model is "
-                         f"{args._family.name}: drop them")
+    resolve_family_flags(args, args._family)
     if args.enable_bucket:
         if not args.min_bucket_reso <= args.resolution <= args.max_bucket_reso:
             raise UsageError(f"--resolution {args.resolution} must lie between --min_bucket_reso "
@@ -602,14 +614,14 @@ def _check_flags(args, notes):
     for flag in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
-    if not [m for m in args.lora_target_modules.split(",") if m.strip()]:
-        raise UsageError("--lora_target_modules is empty; the default is to_q,to_k,to_v,to_out.0")
+    for flag in ("lora_target_modules", "lora_layers"):
+        if getattr(args, flag) is not None and not [m for m in getattr(args, flag).split(",") if m.strip()]:
+            raise UsageError(f"--{flag} is empty; leave it out for the model family's default")
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise UsageError("--pre_compute_text_embeddings cannot be used with --train_text_encoder "
                          "(the embeddings change as the text encoder trains); drop one of them")
     if args.dynamo_backend != "inductor" and not args.torch_compile:
         notes.append(f"note: --dynamo_backend {args.dynamo_backend} has no effect without --torch_compile")
-    check_optimizer_flags(args, notes)
     pivotal.check_flags(args, notes)
     if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
@@ -688,9 +700,10 @@ def validate(args, warn=print):
     _check_flags(args, notes)
     _check_output(args)
     notes += check_hub_flags(args)
-    args.resume_from_checkpoint = check_resume(args)
     images, skipped = _find_instance_images(args)
     _check_family_defaults(args)  # may download the model's model_index.json: after the local checks
+    check_optimizer_flags(args, notes)  # reads the family's default learning rate
+    args.resume_from_checkpoint = check_resume(args)  # compares the family-resolved LoRA targets
     _check_data(args, images, skipped, notes)
     for note in notes:
         warn(note)

@@ -230,24 +230,24 @@ class Clip:
 
 
 def make_pipeline(base, device, dtype):
-    """The base pipeline of the model's family (SD 1.x/2.x or SDXL, detected from its files; a hub id's class
-    comes from its model_index.json)."""
+    """The base pipeline of the model's family (detected from its files; a hub id's class comes from its
+    model_index.json), with the family's sampler (DPM-Solver++ for the UNets, the flow-matching Euler for SD 3)."""
     import torch
-    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
-    from .families import ModelSource, detect
+    from diffusers import DiffusionPipeline
+    from .families import ModelSource, detect, family_of_pipeline
 
     def load():
         if not os.path.exists(base):
             return DiffusionPipeline.from_pretrained(base, torch_dtype=dtype, safety_checker=None,
                                                      requires_safety_checker=False)
         family = detect(ModelSource(base), flag="--base")
-        kwargs = dict(family.single_file_extras, torch_dtype=dtype)
+        kwargs = dict(family.single_file_extras, torch_dtype=dtype, **family.from_pretrained_extras(base))
         if os.path.isfile(base):
             return family.pipeline_class().from_single_file(base, **kwargs)
         return family.pipeline_class().from_pretrained(base, **kwargs)
 
     pipe = _load("--base", base, load)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = family_of_pipeline(pipe).sampling_scheduler(pipe.scheduler.config)  # DPM++ / flow Euler
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -367,7 +367,8 @@ def evaluate(args, log=print):
     real_emb = {"dino": dino.images(real, args.batch_size), "clip": clip.images(real, args.batch_size)}
     pipe = make_pipeline(args.base, args.device, dtype)
     os.makedirs(args.output, exist_ok=True)  # only once every model loaded: a bad --base or judge leaves nothing
-    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from .families import family_of_pipeline
+    resolution = args.resolution or family_of_pipeline(pipe).default_size(pipe)
 
     gen_prompts = [p for p in prompts for _ in range(args.num_images)]
     gen_seeds = [args.seed + k for _ in prompts for k in range(args.num_images)]

@@ -11,10 +11,6 @@ import json
 import struct
 
 MODELSPEC_VERSION = "1.0.0"
-# Stability's modelspec says which code the weight names follow: sd-scripts writes "diffusers" for SD 1.x/2.x
-# LoRA (diffusers module names) and the generative-models URL for SDXL LoRA (original LDM module names)
-IMPL_DIFFUSERS = "diffusers"
-IMPL_STABILITY = "https://github.com/Stability-AI/generative-models"
 
 
 def tag_frequency(folder_name, repeats, captions):
@@ -48,14 +44,15 @@ def addnet_hashes(tensors, metadata):
 
 
 def modelspec(facts, title, resolution, trigger_phrase, started_at, description=None, license=None, tags=None):
-    """Stability's model spec 1.0 keys (the `Must` ones and those we know) for a LoRA of this base."""
+    """Stability's model spec 1.0 keys (the `Must` ones and those we know) for a LoRA of this base; `facts` (the
+    family's header_facts) says the architecture, implementation and prediction type."""
     spec = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": f"{facts['architecture']}/lora",
-        "modelspec.implementation": IMPL_STABILITY if facts["sdxl"] else IMPL_DIFFUSERS,
+        "modelspec.architecture": f"{facts['modelspec.architecture']}/lora",
+        "modelspec.implementation": facts["modelspec.implementation"],
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": "v" if facts["v_prediction"] else "epsilon",
+        "modelspec.prediction_type": facts["modelspec.prediction_type"],
         "modelspec.date": datetime.datetime.fromtimestamp(int(started_at), datetime.timezone.utc).isoformat(),
         "modelspec.trigger_phrase": trigger_phrase,
     }
@@ -66,7 +63,8 @@ def modelspec(facts, title, resolution, trigger_phrase, started_at, description=
 
 
 def training_metadata(facts, run):
-    """The ss_* keys. `facts`: the base as the family read it (version, v2, v-prediction, SDXL, clip skip);
+    """The ss_* keys. `facts`: the base as the family read it (its header_facts: version, v2, v-prediction, clip
+    skip, and any other ss_* key the family writes);
     `run`: what this run did (see lora_io.KohyaRun). Every value is a string, as safetensors headers hold."""
     network_args = {}
     if run.use_dora:
@@ -79,10 +77,6 @@ def training_metadata(facts, run):
         "ss_training_finished_at": repr(float(run.finished_at)),
         "ss_output_name": run.output_name,
         "ss_sd_model_name": run.base_model,
-        "ss_base_model_version": facts["base_model_version"],
-        "ss_v2": str(facts["v2"]),
-        "ss_v_parameterization": str(facts["v_prediction"]),
-        "ss_clip_skip": facts["clip_skip"],
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(run.rank),
         "ss_network_alpha": str(float(run.alpha)),
@@ -107,6 +101,7 @@ def training_metadata(facts, run):
         "ss_dataset_dirs": json.dumps({name: {"n_repeats": run.repeats, "img_count": run.num_train_images}
                                        for name in run.tag_frequency}, ensure_ascii=False),
     }
+    meta.update({k: v for k, v in facts.items() if k.startswith("ss_")})
     return {k: v for k, v in meta.items() if v is not None}
 
 
@@ -118,7 +113,7 @@ def build(facts, run, tensors):
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)
     meta.update(modelspec(facts, run.output_name, run.resolution, run.instance_prompt, run.started_at,
                           description=f"DreamBooth LoRA of {run.base_model}: {run.instance_prompt}",
-                          license=facts.get("license"), tags="dreambooth,lora"))
+                          license=run.license, tags="dreambooth,lora"))
     meta["instance_prompt"] = run.instance_prompt
     meta["dreambooth_lora_version"] = run.version
     return meta

@@ -48,11 +48,12 @@ def _text_encoder_layers(text_encoder):
     return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in _peft_layers(text_encoder).items()}
 
 
-def diffusers_lora_layers(family, unet, text_encoders=()):
-    """The keyword arguments of the family's pipeline `save_lora_weights`: each trained part's LoRA (unet_lora_layers,
-    text_encoder_lora_layers, text_encoder_2_lora_layers) in one key style, with the adapter metadata (rank, alpha,
-    targets, DoRA) diffusers reads back."""
-    out = {"unet_lora_layers": _peft_layers(unet), "unet_lora_adapter_metadata": _adapter_metadata(unet)}
+def diffusers_lora_layers(family, denoiser, text_encoders=()):
+    """The keyword arguments of the family's pipeline `save_lora_weights`: each trained part's LoRA
+    (<denoiser>_lora_layers: unet_ or transformer_; text_encoder_lora_layers, text_encoder_2_lora_layers) in one
+    key style, with the adapter metadata (rank, alpha, targets, DoRA) diffusers reads back."""
+    name = family.denoiser_name
+    out = {f"{name}_lora_layers": _peft_layers(denoiser), f"{name}_lora_adapter_metadata": _adapter_metadata(denoiser)}
     for name, encoder in zip(family.text_encoder_names, text_encoders):
         if getattr(encoder, "peft_config", None):
             out[f"{name}_lora_layers"] = _text_encoder_layers(encoder)
@@ -60,9 +61,9 @@ def diffusers_lora_layers(family, unet, text_encoders=()):
     return out
 
 
-def save_diffusers_lora(folder, family, unet, text_encoders=()):
+def save_diffusers_lora(folder, family, denoiser, text_encoders=()):
     """folder/pytorch_lora_weights.safetensors, loadable by the family's pipe.load_lora_weights(folder)."""
-    layers = diffusers_lora_layers(family, unet, text_encoders)
+    layers = diffusers_lora_layers(family, denoiser, text_encoders)
 
     def write(tmp):
         with tempfile.TemporaryDirectory(dir=os.path.dirname(tmp)) as staging:
@@ -73,10 +74,10 @@ def save_diffusers_lora(folder, family, unet, text_encoders=()):
     return layers
 
 
-def kohya_state_dict(family, unet, text_encoders=(), alpha=None):
-    """The layout kohya sd-scripts write and A1111/ComfyUI read: lora_unet_<module>.lora_down/up with a
-    per-module .alpha (the UNet module named as the family's kohya files name it: diffusers paths for SD 1.x/2.x,
-    the original input_blocks/... paths for SDXL); text-encoder modules under the family's prefixes
+def kohya_state_dict(family, denoiser, text_encoders=(), alpha=None):
+    """The layout kohya sd-scripts write and A1111/ComfyUI read: <module>.lora_down/up with a per-module .alpha,
+    the denoiser's module named as the family's UI files name it (family.ui_denoiser_key: lora_unet_ + diffusers
+    paths for SD 1.x/2.x, the original input_blocks/... paths for SDXL); text-encoder modules under the family's prefixes
     (lora_te_ for SD, lora_te1_/lora_te2_ for SDXL) as text_model_encoder_layers_N_...; DoRA's magnitude as
     .dora_scale in LyCORIS' output-axis layout, (out, 1) for Linear and (out, 1, 1, 1) for Conv2d: one magnitude
     per output row, normalised by the row norms of the updated weight, which is exactly peft's DoRA (ComfyUI
@@ -84,15 +85,16 @@ def kohya_state_dict(family, unet, text_encoders=(), alpha=None):
     Ours, not diffusers' conversion utilities: those write alpha = rank and drop the text_model level."""
     import torch
     out = {}
-    parts = [("lora_unet_", unet, family.kohya_unet_module)]
-    parts += [(prefix, encoder, lambda m: m if m.startswith("text_model.") else "text_model." + m)
-              for prefix, encoder in zip(family.kohya_text_prefixes, text_encoders)
+    def text_name(prefix):
+        return lambda m: prefix + (m if m.startswith("text_model.") else "text_model." + m).replace(".", "_")
+    parts = [(denoiser, family.ui_denoiser_key)]
+    parts += [(encoder, text_name(prefix)) for prefix, encoder in zip(family.kohya_text_prefixes, text_encoders)
               if getattr(encoder, "peft_config", None)]
-    for prefix, model, module_name in parts:
+    for model, key_of in parts:
         config = model.peft_config["default"]
         for key, value in _peft_state_dict(model).items():
             module, kind = key.rsplit(".lora_", 1)
-            name = prefix + module_name(module).replace(".", "_")
+            name = key_of(module)
             if kind.startswith("magnitude_vector"):
                 base = model.get_submodule(module).get_base_layer().weight
                 out[f"{name}.dora_scale"] = value.reshape(base.shape[0], *[1] * (base.dim() - 1)).contiguous()
@@ -135,13 +137,12 @@ class KohyaRun:
     extra: dict = field(default_factory=dict)  # more header keys (pivotal tuning's: report.training_metadata)
 
 
-def save_kohya_lora(folder, name, family, unet, text_encoders, run):
+def save_kohya_lora(folder, name, family, denoiser, text_encoders, run):
     """folder/<name>.safetensors in the kohya layout with the header A1111/ComfyUI/Civitai read (kohya_metadata)."""
     from safetensors.torch import save_file
     from . import kohya_metadata
-    state = kohya_state_dict(family, unet, text_encoders)
-    facts = dict(family.kohya_facts(), license=run.license)
-    metadata = kohya_metadata.build(facts, run, state)
+    state = kohya_state_dict(family, denoiser, text_encoders)
+    metadata = kohya_metadata.build(family.header_facts(), run, state)
     path = os.path.join(folder, f"{name}.safetensors")
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     return path

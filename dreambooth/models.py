@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's attention
+TARGETS_DEFAULT_SD = "to_q,to_k,to_v,to_out.0"
 
 
 @dataclass
@@ -16,7 +17,7 @@ class LoraSettings:
     lora_alpha: float = None
     lora_dropout: float = 0.0
     use_dora: bool = False
-    lora_target_modules: str = "to_q,to_k,to_v,to_out.0"
+    lora_target_modules: str = TARGETS_DEFAULT_SD
     train_text_encoder: bool = False
 
     @classmethod
@@ -31,24 +32,24 @@ def lora_config(args, target_modules):
                       init_lora_weights="gaussian", target_modules=target_modules, use_dora=args.use_dora)
 
 
-def check_lora_targets(unet, target_modules):
-    """Names in --lora_target_modules must exist in this UNet and be layers peft can wrap (it matches a name
-    against the end of each module path, as here): checked right after loading, before any class image is
-    generated or any output is written."""
+def check_lora_targets(denoiser, target_modules, default=TARGETS_DEFAULT_SD, flag="--lora_target_modules"):
+    """Names in --lora_target_modules (--lora_layers) must exist in this denoiser and be layers peft can wrap (it
+    matches a name against the end of each module path, as here): checked right after loading, before any class
+    image is generated or any output is written."""
     import torch
     wrappable = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
-    modules = list(unet.named_modules())
+    modules = list(denoiser.named_modules())
+    kind = type(denoiser).__name__
     targets = [m.strip() for m in target_modules.split(",") if m.strip()]
     for target in targets:
         matched = [m for n, m in modules if n == target or n.endswith("." + target)]
         if not matched:
-            raise UsageError(f"--lora_target_modules: no UNet module named {target}; "
-                             "the default is to_q,to_k,to_v,to_out.0")
+            raise UsageError(f"{flag}: no {kind} module named {target}; the default for this model is {default}")
         if not any(isinstance(m, wrappable) for m in matched):
             children = sorted({n.split(".")[-1] for n, m in modules if isinstance(m, wrappable)
                                and (n.rsplit(".", 1)[0] == target or n.rsplit(".", 1)[0].endswith("." + target))})
             inside = f": {', '.join(f'{target}.{c}' for c in children)}" if children else ""
-            raise UsageError(f"--lora_target_modules: {target} is of type {type(matched[0]).__name__}, and LoRA wraps "
+            raise UsageError(f"{flag}: {target} is of type {type(matched[0]).__name__}, and LoRA wraps "
                              f"only Linear, Conv and Embedding layers; name the layers inside it instead{inside}")
     return targets
 
@@ -66,17 +67,20 @@ def check_resolution(multiple, resolution, bucket_steps=None):
                          "step this model takes")
 
 
-def add_lora(unet, text_encoders, args):
-    """LoRA on the UNet (and every text encoder of the family when asked); trainable parameters kept in fp32 so
-    fp16 mixed precision never tries to unscale fp16 gradients."""
+def add_lora(denoiser, text_encoders, args, text_encoder_targets=None):
+    """LoRA on the denoiser (and, when asked, on the text encoders the family names targets for: CLIP's attention
+    by default; SD 3's and Flux's T5 has none, it stays frozen as in diffusers' scripts); trainable parameters kept
+    in fp32 so fp16 mixed precision never tries to unscale fp16 gradients."""
     import torch
     from diffusers.training_utils import cast_training_params
-    unet.add_adapter(lora_config(args, check_lora_targets(unet, args.lora_target_modules)))
-    trained = [unet]
+    denoiser.add_adapter(lora_config(args, check_lora_targets(denoiser, args.lora_target_modules)))
+    trained = [denoiser]
     if args.train_text_encoder:
-        for encoder in text_encoders:
-            encoder.add_adapter(lora_config(args, TEXT_ENCODER_TARGETS))
-        trained += text_encoders
+        targets = text_encoder_targets or [TEXT_ENCODER_TARGETS] * len(text_encoders)
+        for encoder, names in zip(text_encoders, targets):
+            if names:
+                encoder.add_adapter(lora_config(args, list(names)))
+                trained.append(encoder)
     cast_training_params(trained, dtype=torch.float32)
 
 

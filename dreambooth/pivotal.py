@@ -158,6 +158,8 @@ class PivotalTokens:
         self.family, self.mapping = family, mapping
         self.tokens = token_list(mapping)
         self.modules = []
+        self.indices = family.pivotal_text_encoders()  # which encoders get new rows (SD 3: the CLIPs, not T5)
+        self.keys = [family.embedding_file_keys[i] for i in self.indices]
 
     def install(self, initializer_concept=None, seed=0):
         """Adds the tokens to every tokenizer and splices their rows into every text encoder. Rows start from
@@ -167,7 +169,7 @@ class PivotalTokens:
         NewTokenEmbedding = _module()
         generator = torch.Generator().manual_seed(seed or 0)
         added = set()  # a family may share one tokenizer between its encoders
-        for tokenizer, encoder in zip(self.family.tokenizers, self.family.text_encoders):
+        for tokenizer, encoder in ((self.family.tokenizers[i], self.family.text_encoders[i]) for i in self.indices):
             if id(tokenizer) not in added:
                 if any(t in tokenizer.get_vocab() for t in self.tokens):
                     raise UsageError(f"--train_text_encoder_ti: the tokenizer already has a token named "
@@ -193,10 +195,14 @@ class PivotalTokens:
     def parameters(self):
         return [m.new for m in self.modules]
 
+    def encoders(self):
+        """The text encoders whose new rows train (their output changes as the run trains)."""
+        return [self.family.text_encoders[i] for i in self.indices]
+
     def state_dict(self):
         """{file key: rows [tokens, width] fp32 on the CPU} per text encoder, in the family's key names."""
         return {key: m.new.detach().to("cpu").float().contiguous()
-                for key, m in zip(self.family.embedding_file_keys, self.modules)}
+                for key, m in zip(self.keys, self.modules)}
 
     def save(self, path):
         """The embeddings file, written atomically, with the word -> tokens map in its metadata."""
@@ -211,7 +217,7 @@ class PivotalTokens:
         """Rows back from a checkpoint's embeddings file (resume); every encoder's rows must be there, same shape."""
         from safetensors.torch import load_file
         state = load_file(path)
-        for key, module in zip(self.family.embedding_file_keys, self.modules):
+        for key, module in zip(self.keys, self.modules):
             if key not in state or state[key].shape != module.new.shape:
                 found = tuple(state[key].shape) if key in state else "missing"
                 raise ValueError(f"{os.path.basename(path)}: {key} is {found}, expected {tuple(module.new.shape)}")
@@ -245,16 +251,17 @@ def load_into_pipeline(pipe, path):
     encoder (SDXL: clip_l into text_encoder/tokenizer, clip_g into text_encoder_2/tokenizer_2); returns the
     word -> tokens map to rewrite prompts with."""
     from safetensors.torch import load_file
-    from .families import FAMILIES
+    from .families import family_of_pipeline
     mapping = read_token_map(path)
     tokens = token_list(mapping)
     if not tokens:
         raise UsageError(f"{path}: no token map in its metadata; it was not written by this trainer")
     state = load_file(path)
-    family = next((f for f in FAMILIES if type(pipe).__name__ in f.pipeline_class_names or
-                   all(getattr(pipe, n, None) is not None for n in f.text_encoder_names)), None)
+    family = family_of_pipeline(pipe)
     for key, encoder_name, tokenizer_name in zip(family.embedding_file_keys, family.text_encoder_names,
                                                  family.tokenizer_names):
+        if key not in state:  # an encoder the run did not give new tokens (SD 3's T5)
+            continue
         pipe.load_textual_inversion(state[key], token=tokens, text_encoder=getattr(pipe, encoder_name),
                                     tokenizer=getattr(pipe, tokenizer_name))
     return mapping

@@ -268,8 +268,9 @@ class PivotalUsage:
             "from safetensors.torch import load_file\n"
         self.load_code = f"emb = load_file({source})\n" + "\n".join(
             f'pipe.load_textual_inversion(emb["{key}"], token={json.dumps(pivotal.tokens)}, text_encoder=pipe.{enc}, '
-            f'tokenizer=pipe.{tok})' for key, enc, tok in zip(family.embedding_file_keys, family.text_encoder_names,
-                                                               family.tokenizer_names)) + "\n"
+            f'tokenizer=pipe.{family.tokenizer_names[i]})'
+            for key, enc, i in zip(pivotal.keys, (family.text_encoder_names[i] for i in pivotal.indices),
+                                   pivotal.indices)) + "\n"
         self.section = f"""
 ## Trained tokens (pivotal tuning)
 
@@ -300,6 +301,16 @@ def write_run_files(args, steps, seconds, family=None, kohya_file=None, pivotal=
                                                                             pivotal))
 
 
+def objective_text(args):
+    """The training objective as the card's settings table states it (flow matching's flags, or DDPM's)."""
+    if getattr(args, "weighting_scheme", None):
+        return (f"flow matching, --weighting_scheme {args.weighting_scheme}"
+                + (", preconditioned outputs" if getattr(args, "precondition_outputs", 0) else ""))
+    extras = [f"min-SNR gamma {args.snr_gamma}" if args.snr_gamma else "",
+              f"noise offset {args.noise_offset}" if args.noise_offset else ""]
+    return ", ".join(["DDPM (the scheduler's prediction type)", *filter(None, extras)])
+
+
 def model_card(args, steps, seconds, family, kohya_file, command, pivotal=None):
     """The README.md text; `pivotal` is a PivotalUsage when new tokens were trained (its prompt and loading lines
     replace the plain ones in the diffusers snippet)."""
@@ -311,7 +322,7 @@ def model_card(args, steps, seconds, family, kohya_file, command, pivotal=None):
     grids = sorted(os.listdir(validation)) if os.path.isdir(validation) else []
     pushed = getattr(args, "_hub_repo_id", None)
     pipeline = family.pipeline_class_name if family else "StableDiffusionPipeline"
-    xl = bool(family and family.name == "SDXL")
+    family_tags = list(family.card_tags) if family else ["stable-diffusion", "stable-diffusion-diffusers"]
     meta = {"license": license}
     if hub_id:
         meta["base_model"] = hub_id
@@ -319,8 +330,7 @@ def model_card(args, steps, seconds, family, kohya_file, command, pivotal=None):
         "library_name": "diffusers",
         "instance_prompt": args.instance_prompt,
         "tags": ["text-to-image", "diffusers", "lora", "dreambooth", "diffusers-training", "template:sd-lora",
-                 "stable-diffusion-xl" if xl else "stable-diffusion",
-                 "stable-diffusion-xl-diffusers" if xl else "stable-diffusion-diffusers"],
+                 *family_tags],
     })
     if grids:
         meta["widget"] = [{"text": args.validation_prompt or args.instance_prompt,
@@ -337,17 +347,20 @@ def model_card(args, steps, seconds, family, kohya_file, command, pivotal=None):
                f"`{pivotal.ui_prompt}` in AUTOMATIC1111 / ComfyUI: the trained tokens stand for "
                f"`{args.token_abstraction}` in `{args.instance_prompt}`." if pivotal
                else f"Use `{args.instance_prompt}` in the prompt to get the subject.")
+    a1111 = (f"""## Use it in AUTOMATIC1111 / Forge
+
+Copy `{lora_name}.safetensors` into `stable-diffusion-webui/models/Lora/`, load {family.ui_base if family else 'the same'}
+base checkpoint, and add `<lora:{lora_name}:1>` plus the trigger words to the prompt. The Lora tab lists it under
+the base's version and offers the trigger words (from its metadata) as activation text.
+""" if not family or family.a1111 else f"""AUTOMATIC1111 does not run {family.name} models; Forge and SD.Next read the same file as ComfyUI
+does (its transformer keys are diffusers' module names, which they map onto their fused weights).
+""")
     ui = (f"""## Use it in ComfyUI
 
 Copy `{lora_name}.safetensors` into `ComfyUI/models/loras/`, add a **Load LoRA** node between the checkpoint loader
 ({base_text}) and the sampler, pick the file, and put the trigger words in the prompt.
 
-## Use it in AUTOMATIC1111 / Forge
-
-Copy `{lora_name}.safetensors` into `stable-diffusion-webui/models/Lora/`, load {'an SDXL' if xl else 'the same'}
-base checkpoint, and add `<lora:{lora_name}:1>` plus the trigger words to the prompt. The Lora tab lists it under
-the base's version and offers the trigger words (from its metadata) as activation text.
-""" if kohya_file else """## ComfyUI / AUTOMATIC1111
+{a1111}""" if kohya_file else """## ComfyUI / AUTOMATIC1111
 
 This run wrote the diffusers file only (`--output_format diffusers`); train with `--output_format both` for the
 kohya-layout file the UIs load.
@@ -392,6 +405,7 @@ pipe.load_lora_weights("{where}")
                     f'{args.train_text_encoder_ti_frac:g} of the steps' if getattr(args, 'train_text_encoder_ti', False)
                     else 'off'} |
 | text encoder | {'LoRA-trained' if args.train_text_encoder else 'frozen'} |
+| objective | {objective_text(args)} |
 | batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |
 | mixed precision | {args.mixed_precision or 'accelerate default'} |
 

@@ -1,6 +1,7 @@
 """One training step, and what happens between steps.
 
-`training_loss` is the DreamBooth objective for one batch (callable in process, no accelerator needed);
+`training_loss` is the DreamBooth loss for one batch (callable in process, no accelerator needed): what noising
+and target mean belongs to the family's objective (objectives.py), the denoiser call to the family;
 `optimizer_step` the update. `StepReader` owns the deferred loss reads: losses stay on the device and are
 read back every --logging_steps steps, before a checkpoint, a validation, the last step or a stop — each
 read is a CPU-GPU sync point, so nothing else in the loop reads a tensor.
@@ -12,32 +13,6 @@ import torch
 import torch.nn.functional as F
 
 
-@dataclass
-class LossSettings:
-    """The flags that shape the loss."""
-    noise_offset: float = 0.0
-    snr_gamma: float = None
-    prior_loss_weight: float = 1.0
-
-
-def diffusion_target(noise_scheduler, latents, noise, timesteps):
-    """What the UNet must predict: the noise (epsilon) or the velocity (v-prediction, SD 2.x 768)."""
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {kind}; use --prediction_type epsilon or v_prediction")
-
-
-def snr_loss_weights(noise_scheduler, timesteps, snr_gamma):
-    """Min-SNR-gamma weighting (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction."""
-    from diffusers.training_utils import compute_snr
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.clamp(snr, max=snr_gamma)
-    return weights / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else weights / snr
-
-
 def prior_preservation_loss(per_example_loss, num_instance, prior_loss_weight):
     """Instance loss + prior_loss_weight x class loss; the batch is [instance..., class...]."""
     if per_example_loss.shape[0] == num_instance:
@@ -46,29 +21,26 @@ def prior_preservation_loss(per_example_loss, num_instance, prior_loss_weight):
     return instance.mean() + prior_loss_weight * prior.mean()
 
 
-def training_loss(family, unet, prompts, batch, settings, *, device, weight_dtype, cached_latents, with_class_images):
-    """Noise the latents at random timesteps; score the UNet's prediction against the scheduler's target.
-    batch["images"] are pixels, or the VAE posterior's moments when they were cached; the family turns the batch and its prompts
-    into the UNet's keyword arguments (pooled embeddings and time ids for SDXL), which the loop never sees."""
+def training_loss(family, denoiser, objective, prompts, batch, prior_loss_weight, *, device, weight_dtype,
+                  cached_latents, with_class_images):
+    """The same for every family: latents (a fresh posterior sample; from the cache or the VAE), noised by the
+    family's objective, the family's denoiser call (its conditioning, packing, ids and timestep scaling stay
+    inside the family), then the weighted per-example MSE and the prior split.
+    batch["images"] are pixels, or the VAE posterior's moments when they were cached."""
     with torch.no_grad():
         if cached_latents:  # the VAE posterior's mean and std, encoded once: a fresh sample is still drawn here
             latents = family.sample_latents(batch["images"].to(device), weight_dtype)
         else:  # a VAE encode every step: what --cache_latents saves
             latents = family.encode_images(batch["images"], weight_dtype)
-    noise = torch.randn_like(latents)
-    if settings.noise_offset:
-        noise += settings.noise_offset * torch.randn(latents.shape[:2] + (1, 1), device=latents.device,
-                                                     dtype=latents.dtype)
-    scheduler = family.noise_scheduler
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    model_pred = unet(noisy_latents, timesteps, return_dict=False, **prompts.conditioning(batch))[0]
-    target = diffusion_target(scheduler, latents, noise, timesteps)
-    per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if settings.snr_gamma:
-        per_example = per_example * snr_loss_weights(scheduler, timesteps, settings.snr_gamma)
+    noised = objective.noise(latents)
+    model_output = family.denoise(denoiser, noised.noisy, noised.timesteps, prompts.conditioning(batch), batch)
+    prediction = objective.prediction(model_output, noised)
+    per_example = F.mse_loss(prediction.float(), noised.target.float(), reduction="none").mean(
+        dim=tuple(range(1, prediction.dim())))
+    if noised.weights is not None:
+        per_example = per_example * noised.weights
     num_instance = latents.shape[0] // (2 if with_class_images else 1)
-    return prior_preservation_loss(per_example, num_instance, settings.prior_loss_weight)
+    return prior_preservation_loss(per_example, num_instance, prior_loss_weight)
 
 
 def optimizer_step(accelerator, loss, parameters, optimizer, lr_scheduler, max_grad_norm, drop_grads=()):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dreambooth.ldm_names import unet_module_to_ldm  # noqa: E402  (the one mapping, shared with kohya SDXL names)
+from dreambooth.families.ldm_names import unet_module_to_ldm  # noqa: E402  (the one mapping, shared with kohya SDXL names)
 
 VAE_RESNET = [("conv_shortcut", "nin_shortcut")]
 VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]

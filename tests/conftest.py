@@ -25,8 +25,36 @@ def tiny_model(tmp_path_factory):
     main(["--out", str(out / "tiny-sd"), "--single_file", str(out / "tiny-sd.safetensors")])
     main(["--out", str(out / "tiny-sd-v"), "--prediction_type", "v_prediction", "--seed", "1"])
     main(["--family", "sdxl", "--out", str(out / "tiny-sdxl"), "--single_file", str(out / "tiny-sdxl.safetensors")])
+    main(["--family", "sd3", "--out", str(out / "tiny-sd3")])
+    main(["--family", "sd3", "--no_t5", "--out", str(out / "tiny-sd3-no-t5")])
     return {"eps": str(out / "tiny-sd"), "single": str(out / "tiny-sd.safetensors"), "v": str(out / "tiny-sd-v"),
-            "xl": str(out / "tiny-sdxl"), "xl_single": str(out / "tiny-sdxl.safetensors")}
+            "xl": str(out / "tiny-sdxl"), "xl_single": str(out / "tiny-sdxl.safetensors"), "sd3": str(out / "tiny-sd3"),
+            "sd3_no_t5": str(out / "tiny-sd3-no-t5")}
+
+
+@pytest.fixture(scope="session")
+def tiny_judges(tmp_path_factory):
+    """A tiny ViTModel (the DINO stand-in) and CLIPModel + tokenizer saved as folders, as a hub download would be."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    from make_tiny_model import _tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("judges")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64), add_pooling_layer=False).save_pretrained(out / "dino")
+    tokenizer, vocab = _tiny_tokenizer()
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=16))
+    clip.save_pretrained(out / "clip")
+    tokenizer.save_pretrained(out / "clip")
+    return {"dino": str(out / "dino"), "clip": str(out / "clip")}
 
 
 def draw_subject(path, size=(80, 64), shift=0, mode="RGB"):

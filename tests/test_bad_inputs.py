@@ -165,8 +165,9 @@ def test_bad_lora_target_after_model_load_writes_nothing(tiny_model, instance_di
                                                             "--lora_target_modules", "to_q,attn_qkv",
                                                             "--with_prior_preservation", "--class_prompt", "dog"))
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == ("train_dreambooth_lora.py: error: --lora_target_modules: no UNet "
-                                                 "module named attn_qkv; the default is to_q,to_k,to_v,to_out.0")
+    assert r.stderr.strip().splitlines()[-1] == ("train_dreambooth_lora.py: error: --lora_target_modules: no "
+                                                 "UNet2DConditionModel module named attn_qkv; the default for this "
+                                                 "model is to_q,to_k,to_v,to_out.0")
     assert not os.path.exists(out)
 
 

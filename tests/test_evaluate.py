@@ -7,31 +7,6 @@ import pytest
 from conftest import ROOT, run_script, train_args
 
 
-@pytest.fixture(scope="session")
-def tiny_judges(tmp_path_factory):
-    """A tiny ViTModel (the DINO stand-in) and CLIPModel + tokenizer saved as folders, as a hub download would be."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
-
-    from make_tiny_model import _tiny_tokenizer
-
-    out = tmp_path_factory.mktemp("judges")
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64), add_pooling_layer=False).save_pretrained(out / "dino")
-    tokenizer, vocab = _tiny_tokenizer()
-    clip = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
-        vision_config=dict(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2),
-        projection_dim=16))
-    clip.save_pretrained(out / "clip")
-    tokenizer.save_pretrained(out / "clip")
-    return {"dino": str(out / "dino"), "clip": str(out / "clip")}
-
-
 def test_paper_prompt_lists():
     from dreambooth.evaluation import LIVE_PROMPTS, OBJECT_PROMPTS, paper_prompts, prompt_set_for, without_identifier
 

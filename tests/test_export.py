@@ -156,16 +156,20 @@ def test_base_model_version_is_read_from_the_model(text_width, cross, prediction
     from dreambooth.families import StableDiffusion
     pipe = build_tiny_pipeline(prediction, cross_attention_dim=cross, text_layers=1)
     assert pipe.text_encoder.config.hidden_size == text_width
-    facts = StableDiffusion.from_pipeline(pipe).kohya_facts()
-    assert (facts["base_model_version"], facts["v2"], facts["architecture"]) == (version, v2, arch)
-    assert facts["v_prediction"] == (prediction == "v_prediction") and not facts["sdxl"]
+    facts = StableDiffusion.from_pipeline(pipe).header_facts()
+    assert (facts["ss_base_model_version"], facts["ss_v2"], facts["modelspec.architecture"]) == (version, str(v2), arch)
+    assert facts["ss_v_parameterization"] == str(prediction == "v_prediction")
+    assert facts["modelspec.implementation"] == "diffusers" and facts["ss_clip_skip"] == "1"
     assert StableDiffusion.from_pipeline(pipe).license() == ("openrail++" if v2 else "creativeml-openrail-m")
 
 
 def test_sdxl_facts():
     pipe, family = tiny("xl")
-    assert family.kohya_facts() == {"base_model_version": "sdxl_base_v1-0", "v2": False, "v_prediction": False,
-                                    "sdxl": True, "architecture": "stable-diffusion-xl-v1-base", "clip_skip": "None"}
+    assert family.header_facts() == {
+        "ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False", "ss_v_parameterization": "False",
+        "ss_clip_skip": "None", "modelspec.architecture": "stable-diffusion-xl-v1-base",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.prediction_type": "epsilon"}
 
 
 def test_base_hub_id_and_license_from_the_model_files(tmp_path):

@@ -72,21 +72,27 @@ def test_missing_prodigyopt_names_the_flag_and_the_install(flags, capsys, monkey
 
 
 def test_optimizer_names_aliases_and_prodigy_switches(tiny_model, tmp_path):
+    from dreambooth.families import StableDiffusion, resolve_family_flags
     from dreambooth.optimizers import check_optimizer_flags, state_bytes
+
+    def parse_sd(argv):  # the flags as validate() leaves them for an SD base: the family's defaults filled in
+        args = parse_args(argv)
+        resolve_family_flags(args, StableDiffusion)
+        return args
     base = ["--instance_prompt", "x"]
     notes = []
-    args = parse_args(base + ["--optimizer", "PRODIGY", "--prodigy_decouple", "false", "--no-prodigy_safeguard_warmup",
+    args = parse_sd(base + ["--optimizer", "PRODIGY", "--prodigy_decouple", "false", "--no-prodigy_safeguard_warmup",
                               "--text_encoder_lr", "1e-4"])
     assert check_optimizer_flags(args, notes) == "prodigy" and args.optimizer == "prodigy"
     assert (args.prodigy_decouple, args.prodigy_use_bias_correction, args.prodigy_safeguard_warmup) == (False, True, False)
     assert any("--learning_rate 0.0005" in n and "use --learning_rate 1.0" in n for n in notes)  # AdamW-sized rate
     assert any("--text_encoder_lr 0.0001 is ignored" in n for n in notes)
     notes = []
-    assert check_optimizer_flags(parse_args(base + ["--optimizer", "prodigy", "--learning_rate", "1"]), notes) == "prodigy"
+    assert check_optimizer_flags(parse_sd(base + ["--optimizer", "prodigy", "--learning_rate", "1"]), notes) == "prodigy"
     assert notes == []
-    args = parse_args(base + ["--use_8bit_adam"])
+    args = parse_sd(base + ["--use_8bit_adam"])
     assert check_optimizer_flags(args, []) == "adamw8bit"
-    assert check_optimizer_flags(parse_args(base), []) == "adamw"
+    assert check_optimizer_flags(parse_sd(base), []) == "adamw"
     # diffusers writes the switches with a value; a --config file with false turns them off too
     assert parse_args(base + ["--prodigy_use_bias_correction=False"]).prodigy_use_bias_correction is False
     config = tmp_path / "c.yaml"

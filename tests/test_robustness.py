@@ -305,7 +305,8 @@ def test_help_opens_with_purpose_example_and_required_flags_and_shows_each_defau
     for action in parser._actions:
         rendered = formatter._get_help_string(action) or ""
         assert rendered.lower().count("default") <= 1, (action.dest, rendered)
-    assert "Learning rate of the UNet LoRA. (default: 0.0005)" in " ".join(text.split())
+    assert ("Learning rate of the denoiser's LoRA (default: the family's, as diffusers' scripts: 5e-4 for SD 1.x/2.x "
+            "and SDXL, 1e-4 for SD 3)." in " ".join(text.split()))
 
 
 def test_review_cases_are_one_line_too(world, capsys, tiny_model):
@@ -320,8 +321,9 @@ def test_review_cases_are_one_line_too(world, capsys, tiny_model):
     assert code == 2 and len(err) == 1 and not out.exists()
     assert err[0].startswith(P + f"--pretrained_model_name_or_path {model}: cannot load its model_index.json "
                                  "(JSONDecodeError: ")
-    fails_with(world, capsys, "--crops_coords_top_left_h/_w are SDXL conditioning; this model is SD 1.x/2.x: drop "
-               "them", crops_coords_top_left_h="8")
+    fails_with(world, capsys, f"--crops_coords_top_left_h is an SDXL flag; --pretrained_model_name_or_path "
+               f"{tiny_model['eps']} is "
+               "SD 1.x/2.x: drop it", crops_coords_top_left_h="8")
     fails_with(world, capsys, "--output_kohya_format asks for the kohya file, which --output_format diffusers leaves "
                "out; drop one of them (the default --output_format both writes it)", output_kohya_format=True,
                output_format="diffusers")

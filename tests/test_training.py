@@ -44,14 +44,14 @@ def batch(pixels=True):
 
 def test_one_step_trains_only_the_lora(family_and_prompts):
     family, prompts = family_and_prompts
-    settings = training.LossSettings(noise_offset=0.1, snr_gamma=5.0, prior_loss_weight=0.5)
+    objective = family.objective(noise_offset=0.1, snr_gamma=5.0)
     lora = [p for p in family.unet.parameters() if p.requires_grad]
     frozen = {n: p.clone() for n, p in family.unet.named_parameters() if not p.requires_grad}
     before = [p.clone() for p in lora]
     optimizer = torch.optim.AdamW(lora, lr=1e-2)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     torch.manual_seed(0)
-    loss = training.training_loss(family, family.unet, prompts, batch(), settings, device="cpu",
+    loss = training.training_loss(family, family.unet, objective, prompts, batch(), 0.5, device="cpu",
                                   weight_dtype=torch.float32, cached_latents=False, with_class_images=True)
     assert loss.shape == () and torch.isfinite(loss)
     norm = training.optimizer_step(StepAccelerator(), loss, lora, optimizer, schedule, max_grad_norm=1.0)
@@ -61,7 +61,7 @@ def test_one_step_trains_only_the_lora(family_and_prompts):
     # cached latents skip the VAE: the same call on the posterior's moments runs without it
     family.vae.encode = None  # a call would raise
     try:
-        loss = training.training_loss(family, family.unet, prompts, batch(pixels=False), settings, device="cpu",
+        loss = training.training_loss(family, family.unet, objective, prompts, batch(pixels=False), 0.5, device="cpu",
                                       weight_dtype=torch.float32, cached_latents=True, with_class_images=False)
     finally:
         del family.vae.encode

@@ -140,18 +140,27 @@ def test_bucket_sampler_batches_within_one_size_and_is_reproducible(tmp_path):
 
 def test_prior_preservation_loss_and_targets():
     from diffusers import DDPMScheduler
-    from dreambooth.training import diffusion_target, prior_preservation_loss, snr_loss_weights
+    from dreambooth.objectives import DDPMObjective
+    from dreambooth.training import prior_preservation_loss
     per = torch.tensor([1.0, 3.0, 10.0, 20.0])
     assert prior_preservation_loss(per, 2, 0.5).item() == pytest.approx(2.0 + 0.5 * 15.0)
     assert prior_preservation_loss(per, 4, 0.5).item() == pytest.approx(per.mean().item())
-    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    latents = torch.randn(2, 4, 8, 8)
     eps = DDPMScheduler(prediction_type="epsilon")
     v = DDPMScheduler(prediction_type="v_prediction")
-    assert torch.equal(diffusion_target(eps, latents, noise, t), noise)
-    alpha = eps.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
-    sigma = (1 - eps.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
-    torch.testing.assert_close(diffusion_target(v, latents, noise, t), alpha * noise - sigma * latents)
-    w = snr_loss_weights(eps, t, 5.0)
+    torch.manual_seed(0)
+    noised = DDPMObjective(eps).noise(latents)
+    torch.manual_seed(0)
+    noise, t = torch.randn_like(latents), torch.randint(0, 1000, (2,))
+    assert torch.equal(noised.timesteps, t) and torch.equal(noised.target, noise) and noised.weights is None
+    assert torch.equal(noised.noisy, eps.add_noise(latents, noise, t))
+    torch.manual_seed(0)
+    noised = DDPMObjective(v).noise(latents)
+    alpha = v.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - v.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(noised.target, alpha * noise - sigma * latents)
+    t = torch.tensor([10, 900])
+    w = DDPMObjective(eps, snr_gamma=5.0)._snr_weights(t)
     assert w[0] < 1 and w[1] == pytest.approx(1.0)  # high-SNR (small t) is down-weighted, low-SNR untouched
 
 
@@ -307,12 +316,14 @@ def test_recipes_parse_and_every_flag_is_documented():
         assert args.instance_prompt == ("a sks circle" if name == "toy_demo.yaml" else "a photo of sks dog"), name
     assert parse_args(["--config", os.path.join(recipes, "sd21_768_dog.yaml")]).resolution == 768
     assert parse_args(["--config", os.path.join(recipes, "sdxl_dog.yaml")]).resolution == 1024
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    from dreambooth.flagdoc import flags_markdown
+    flags = open(os.path.join(ROOT, "docs", "flags.md"), encoding="utf-8").read()
+    assert flags == flags_markdown(build_parser()), "docs/flags.md is stale: python -m dreambooth.flagdoc > docs/flags.md"
     for action in build_parser()._actions:
         if action.dest == "help":
             continue
         assert action.help and len(action.help) > 10, action.dest
-        assert f"`{action.option_strings[0]}`" in readme, f"{action.option_strings[0]} missing from README"
+        assert f"| `{action.option_strings[0]}` |" in flags, f"{action.option_strings[0]} missing from docs/flags.md"
 
 
 def test_only_lora_trains_and_stays_fp32_over_half_precision_weights():
@@ -336,7 +347,8 @@ def test_only_lora_trains_and_stays_fp32_over_half_precision_weights():
         assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
     assert not any(p.requires_grad for p in pipe.vae.parameters())
     args.lora_target_modules = "to_q,not_a_module"
-    with pytest.raises(UsageError, match="--lora_target_modules: no UNet module named not_a_module"):
+    with pytest.raises(UsageError, match="--lora_target_modules: no UNet2DConditionModel module named not_a_module; "
+                                         "the default for this model is to_q,to_k,to_v,to_out.0"):
         models.add_lora(build_tiny_pipeline().unet, [], Namespace(**{**vars(args), "train_text_encoder": False}))
 
 

@@ -1,13 +1,16 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x and SDXL lives behind one seam.
+"""Model families: what differs between SD 1.x/2.x, SDXL and SD 3 lives behind one seam (base.ModelFamily).
 
-A family loads its components (hub id, diffusers folder or single file), tokenizes and encodes prompts,
-turns a batch into the UNet's keyword arguments (pooled embeddings and time ids stay in here: the training
-loop passes them through untouched, as kohya's `call_unet` does), makes the sampling pipeline used for class
-priors, validation and infer.py, names LoRA weights in the diffusers and kohya layouts, and states the facts a
-model card needs. The family is detected from the model itself; there is no flag.
+A family loads its components (hub id, diffusers folder or single file), tokenizes and encodes prompts, owns the
+training objective (how examples are noised, what the denoiser predicts, how each counts: DDPM for the UNets,
+flow matching for the transformers) and the denoiser call (pooled embeddings, time ids, packing and ids stay in
+here: the training loop passes them through untouched, as kohya's `get_noise_pred_and_target` does), makes the
+sampling pipeline used for class priors, validation, infer.py and evaluate.py, names LoRA weights in the diffusers
+and UI layouts, states the facts the file headers and the model card need, and declares the flags it takes. The
+family is detected from the model itself; there is no flag.
 
-Adding a family (SD 3, say) is one module here with its own `load`, `encode`, `unet_kwargs` and names, and
-its place in FAMILIES.
+Adding a family is one module here (a subclass of unet.UNetFamily or flow.FlowFamily with its names, `encode`,
+`conditioning` and `denoise`), its place in FAMILIES, its tiny builder in examples/make_tiny_model.py and its row
+in tests/test_family_contract.py.
 """
 import json
 import os
@@ -16,11 +19,17 @@ from ..errors import UsageError
 from ..files import sniff_weights_file
 from .base import ModelFamily, ModelSource, PromptEncoder, load_error  # noqa: F401 (the seam's public names)
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES = (StableDiffusionXL, StableDiffusion)
-__all__ = ["FAMILIES", "ModelFamily", "ModelSource", "PromptEncoder", "StableDiffusion", "StableDiffusionXL", "detect",
-           "load_error"]
+FAMILIES = (StableDiffusionXL, StableDiffusion, StableDiffusion3)
+__all__ = ["FAMILIES", "ModelFamily", "ModelSource", "PromptEncoder", "StableDiffusion", "StableDiffusion3",
+           "StableDiffusionXL", "add_family_flags", "detect", "family_of_pipeline", "load_error",
+           "resolve_family_flags"]
+
+# Single-file checkpoints: the families' own tensor names (original layouts, with or without ComfyUI's prefix)
+_SINGLE_FILE_MARKERS = ((StableDiffusion3, ("joint_blocks.0.", "model.diffusion_model.joint_blocks.")),
+                        (StableDiffusionXL, ("conditioner.embedders.1.",)))
 
 
 def _single_file_keys(path):
@@ -51,7 +60,12 @@ def _pipeline_class_name(source, flag):
         index = os.path.join(path, "model_index.json")
         if os.path.isfile(index):
             return _read_json(index, path, flag).get("_class_name", "")
-        unet = _read_json(os.path.join(path, "unet", "config.json"), path, flag)  # a folder of parts
+        if os.path.isfile(os.path.join(path, "transformer", "config.json")):  # a folder of parts
+            transformer = _read_json(os.path.join(path, "transformer", "config.json"), path, flag)
+            return {"SD3Transformer2DModel": StableDiffusion3.pipeline_class_name,
+                    }.get(transformer.get("_class_name"),
+                                                                            transformer.get("_class_name"))
+        unet = _read_json(os.path.join(path, "unet", "config.json"), path, flag)
         text_time = unet.get("addition_embed_type") == "text_time"
         return StableDiffusionXL.pipeline_class_name if text_time else StableDiffusion.pipeline_class_name
     if os.path.isfile(path):
@@ -62,8 +76,10 @@ def _pipeline_class_name(source, flag):
             keys = _single_file_keys(path)
         except Exception:  # an old pickle torch will not load safely: SD, as nearly every .ckpt is; the loader
             keys = []      # then says what is wrong with it
-        xl = any(k.startswith("conditioner.embedders.1.") for k in keys)
-        return StableDiffusionXL.pipeline_class_name if xl else StableDiffusion.pipeline_class_name
+        for family, markers in _SINGLE_FILE_MARKERS:
+            if any(k.startswith(markers) for k in keys):
+                return family.pipeline_class_name
+        return StableDiffusion.pipeline_class_name
     from ..quiet import quiet_libraries
     quiet_libraries()  # before diffusers is imported: it prints notices at import
     from diffusers import DiffusionPipeline
@@ -91,5 +107,63 @@ def detect(source, flag="--pretrained_model_name_or_path"):
     for family in FAMILIES:
         if name in family.pipeline_class_names:
             return family
-    raise UsageError(f"{flag} {source.path} is a {name or 'model of unknown kind'}; this trainer takes Stable "
-                     "Diffusion 1.x/2.x and SDXL base pipelines")
+    raise UsageError(f"{flag} {source.path} is a {name or 'model of unknown kind'}; this trainer takes "
+                     f"{', '.join(f.name for f in sorted(FAMILIES, key=lambda f: f.name))} base pipelines")
+
+
+def family_of_pipeline(pipe):
+    """The family of a loaded diffusers pipeline, by its class (never by which attributes it has)."""
+    for family in FAMILIES:
+        if type(pipe).__name__ in family.pipeline_class_names:
+            return family
+    raise UsageError(f"{type(pipe).__name__} is not a pipeline this trainer knows "
+                     f"({', '.join(f.pipeline_class_name for f in FAMILIES)})")
+
+
+def add_family_flags(parser):
+    """The flags some families add (declared in their modules), once each, in one group of --help."""
+    group = parser.add_argument_group("model-family flags (SD 3 / Flux, as diffusers' scripts; refused with one line "
+                                      "on a model that does not take them)")
+    added = set()
+    for family in FAMILIES:
+        for flag, spec in getattr(family, "flag_specs", {}).items():
+            if flag not in added:
+                group.add_argument(f"--{flag}", default=None, **spec)
+                added.add(flag)
+
+
+def _t5_positions(args, family):
+    """The T5 tokenizer's model_max_length in a local model folder, or None (no T5, a hub id, a single file)."""
+    index = family.text_encoder_names.index(family.t5_name) if getattr(family, "t5_name", None) else None
+    if index is None:
+        return None
+    path = os.path.join(str(args.pretrained_model_name_or_path), family.tokenizer_names[index], "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return None
+    value = _read_json(path, args.pretrained_model_name_or_path, "--pretrained_model_name_or_path").get("model_max_length")
+    return value if isinstance(value, int) and value < 10**6 else None  # transformers writes 1e30 for "no limit"
+
+
+def resolve_family_flags(args, family):
+    """Flags of other families refused with one line; this family's defaults filled in where the flag was not
+    given; --lora_layers (the SD 3 / Flux scripts' name) becomes --lora_target_modules, whose default is the
+    family's."""
+    ours = set(family.flags)
+    for flag in sorted({f for other in FAMILIES for f in other.flags} - ours):
+        value = getattr(args, flag, None)
+        if value is not None and value is not False:  # 0 is a value given (0 == False in Python)
+            takers = " / ".join(f.name for f in FAMILIES if flag in f.flags)
+            article = "an" if takers[0] in "AEFHILMNORSX" else "a"  # an SDXL, an SD 3, a Flux
+            raise UsageError(f"--{flag} is {article} {takers} flag; --pretrained_model_name_or_path "
+                             f"{args.pretrained_model_name_or_path} is {family.name}: drop it")
+    for flag, default in family.defaults(args).items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
+    if getattr(args, "lora_layers", None):
+        if args.lora_target_modules and args.lora_target_modules != args.lora_layers:
+            raise UsageError("--lora_layers and --lora_target_modules name the same thing; give one of them")
+        args.lora_target_modules, args.lora_layers, args._lora_targets_flag = args.lora_layers, None, "--lora_layers"
+    if args.lora_target_modules is None:
+        args.lora_target_modules = family.default_lora_targets
+    if hasattr(family, "check_flags"):
+        family.check_flags(args, _t5_positions(args, family))

@@ -1,6 +1,7 @@
 """The seam every model family implements, and what all of them share: loading from a hub id, a diffusers
-folder or a single file, one-line load errors, freezing and placing the frozen parts, the sampling pipeline
-over the modules already loaded, and the diffusers LoRA layers of each part."""
+folder or a single file, one-line load errors, freezing and placing the frozen parts, latents, prompts, the
+objective and the denoiser call, the sampling pipeline over the modules already loaded, LoRA names and the facts
+the files and the card state."""
 import os
 from dataclasses import dataclass
 
@@ -88,31 +89,65 @@ def loaded(model, part, load, *args, flag=MODEL_FLAG, **kwargs):
 
 
 class ModelFamily:
-    """Components of one loaded base model and everything that depends on which family it is."""
+    """Components of one loaded base model and everything that depends on which family it is: the seam between
+    the generic recipe/loop and a model family. A family module subclasses one of the two kinds below it
+    (families/unet.py: DDPM UNets; families/flow.py: flow-matching transformers) and fills in its names."""
     name = ""                      # in the start line and the model card
     pipeline_class_name = ""       # diffusers pipeline for class priors, validation and infer.py
     pipeline_class_names = ()      # model_index.json class names this family takes
     default_resolution = 512       # diffusers' script default for the family
+    denoiser_name = "unet"         # pipeline attribute of the denoiser; the diffusers LoRA file's key prefix and
+    denoiser_class = ""            # save_lora_weights keyword (<name>_lora_layers); its diffusers class
+    scheduler_class = ""           # the noise scheduler training samples from
+    default_lora_targets = ""      # --lora_target_modules default (diffusers' script's)
     text_encoder_names = ()        # pipeline attributes, also the diffusers LoRA file's key prefixes
     text_encoder_classes = ()      # transformers class of each
+    optional_text_encoders = ()    # names a model folder may leave out (model_index.json null), as the pipeline allows
     tokenizer_names = ()
+    text_encoder_lora_targets = ()  # per text encoder: the modules --train_text_encoder puts LoRA on (None: never)
     embedding_file_keys = ()       # pivotal tuning: each text encoder's new-token rows' key in <name>_emb.safetensors
     kohya_text_prefixes = ()       # kohya/A1111/ComfyUI prefix of each text encoder's LoRA weights
     pipeline_extras = {}           # constructor arguments the pipeline needs beyond the components
     single_file_extras = {}
     sampling_embedding_names = ()  # what pipe.encode_prompt returns, as pipeline keyword arguments
     unused_text_encoder_layers = False  # some text-encoder LoRA gets no gradient (DDP must be told)
+    # infer.py / evaluate.py / validation defaults: sampler steps, guidance scale, whether it takes a negative prompt
+    inference_steps, guidance_scale, negative_prompt = 25, 7.5, True
+    flags = ()                     # flags only this family takes (declared in flag_specs); refused on the others
+    flag_defaults = {}             # their defaults here
+    common_defaults = {}           # defaults of flags every family takes that differ by family (diffusers' scripts)
+    card_tags = ()                 # the model card's family tags
+    ui_base = "the same"           # "load ___ base checkpoint" in the model card's A1111 section
+    a1111 = True                   # AUTOMATIC1111 runs this family (the card tells how to load the LoRA there)
 
-    def __init__(self, tokenizers, text_encoders, vae, unet, noise_scheduler):
+    def __init__(self, tokenizers, text_encoders, vae, denoiser, noise_scheduler, text_encoder_names=None):
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
-        self.vae, self.unet, self.noise_scheduler = vae, unet, noise_scheduler
+        self.vae, self.denoiser, self.noise_scheduler = vae, denoiser, noise_scheduler
+        self.options = {}  # the family's own flags (families/*.py say which), set by configure()
+        if text_encoder_names is not None:  # a model without an optional encoder (SD 3 without T5)
+            keep = [self.text_encoder_names.index(n) for n in text_encoder_names]
+            for attr in ("text_encoder_names", "text_encoder_classes", "tokenizer_names", "text_encoder_lora_targets",
+                         "embedding_file_keys", "kohya_text_prefixes"):
+                values = getattr(self, attr)
+                setattr(self, attr, tuple(values[i] for i in keep if i < len(values)))
+
+    def pivotal_text_encoders(self):
+        """Indices of the text encoders pivotal tuning gives new token rows (default: every one)."""
+        return list(range(len(self.text_encoders)))
+
+    def configure(self, **options):
+        """The family's own flags (already validated), e.g. SD 3's weighting scheme and T5 sequence length."""
+        self.options.update(options)
+        return self
 
     # ---- loading ------------------------------------------------------------------------------------------
     @classmethod
     def from_pipeline(cls, pipe):
-        """The family over an already-loaded pipeline's components (tests)."""
-        return cls([getattr(pipe, n) for n in cls.tokenizer_names], [getattr(pipe, n) for n in cls.text_encoder_names],
-                   pipe.vae, pipe.unet, pipe.scheduler)
+        """The family over an already-loaded pipeline's components (tests, evaluate)."""
+        names = [n for n in cls.text_encoder_names if getattr(pipe, n, None) is not None]
+        return cls([getattr(pipe, cls.tokenizer_names[cls.text_encoder_names.index(n)]) for n in names],
+                   [getattr(pipe, n) for n in names], pipe.vae, getattr(pipe, cls.denoiser_name),
+                   cls.training_scheduler(pipe.scheduler.config), names)
 
     @classmethod
     def pipeline_class(cls):
@@ -120,11 +155,35 @@ class ModelFamily:
         return getattr(diffusers, cls.pipeline_class_name)
 
     @classmethod
+    def training_scheduler(cls, config, source=None):
+        """The scheduler training samples noise levels from, built from the model's own scheduler config."""
+        import diffusers
+        return getattr(diffusers, cls.scheduler_class).from_config(config)
+
+    @classmethod
+    def _absent(cls, source):
+        """Optional text encoders the model folder leaves out (model_index.json says null)."""
+        index = os.path.join(source.path, "model_index.json")
+        if not cls.optional_text_encoders or not os.path.isfile(index):
+            return set()
+        import json
+        with open(index, encoding="utf-8") as f:
+            spec = json.load(f)
+        return {n for n in cls.optional_text_encoders if not any(spec.get(n) or [None])}
+
+    @classmethod
+    def from_pretrained_extras(cls, path):
+        """Keyword arguments a pipeline's from_pretrained needs for this model folder: None for each optional text
+        encoder (and its tokenizer) the folder leaves out, which diffusers otherwise refuses to load."""
+        absent = cls._absent(ModelSource(path)) if os.path.isdir(path) else set()
+        return {name: None for n in absent for name in (n, cls.tokenizer_names[cls.text_encoder_names.index(n)])}
+
+    @classmethod
     def load(cls, source, dtype):
-        """The components in `dtype` (no transient fp32 copy of a model that trains in fp16) and a DDPM noise
-        scheduler, whose add_noise training needs, from the model's own scheduler config."""
+        """The components in `dtype` (no transient fp32 copy of a model that trains in fp16) and the training noise
+        scheduler, from the model's own scheduler config."""
+        import diffusers
         import transformers
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer
         path = source.path
         if os.path.isfile(path):
@@ -134,34 +193,39 @@ class ModelFamily:
             if source.prediction_type:
                 kwargs["prediction_type"] = source.prediction_type
             pipe = loaded(path, "single-file checkpoint", cls.pipeline_class().from_single_file, path, **kwargs)
-            tokenizers = [getattr(pipe, n) for n in cls.tokenizer_names]
-            text_encoders = [getattr(pipe, n) for n in cls.text_encoder_names]
-            vae, unet, scheduler_config = pipe.vae, pipe.unet, pipe.scheduler.config
+            names = [n for n in cls.text_encoder_names if getattr(pipe, n, None) is not None]
+            tokenizers = [getattr(pipe, cls.tokenizer_names[cls.text_encoder_names.index(n)]) for n in names]
+            text_encoders = [getattr(pipe, n) for n in names]
+            vae, denoiser, scheduler_config = pipe.vae, getattr(pipe, cls.denoiser_name), pipe.scheduler.config
             del pipe
         else:
+            absent = cls._absent(source)
+            names = [n for n in cls.text_encoder_names if n not in absent]
             common = {"revision": source.revision, "cache_dir": source.cache_dir}
-            tokenizers = [loaded(path, name, AutoTokenizer.from_pretrained, path, subfolder=name, **common)
-                          for name in cls.tokenizer_names]
+            tokenizers = [loaded(path, tok, AutoTokenizer.from_pretrained, path, subfolder=tok, **common)
+                          for name, tok in zip(cls.text_encoder_names, cls.tokenizer_names) if name in names]
             weights = dict(common, variant=source.variant, torch_dtype=dtype)
             text_encoders = [loaded(path, name, getattr(transformers, kind).from_pretrained, path, subfolder=name,
-                                    **weights) for name, kind in zip(cls.text_encoder_names, cls.text_encoder_classes)]
-            vae = loaded(path, "vae", AutoencoderKL.from_pretrained, path, subfolder="vae", **weights)
-            unet = loaded(path, "unet", UNet2DConditionModel.from_pretrained, path, subfolder="unet", **weights)
-            scheduler_config = loaded(path, "scheduler", DDPMScheduler.load_config, path, subfolder="scheduler",
-                                      **common)
+                                    **weights) for name, kind in zip(cls.text_encoder_names, cls.text_encoder_classes)
+                             if name in names]
+            vae = loaded(path, "vae", diffusers.AutoencoderKL.from_pretrained, path, subfolder="vae", **weights)
+            denoiser = loaded(path, cls.denoiser_name, getattr(diffusers, cls.denoiser_class).from_pretrained, path,
+                              subfolder=cls.denoiser_name, **weights)
+            scheduler_config = loaded(path, "scheduler", getattr(diffusers, cls.scheduler_class).load_config, path,
+                                      subfolder="scheduler", **common)
         if source.tokenizer_name:
             tokenizers[0] = loaded(source.tokenizer_name, "tokenizer", AutoTokenizer.from_pretrained,
                                    source.tokenizer_name, flag="--tokenizer_name", revision=source.revision)
         if source.vae_path:  # e.g. SDXL's fp16-fix VAE, SD 1.5's ft-MSE VAE: a VAE folder or a pipeline with vae/
             sub = "vae" if os.path.isdir(os.path.join(source.vae_path, "vae")) else None
-            vae = loaded(source.vae_path, "VAE", AutoencoderKL.from_pretrained, source.vae_path, subfolder=sub,
-                         torch_dtype=dtype, cache_dir=source.cache_dir, flag="--pretrained_vae_model_name_or_path")
-        overrides = {"prediction_type": source.prediction_type} if source.prediction_type else {}
-        return cls(tokenizers, text_encoders, vae, unet, DDPMScheduler.from_config(scheduler_config, **overrides))
+            vae = loaded(source.vae_path, "VAE", diffusers.AutoencoderKL.from_pretrained, source.vae_path,
+                         subfolder=sub, torch_dtype=dtype, cache_dir=source.cache_dir,
+                         flag="--pretrained_vae_model_name_or_path")
+        return cls(tokenizers, text_encoders, vae, denoiser, cls.training_scheduler(scheduler_config, source), names)
 
     # ---- frozen parts ---------------------------------------------------------------------------------------
     def frozen_modules(self):
-        return [*self.text_encoders, self.vae, self.unet]
+        return [*self.text_encoders, self.vae, self.denoiser]
 
     def freeze(self):
         for module in self.frozen_modules():
@@ -176,14 +240,16 @@ class ModelFamily:
 
     def place(self, device, weight_dtype):
         """The frozen parts on the device in the training dtype (the VAE in vae_dtype)."""
-        for module in self.text_encoders + [self.unet]:
+        for module in self.text_encoders + [self.denoiser]:
             module.to(device, dtype=weight_dtype)
         self.vae.to(device, dtype=self.vae_dtype(weight_dtype))
 
+    def vae_scale(self):
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def size_multiple(self):
-        """The image side every resolution must be a multiple of: the VAE's downsampling times the UNet's."""
-        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return vae_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        """The image side every resolution must be a multiple of (the VAE's downsampling times the denoiser's)."""
+        raise NotImplementedError
 
     def latent_moments(self, pixels):
         """Pixels in [-1, 1] -> the VAE posterior's mean and std, [N, 2C, h, w] in the VAE's dtype. This, not a
@@ -196,8 +262,8 @@ class ModelFamily:
         return torch.cat([dist.mean, dist.std], dim=1).contiguous()
 
     def sample_latents(self, moments, weight_dtype):
-        """latent_moments -> the latents the UNet is trained on: one posterior sample (drawn as diffusers'
-        DiagonalGaussianDistribution.sample draws it), scaled, and shifted where the VAE says."""
+        """latent_moments -> the latents the denoiser is trained on: one posterior sample (drawn as diffusers'
+        DiagonalGaussianDistribution.sample draws it), shifted where the VAE says (SD 3, Flux) and scaled."""
         import torch
         mean, std = moments.to(dtype=self.vae_dtype(weight_dtype)).chunk(2, dim=1)  # on the device they are on
         latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
@@ -205,47 +271,77 @@ class ModelFamily:
         return ((latents - shift) * self.vae.config.scaling_factor).to(weight_dtype).contiguous()
 
     def encode_images(self, pixels, weight_dtype):
-        """Pixels in [-1, 1] -> the latents the UNet is trained on."""
+        """Pixels in [-1, 1] -> the latents the denoiser is trained on."""
         return self.sample_latents(self.latent_moments(pixels), weight_dtype)
 
-    # ---- prompts and the UNet's conditioning ---------------------------------------------------------------
+    # ---- prompts, conditioning, the objective and the denoiser call ----------------------------------------
+    def max_lengths(self, max_length=None):
+        """Tokens per prompt for each tokenizer: --tokenizer_max_length, else the tokenizer's own (77 for CLIP)."""
+        return [max_length or tokenizer.model_max_length for tokenizer in self.tokenizers]
+
     def tokenize(self, prompts, max_length=None):
-        """Per text encoder: {input_ids, attention_mask} [prompts, max_length], padded to --tokenizer_max_length
-        (default: the tokenizer's own, 77 for CLIP), longer prompts cut."""
+        """Per text encoder: {input_ids, attention_mask} [prompts, length], padded to max_lengths(), longer prompts
+        cut."""
         out = []
-        for tokenizer in self.tokenizers:
-            tokens = tokenizer(list(prompts), padding="max_length", truncation=True,
-                               max_length=max_length or tokenizer.model_max_length, return_tensors="pt")
+        for tokenizer, length in zip(self.tokenizers, self.max_lengths(max_length)):
+            tokens = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=length,
+                               return_tensors="pt")
             out.append({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask})
         return out
 
     def encode(self, tokens, use_attention_mask=False):
-        """{name: tensor [prompts, ...]}: what the prompts contribute to the UNet's conditioning."""
+        """{name: tensor [prompts, ...]}: what the prompts contribute to the denoiser's conditioning."""
         raise NotImplementedError
 
-    def unet_kwargs(self, encoded, batch):
-        """The UNet's keyword arguments for one batch, from its prompts' encodings (rows in batch order)."""
+    def conditioning(self, encoded, batch):
+        """The denoiser's keyword arguments for one batch, from its prompts' encodings (rows in batch order)."""
+        raise NotImplementedError
+
+    def objective(self, noise_offset=0.0, snr_gamma=None):
+        """How this family's training examples are noised and what its denoiser predicts (objectives.py)."""
+        raise NotImplementedError
+
+    def denoise(self, denoiser, noisy, timesteps, conditioning, batch):
+        """The denoiser's output for noisy latents [N, C, h, w], in the same layout (a family that packs latents
+        into tokens unpacks them here)."""
         raise NotImplementedError
 
     # ---- sampling -----------------------------------------------------------------------------------------
-    def sampling_pipeline(self, unet=None, text_encoders=None):
-        """The family's pipeline over the modules already loaded (no second model load), with DPM-Solver++ so 25
-        steps look like DDPM's 1000. unet/text_encoders: the trained (unwrapped) ones, when they differ."""
-        from diffusers import DPMSolverMultistepScheduler
+    @classmethod
+    def sampling_scheduler(cls, config):
+        """The scheduler the family samples with in class priors, validation, infer.py and evaluate.py."""
+        raise NotImplementedError
+
+    @classmethod
+    def default_size(cls, pipe):
+        """The image side a loaded pipeline of this family makes by default."""
+        return getattr(pipe, cls.denoiser_name).config.sample_size * pipe.vae_scale_factor
+
+    def sampling_pipeline(self, denoiser=None, text_encoders=None):
+        """The family's pipeline over the modules already loaded (no second model load). denoiser/text_encoders:
+        the trained (unwrapped) ones, when they differ."""
         parts = dict(zip(self.text_encoder_names, text_encoders or self.text_encoders))
         parts.update(zip(self.tokenizer_names, self.tokenizers))
-        pipe = self.pipeline_class()(vae=self.vae, unet=unet or self.unet,
-                                     scheduler=DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config),
+        for name in self.optional_text_encoders:  # left out by this model: the pipeline takes None
+            if name not in parts:
+                parts[name] = None
+                parts[type(self).tokenizer_names[type(self).text_encoder_names.index(name)]] = None
+        parts[self.denoiser_name] = denoiser or self.denoiser
+        pipe = self.pipeline_class()(vae=self.vae, scheduler=self.sampling_scheduler(self.noise_scheduler.config),
                                      **parts, **self.pipeline_extras)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def decodable_latents(self, pipe, latents, kwargs):
+        """What pipe(output_type="latent") returned, as VAE latents [N, C, h, w] (Flux unpacks its tokens)."""
+        return latents
 
     def generate(self, pipe, **kwargs):
         """PIL images from the pipeline: denoised to latents (under whatever autocast the caller set), then decoded
         by the VAE in its own dtype with autocast off. Under fp16 autocast an fp32 SDXL VAE would still decode in
         fp16 and overflow to black images; the pipeline's own upcast only looks at the VAE's dtype."""
         import torch
-        latents = pipe(**kwargs, output_type="latent").images
+        latents = self.decodable_latents(pipe, pipe(**kwargs, output_type="latent").images, kwargs)
         vae = self.vae
         with torch.autocast(latents.device.type, enabled=False), torch.no_grad():
             shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -260,33 +356,33 @@ class ModelFamily:
         return dict(zip(self.sampling_embedding_names, encoded))
 
     # ---- LoRA names and card facts --------------------------------------------------------------------------
-    def kohya_unet_module(self, path):
-        """The kohya/A1111 name of a UNet module path (before the `lora_unet_` prefix and `_` joining)."""
-        return path
-
-    def base_model_version(self):
-        """kohya's ss_base_model_version for this base."""
+    def ui_denoiser_key(self, module):
+        """The UI (kohya/A1111/ComfyUI) file's name of a denoiser module path, before .lora_down/.lora_up/.alpha."""
         raise NotImplementedError
 
-    def is_v2(self):
-        """kohya's ss_v2: an SD 2.x base (A1111 files the LoRA under SD 2 by it)."""
-        return False
-
-    def architecture(self):
-        """Stability's modelspec.architecture of the base (the LoRA's is this plus /lora)."""
+    def header_facts(self):
+        """The base as the kohya file's header describes it, as header keys (ss_* and modelspec.*) -> strings,
+        all read from the loaded model."""
         raise NotImplementedError
 
     def license(self):
         raise NotImplementedError
 
-    def kohya_facts(self):
-        """The base as the kohya file's header describes it, all read from the loaded model."""
-        v_pred = self.noise_scheduler.config.prediction_type == "v_prediction"
-        sdxl = self.name == "SDXL"
-        # SD reads the text encoder's last layer (A1111's clip skip 1); SDXL its penultimate one by design, for
-        # which sd-scripts writes None (A1111's clip-skip setting does not apply to it)
-        return {"base_model_version": self.base_model_version(), "v2": self.is_v2(), "v_prediction": v_pred,
-                "sdxl": sdxl, "architecture": self.architecture(), "clip_skip": "None" if sdxl else "1"}
+    @classmethod
+    def made_lora(cls, keys):
+        """Whether a LoRA file with these tensor names was made for this family (infer.py names the family a LoRA
+        was made for when it does not fit the base)."""
+        return False
+
+    @classmethod
+    def defaults(cls, args):
+        """The defaults of this family's flags and of the shared flags whose default differs by family."""
+        return {**cls.common_defaults, **cls.flag_defaults}
+
+    @classmethod
+    def inference_defaults(cls, pipe):
+        """(steps, guidance scale) for infer.py on a loaded pipeline of this family."""
+        return cls.inference_steps, cls.guidance_scale
 
 
 class PromptEncoder:
@@ -305,11 +401,11 @@ class PromptEncoder:
                             self.family.encode(self.tokens, self.use_attention_mask).items()}
 
     def conditioning(self, batch):
-        """The UNet's keyword arguments for a batch; its rows are batch["prompt_ids"] into the fixed prompts."""
+        """The denoiser's keyword arguments for a batch; its rows are batch["prompt_ids"] into the fixed prompts."""
         ids = batch["prompt_ids"]
         if self.encoded is not None:
             encoded = {k: v[ids.to(v.device)] for k, v in self.encoded.items()}
         else:
             encoded = self.family.encode([{k: v[ids] for k, v in t.items()} for t in self.tokens],
                                          self.use_attention_mask)
-        return self.family.unet_kwargs(encoded, batch)
+        return self.family.conditioning(encoded, batch)

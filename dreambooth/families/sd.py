@@ -1,10 +1,10 @@
 """Stable Diffusion 1.x / 2.x: one CLIP text encoder whose last hidden state is the UNet's cross-attention input."""
 from accelerate.utils import extract_model_from_parallel
 
-from .base import ModelFamily
+from .unet import UNetFamily
 
 
-class StableDiffusion(ModelFamily):
+class StableDiffusion(UNetFamily):
     name = "SD 1.x/2.x"
     pipeline_class_name = "StableDiffusionPipeline"
     pipeline_class_names = ("StableDiffusionPipeline",)
@@ -17,6 +17,7 @@ class StableDiffusion(ModelFamily):
     pipeline_extras = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     single_file_extras = {"safety_checker": None, "requires_safety_checker": False}
     sampling_embedding_names = ("prompt_embeds", "negative_prompt_embeds")
+    card_tags = ("stable-diffusion", "stable-diffusion-diffusers")
 
     def encode(self, tokens, use_attention_mask=False):
         """The text encoder's last hidden state. SD's CLIP was trained without a padding mask, hence none unless
@@ -26,7 +27,7 @@ class StableDiffusion(ModelFamily):
         return {"encoder_hidden_states": encoder(t["input_ids"].to(encoder.device), attention_mask=mask,
                                                  return_dict=False)[0]}
 
-    def unet_kwargs(self, encoded, batch):
+    def conditioning(self, encoded, batch):
         return {"encoder_hidden_states": encoded["encoder_hidden_states"]}
 
     def is_v2(self):
@@ -39,15 +40,22 @@ class StableDiffusion(ModelFamily):
 
     def base_model_version(self):
         """As kohya's sd-scripts name it: sd_v1 or sd_v2, with _v for v-prediction (SD 2.x 768)."""
-        v_pred = self.noise_scheduler.config.prediction_type == "v_prediction"
-        return ("sd_v2" if self.is_v2() else "sd_v1") + ("_v" if v_pred else "")
+        return ("sd_v2" if self.is_v2() else "sd_v1") + ("_v" if self.prediction_type() == "v_prediction" else "")
 
     def architecture(self):
         """Stability's modelspec architecture id of the base."""
         if not self.is_v2():
             return "stable-diffusion-v1"
-        v_pred = self.noise_scheduler.config.prediction_type == "v_prediction"
-        return "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
+        return "stable-diffusion-v2-768-v" if self.prediction_type() == "v_prediction" else "stable-diffusion-v2-512"
+
+    def header_facts(self):
+        """A1111 files the LoRA under SD 1 / SD 2 by ss_base_model_version and ss_v2; SD reads the text encoder's
+        last layer (A1111's clip skip 1); the module names are diffusers' (modelspec implementation)."""
+        v_pred = self.prediction_type() == "v_prediction"
+        return {"ss_base_model_version": self.base_model_version(), "ss_v2": str(self.is_v2()),
+                "ss_v_parameterization": str(v_pred), "ss_clip_skip": "1",
+                "modelspec.architecture": self.architecture(), "modelspec.implementation": "diffusers",
+                "modelspec.prediction_type": "v" if v_pred else "epsilon"}
 
     def license(self):
         """The licence the family's released weights carry, for bases whose own card does not say."""

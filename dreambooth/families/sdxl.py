@@ -1,9 +1,9 @@
 """SDXL: two CLIP text encoders (their penultimate hidden states side by side), the second's pooled projection,
 and "time ids" (each image's original size, crop corner and target size) as the UNet's added conditioning."""
-from .base import ModelFamily
+from .unet import UNetFamily
 
 
-class StableDiffusionXL(ModelFamily):
+class StableDiffusionXL(UNetFamily):
     name = "SDXL"
     pipeline_class_name = "StableDiffusionXLPipeline"
     pipeline_class_names = ("StableDiffusionXLPipeline",)
@@ -17,6 +17,9 @@ class StableDiffusionXL(ModelFamily):
     sampling_embedding_names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
                                 "negative_pooled_prompt_embeds")
     unused_text_encoder_layers = True  # text encoder 1's last layer: only its penultimate output is read
+    card_tags = ("stable-diffusion-xl", "stable-diffusion-xl-diffusers")
+    ui_base = "an SDXL"
+    flags = UNetFamily.flags + ("crops_coords_top_left_h", "crops_coords_top_left_w")
     fixed_crop_top_left = None  # --crops_coords_top_left_h/_w: one corner for every image instead of its own
 
     def encode(self, tokens, use_attention_mask=False):
@@ -31,7 +34,7 @@ class StableDiffusionXL(ModelFamily):
             pooled = getattr(out, "text_embeds", pooled)
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
 
-    def unet_kwargs(self, encoded, batch):
+    def conditioning(self, encoded, batch):
         """time ids: original (h, w), crop corner (top, left), target (h, w) of each image, as the pipeline's
         _get_add_time_ids builds them for sampling."""
         import torch
@@ -47,15 +50,24 @@ class StableDiffusionXL(ModelFamily):
     def kohya_unet_module(self, path):
         """sd-scripts write SDXL UNet LoRA under the original module names (input_blocks.4.1...), and A1111 cannot
         map some diffusers names of SDXL (add_embedding, the first up block's upsampler)."""
-        from ..ldm_names import unet_module_to_ldm
+        from .ldm_names import unet_module_to_ldm
         config = self.unet.config
         return unet_module_to_ldm(path, config.layers_per_block, config.up_block_types)
 
-    def base_model_version(self):
-        return "sdxl_base_v1-0"
+    def configure(self, crops_coords_top_left_h=None, crops_coords_top_left_w=None, **options):
+        """--crops_coords_top_left_h/_w: one crop corner for every image's time ids (diffusers' flags)."""
+        if crops_coords_top_left_h is not None or crops_coords_top_left_w is not None:
+            self.fixed_crop_top_left = (crops_coords_top_left_h or 0, crops_coords_top_left_w or 0)
+        return super().configure(**options)
 
-    def architecture(self):
-        return "stable-diffusion-xl-v1-base"
+    def header_facts(self):
+        """SDXL reads text encoder 1's penultimate layer by design, for which sd-scripts writes clip skip None
+        (A1111's setting does not apply); its UNet modules are named as in Stability's generative-models."""
+        v_pred = self.prediction_type() == "v_prediction"
+        return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False", "ss_v_parameterization": str(v_pred),
+                "ss_clip_skip": "None", "modelspec.architecture": "stable-diffusion-xl-v1-base",
+                "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+                "modelspec.prediction_type": "v" if v_pred else "epsilon"}
 
     def license(self):
         return "openrail++"
