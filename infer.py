@@ -251,14 +251,13 @@ def diffusers_log():
 def family_mismatch(lora, shapes, base, pipe):
     """A LoRA made for another kind of denoiser (a UNet LoRA on SD 3, an SD 3 LoRA on SDXL), named in one line
     before diffusers loads nothing or fails deep inside: which family's names its keys carry, against the base's."""
-    from dreambooth.families import FAMILIES, family_of_pipeline
+    from dreambooth.families import FAMILIES, family_of_pipeline, with_article
     have = family_of_pipeline(pipe)
     made = [f for f in FAMILIES if f.made_lora(shapes)]
     if not made or have in made:
         return None
     kinds = " or ".join(f.name for f in made)
-    article = "an" if kinds[0] in "AEFHILMNORSX" else "a"  # an SD 3, an SDXL, a Flux
-    return (f"--lora {lora} was trained for {article} {kinds} base ({made[0].denoiser_name} LoRA); --base {base} is "
+    return (f"--lora {lora} was trained for {with_article(kinds)} base ({made[0].denoiser_name} LoRA); --base {base} is "
             f"{have.name}; give --base the model it was trained on")
 
 

@@ -286,9 +286,10 @@ class DreamBoothRecipe:
         a, accelerator = self.args, self.accelerator
         scale = batch_size * accumulation * accelerator.num_processes if scale_lr else 1
         text_decay = a.adam_weight_decay if a.adam_weight_decay_text_encoder is None else a.adam_weight_decay_text_encoder
-        groups = [{"params": models.trainable_parameters(self.family.denoiser), "lr": lr * scale}]
+        denoiser_lora = models.trainable_parameters(self.family.denoiser)
+        groups = [{"params": denoiser_lora, "lr": lr * scale}]
         # (last step, parameters): what trains only for the first share of the run (diffusers' *_frac flags)
-        self.phases = []
+        self.phases = [("train_transformer_frac", a.train_transformer_frac, denoiser_lora)]
         text_lora = [p for e in self.trained_text_encoders for p in models.trainable_parameters(e)
                      if not self.pivotal or all(p is not q for q in self.pivotal.parameters())]
         if text_lora:  # --text_encoder_lr applies to every text encoder of the family

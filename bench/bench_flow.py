@@ -3,7 +3,7 @@
 tiny model of that family built here (examples/make_tiny_model.py):
 
     python bench/bench_flow.py --diffusers_scripts DIR            # DIR holds train_dreambooth_lora_sd3.py (and _flux.py)
-    python bench/bench_flow.py --diffusers_scripts DIR --family sd3 --steps 10 40
+    python bench/bench_flow.py --diffusers_scripts DIR --family sd3 flux --steps 20 120
 
 diffusers' scripts are not part of its wheel: take them from a diffusers checkout (examples/dreambooth/). They run
 through bench/run_diffusers_script.py (their torchvision transforms on a PIL stand-in; see there).
@@ -49,13 +49,13 @@ def command(who, script_dir, family, model, images, out, steps, extra):
             os.path.join(script_dir, SCRIPTS[family]), *flags, "--report_to", "tensorboard"]
 
 
-def row(who, args, family, model, images, work, extra):
+def row(who, args, family, model, images, work, setup, extra):
     short, long = args.steps
     cells = []
     for k in range(args.repeats):
         times = {}
         for steps in (short, long):
-            out = os.path.join(work, f"{who}-{steps}-{k}")
+            out = os.path.join(work, f"{family}-{setup.strip('-')}-{who}-{steps}-{k}")
             times[steps] = measure(command(who, args.diffusers_scripts, family, model, images, out, steps, extra))
         per_step = (times[long][0] - times[short][0]) / (long - short)
         cells.append((per_step, times[short][0] - short * per_step, max(times[short][1], times[long][1])))
@@ -67,7 +67,7 @@ def main():
     parser.add_argument("--diffusers_scripts", required=True,
                         help="Folder with diffusers' train_dreambooth_lora_sd3.py / _flux.py.")
     parser.add_argument("--family", nargs="+", default=["sd3"], choices=sorted(SCRIPTS))
-    parser.add_argument("--steps", nargs=2, type=int, default=(10, 30), help="The two run lengths compared.")
+    parser.add_argument("--steps", nargs=2, type=int, default=(20, 120), help="The two run lengths compared.")
     parser.add_argument("--repeats", type=int, default=3, help="Runs per cell (median).")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
@@ -90,7 +90,7 @@ def main():
                             "--out", model], check=True, capture_output=True)
         for setup, extra in setups.items():
             for who in ("ours", "diffusers"):
-                per_step, startup, rss = row(who, args, family, model, images, work, extra)
+                per_step, startup, rss = row(who, args, family, model, images, work, setup, extra)
                 results.append(dict(family=family, setup=setup, trainer=who, s_per_step=per_step, startup_s=startup,
                                     peak_rss_mib=rss))
                 print(f"| {family} | {setup} | {who} | {per_step:.3f} | {startup:.1f} | {rss:.0f} |", flush=True)

@@ -212,6 +212,9 @@ def build_parser():
                         "embedding table's own scale).")
     g.add_argument("--train_text_encoder_ti_frac", type=finite_float, default=0.5,
                    help="Share of the steps in which the new token embeddings train; frozen after it (the 'pivot').")
+    g.add_argument("--train_transformer_frac", type=finite_float, default=1.0,
+                   help="Share of the steps in which the denoiser's LoRA trains (diffusers' advanced Flux flag; with "
+                        "pivotal tuning the new tokens can go on alone after it).")
     g.add_argument("--train_text_encoder_frac", type=finite_float, default=1.0,
                    help="Share of the steps in which the text encoder's LoRA (--train_text_encoder) trains.")
     g.add_argument("--tokenizer_max_length", type=int, default=None,
@@ -678,7 +681,7 @@ def _check_data(args, images, skipped, notes):
     """Last: every photo decoded and every caption read, once the cheap checks have passed."""
     notes += check_images(images, "--instance_data_dir", args.resolution)
     check_captions(images)
-    pivotal.check_words_used(args, images)
+    pivotal.check_words_used(args, images, notes)
     if skipped:
         notes.append(f"note: --instance_data_dir: skipping {skipped} non-image file(s)")
     if args.with_prior_preservation and args.class_data_dir and os.path.isdir(args.class_data_dir):

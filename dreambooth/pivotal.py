@@ -64,6 +64,10 @@ def embedding_file_name(output_dir):
 # ---- flag checks (no model) ---------------------------------------------------------------------------------
 def check_flags(args, notes):
     """The pivotal-tuning flags on their own and with the others; one line naming the flag and the fix."""
+    if not 0 < args.train_transformer_frac <= 1:
+        raise UsageError(f"--train_transformer_frac must be in (0, 1] (got {args.train_transformer_frac}): the share of "
+                         "the steps the denoiser's LoRA trains (0, pure textual inversion, is not offered: the LoRA "
+                         "file would be empty)")
     if not 0 < args.train_text_encoder_frac <= 1:
         raise UsageError(f"--train_text_encoder_frac must be in (0, 1] (got {args.train_text_encoder_frac}): the "
                          "share of the steps the text encoder's LoRA trains")
@@ -90,9 +94,10 @@ def check_flags(args, notes):
                          "'dog'), or leave it out for a random start")
 
 
-def check_words_used(args, images):
-    """Every abstraction word must appear in --instance_prompt or a caption: a word in no prompt leaves its tokens
-    untrained. Runs once the captions are known (they were checked to be readable already)."""
+def check_words_used(args, images, notes):
+    """Every abstraction word should appear in --instance_prompt or a caption: a word in no prompt leaves its
+    tokens untrained. diffusers' advanced scripts go on with a warning (their tests train with --instance_prompt
+    photo), and so do we, loudly: the LoRA still trains. Runs once the captions are known."""
     if not args.train_text_encoder_ti:
         return
     from .images import caption_path, read_caption
@@ -100,9 +105,9 @@ def check_words_used(args, images):
     texts += [read_caption(caption_path(p)) for p in images if os.path.isfile(caption_path(p))]
     for word in abstractions(args.token_abstraction):
         if not any(_word(word).search(t) for t in texts):
-            raise UsageError(f"--token_abstraction {word}: the word is in neither --instance_prompt nor any caption, "
-                             f"so its new tokens would never train; name the subject with it, e.g. --instance_prompt "
-                             f"'a photo of {word} dog'")
+            notes.append(f"warning: --token_abstraction {word}: the word is in neither --instance_prompt nor any "
+                         f"caption, so its new tokens will not train (the LoRA still does); name the subject with it, "
+                         f"e.g. --instance_prompt 'a photo of {word} dog'")
 
 
 # ---- the trainable rows -------------------------------------------------------------------------------------

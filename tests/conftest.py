@@ -27,9 +27,12 @@ def tiny_model(tmp_path_factory):
     main(["--family", "sdxl", "--out", str(out / "tiny-sdxl"), "--single_file", str(out / "tiny-sdxl.safetensors")])
     main(["--family", "sd3", "--out", str(out / "tiny-sd3")])
     main(["--family", "sd3", "--no_t5", "--out", str(out / "tiny-sd3-no-t5")])
+    main(["--family", "flux", "--out", str(out / "tiny-flux")])
+    main(["--family", "flux", "--schnell", "--out", str(out / "tiny-flux-schnell")])
     return {"eps": str(out / "tiny-sd"), "single": str(out / "tiny-sd.safetensors"), "v": str(out / "tiny-sd-v"),
             "xl": str(out / "tiny-sdxl"), "xl_single": str(out / "tiny-sdxl.safetensors"), "sd3": str(out / "tiny-sd3"),
-            "sd3_no_t5": str(out / "tiny-sd3-no-t5")}
+            "sd3_no_t5": str(out / "tiny-sd3-no-t5"), "flux": str(out / "tiny-flux"),
+            "flux_schnell": str(out / "tiny-flux-schnell")}
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,8 @@ ROWS = {
     "sdxl": ("xl", "StableDiffusionXL", ()),
     "sd3": ("sd3", "StableDiffusion3", ()),
     "sd3-no-t5": ("sd3_no_t5", "StableDiffusion3", ("--max_sequence_length", "16")),
+    "flux-dev": ("flux", "Flux", ("--max_sequence_length", "32")),
+    "flux-schnell": ("flux_schnell", "Flux", ()),
 }
 PROMPT = "a photo of sks dog"
 

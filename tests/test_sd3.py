@@ -229,9 +229,9 @@ def fails(tiny_model, instance_dir, tmp_path, capsys):
 
 def test_flags_of_another_family_are_refused_in_one_line(fails):
     assert fails("eps", "--weighting_scheme", "logit_normal") == (
-        "--weighting_scheme is an SD 3 flag; --pretrained_model_name_or_path MODEL is SD 1.x/2.x: drop it")
+        "--weighting_scheme is an SD 3 / Flux.1 flag; --pretrained_model_name_or_path MODEL is SD 1.x/2.x: drop it")
     assert fails("xl", "--max_sequence_length", "77") == (
-        "--max_sequence_length is an SD 3 flag; --pretrained_model_name_or_path MODEL is SDXL: drop it")
+        "--max_sequence_length is an SD 3 / Flux.1 flag; --pretrained_model_name_or_path MODEL is SDXL: drop it")
     assert fails("eps", "--lora_blocks", "0") == (
         "--lora_blocks is an SD 3 flag; --pretrained_model_name_or_path MODEL is SD 1.x/2.x: drop it")
     assert fails("sd3", "--snr_gamma", "5") == (

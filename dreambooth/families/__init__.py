@@ -19,16 +19,18 @@ from ..errors import UsageError
 from ..files import sniff_weights_file
 from .base import ModelFamily, ModelSource, PromptEncoder, load_error  # noqa: F401 (the seam's public names)
 from .sd import StableDiffusion
+from .flux import Flux
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES = (StableDiffusionXL, StableDiffusion, StableDiffusion3)
-__all__ = ["FAMILIES", "ModelFamily", "ModelSource", "PromptEncoder", "StableDiffusion", "StableDiffusion3",
+FAMILIES = (StableDiffusionXL, StableDiffusion, StableDiffusion3, Flux)
+__all__ = ["FAMILIES", "Flux", "ModelFamily", "ModelSource", "PromptEncoder", "StableDiffusion", "StableDiffusion3",
            "StableDiffusionXL", "add_family_flags", "detect", "family_of_pipeline", "load_error",
            "resolve_family_flags"]
 
 # Single-file checkpoints: the families' own tensor names (original layouts, with or without ComfyUI's prefix)
 _SINGLE_FILE_MARKERS = ((StableDiffusion3, ("joint_blocks.0.", "model.diffusion_model.joint_blocks.")),
+                        (Flux, ("double_blocks.0.", "model.diffusion_model.double_blocks.")),
                         (StableDiffusionXL, ("conditioner.embedders.1.",)))
 
 
@@ -63,7 +65,7 @@ def _pipeline_class_name(source, flag):
         if os.path.isfile(os.path.join(path, "transformer", "config.json")):  # a folder of parts
             transformer = _read_json(os.path.join(path, "transformer", "config.json"), path, flag)
             return {"SD3Transformer2DModel": StableDiffusion3.pipeline_class_name,
-                    }.get(transformer.get("_class_name"),
+                    "FluxTransformer2DModel": Flux.pipeline_class_name}.get(transformer.get("_class_name"),
                                                                             transformer.get("_class_name"))
         unet = _read_json(os.path.join(path, "unet", "config.json"), path, flag)
         text_time = unet.get("addition_embed_type") == "text_time"
@@ -111,6 +113,11 @@ def detect(source, flag="--pretrained_model_name_or_path"):
                      f"{', '.join(f.name for f in sorted(FAMILIES, key=lambda f: f.name))} base pipelines")
 
 
+def with_article(name):
+    """'an SD 3', 'an SDXL', 'a Flux.1': the family names read as letters take 'an'."""
+    return ("an " if name.startswith(("SD", "A", "E", "I", "O", "U")) else "a ") + name
+
+
 def family_of_pipeline(pipe):
     """The family of a loaded diffusers pipeline, by its class (never by which attributes it has)."""
     for family in FAMILIES:
@@ -153,8 +160,7 @@ def resolve_family_flags(args, family):
         value = getattr(args, flag, None)
         if value is not None and value is not False:  # 0 is a value given (0 == False in Python)
             takers = " / ".join(f.name for f in FAMILIES if flag in f.flags)
-            article = "an" if takers[0] in "AEFHILMNORSX" else "a"  # an SDXL, an SD 3, a Flux
-            raise UsageError(f"--{flag} is {article} {takers} flag; --pretrained_model_name_or_path "
+            raise UsageError(f"--{flag} is {with_article(takers)} flag; --pretrained_model_name_or_path "
                              f"{args.pretrained_model_name_or_path} is {family.name}: drop it")
     for flag, default in family.defaults(args).items():
         if getattr(args, flag) is None:
@@ -165,5 +171,12 @@ def resolve_family_flags(args, family):
         args.lora_target_modules, args.lora_layers, args._lora_targets_flag = args.lora_layers, None, "--lora_layers"
     if args.lora_target_modules is None:
         args.lora_target_modules = family.default_lora_targets
+    model = str(args.pretrained_model_name_or_path)
+    missing = family.missing_part(model) if os.path.isdir(model) else None
+    if missing:
+        index = family.text_encoder_names.index(missing) if missing in family.text_encoder_names else None
+        what = f" ({family.text_encoder_classes[index]})" if index is not None else ""
+        raise UsageError(f"--pretrained_model_name_or_path {model}: its {missing}/ folder{what} is missing, which "
+                         f"{family.name} needs; download the whole model again")
     if hasattr(family, "check_flags"):
         family.check_flags(args, _t5_positions(args, family))

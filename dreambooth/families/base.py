@@ -172,6 +172,20 @@ class ModelFamily:
         return {n for n in cls.optional_text_encoders if not any(spec.get(n) or [None])}
 
     @classmethod
+    def missing_part(cls, path):
+        """The first component folder a local diffusers model lacks (a cut download: no text_encoder_2/ with
+        Flux's T5), or None. Optional text encoders that model_index.json leaves out are not missing."""
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            return None
+        absent = cls._absent(ModelSource(path))
+        names = [n for n in cls.text_encoder_names if n not in absent]
+        names += [cls.tokenizer_names[cls.text_encoder_names.index(n)] for n in names]
+        for name in names + ["vae", cls.denoiser_name, "scheduler"]:
+            if not os.path.isdir(os.path.join(path, name)):
+                return name
+        return None
+
+    @classmethod
     def from_pretrained_extras(cls, path):
         """Keyword arguments a pipeline's from_pretrained needs for this model folder: None for each optional text
         encoder (and its tokenizer) the folder leaves out, which diffusers otherwise refuses to load."""
