@@ -85,9 +85,12 @@ class DreamBoothRecipe:
         unused = bool(a.train_text_encoder and a._family and a._family.unused_text_encoder_layers)
         self._setup_accelerator(a.output_dir, a.logging_dir, a.report_to, a.mixed_precision,
                                 a.gradient_accumulation_steps, a.ddp_timeout, a.seed, a.allow_tf32, unused)
+        from dreambooth import quantize
+        self.quantization = quantize.settings(a)
         self.family = self._setup_model(families.ModelSource.from_args(a), a.lora_target_modules, a.resolution,
                                         a.bucket_reso_steps if a.enable_bucket else None,
-                                        {flag: getattr(a, flag) for flag in a._family.flags})
+                                        {flag: getattr(a, flag) for flag in a._family.flags}, self.quantization,
+                                        a.quantize_text_encoders)
         self.objective = self.family.objective(a.noise_offset, a.snr_gamma)
         self.accelerator.print(f"{self.objective.describe()} scheduler={type(self.family.noise_scheduler).__name__} "
                           f"{self.family.denoiser_name}_params={sum(p.numel() for p in self.family.denoiser.parameters())}")
@@ -137,9 +140,11 @@ class DreamBoothRecipe:
                                                                                 torch.float32)
         check_free_space(output_dir, 50 * 2**20, "LoRA weights and checkpoints")
 
-    def _setup_model(self, source, lora_target_modules, resolution, bucket_steps, family_options):
-        """The base model, frozen, in the weight dtype, given its family's own flags; everything checked that
-        needs it, before any output."""
+    def _setup_model(self, source, lora_target_modules, resolution, bucket_steps, family_options, quantization=None,
+                     quantize_text_encoders=False):
+        """The base model, frozen, in the weight dtype (the denoiser, and the text encoders that do not train, in
+        4 or 8 bits when asked), given its family's own flags; everything checked that needs it, before any
+        output."""
         from dreambooth import families, models
         a, accelerator = self.args, self.accelerator
         family_class = self.args._family or families.detect(source)
@@ -150,7 +155,20 @@ class DreamBoothRecipe:
             f"res={resolution} batch={a.train_batch_size}x{a.gradient_accumulation_steps}x{accelerator.num_processes} "
             f"lr={a.learning_rate} rank={a.rank} text_encoder={'lora' if a.train_text_encoder else 'frozen'} "
             f"precision={accelerator.mixed_precision} device={accelerator.device} out={a.output_dir}")
-        family = family_class.load(source, self.weight_dtype).configure(**family_options)
+        frozen_encoders = [n for n, t in zip(family_class.text_encoder_names, family_class.text_encoder_lora_targets)
+                           if not (a.train_text_encoder and t)] if quantize_text_encoders else []
+        family = family_class.load(source, self.weight_dtype, quantization, accelerator.device,
+                                   frozen_encoders).configure(**family_options)
+        self.stats.phase("load")
+        if quantization:
+            from dreambooth import quantize
+            quantized = [n for n in [family.denoiser_name, *family.text_encoder_names]
+                         if quantize.is_quantized(getattr(family, "denoiser") if n == family.denoiser_name
+                                                  else family.text_encoders[family.text_encoder_names.index(n)])]
+            cpu = (" (on the CPU bitsandbytes uses its generic kernels: slower steps than the unquantized base, "
+                   "same results)" if accelerator.device.type == "cpu" else "")
+            accelerator.print(f"quantized base: {quantize.describe(quantization)} ({', '.join(quantized)}); "
+                              f"{self.stats.phase_line('load')}{cpu}")
         family.freeze()
         models.check_lora_targets(family.denoiser, lora_target_modules, family.default_lora_targets,
                                   a._lora_targets_flag)
@@ -165,15 +183,23 @@ class DreamBoothRecipe:
         torch, accelerator, family = self.torch, self.accelerator, self.family
         gen_dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
             precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")]
+        from dreambooth import quantize
+        full = self.args.sample_with_full_base or not self.quantization
+        precision_name = str(gen_dtype).replace("torch.", "") + ("" if full else "+" + quantize.describe(self.quantization))
         settings, key = priors.prior_settings(self.args.pretrained_model_name_or_path, prompt, steps, self.args.seed,
-                                              self.args.resolution, str(gen_dtype).replace("torch.", ""))
+                                              self.args.resolution, precision_name)
 
         def sampler():
-            precision_context = priors.generation_precision(family.frozen_modules(), accelerator.device,
+            sampling = family
+            if self.quantization and full:  # --sample_with_full_base: the unquantized base, for this alone (freed
+                from dreambooth import families  # with the pipeline when generation ends)
+                sampling = type(family).load(families.ModelSource.from_args(self.args), self.weight_dtype)
+                sampling.configure(**family.options)
+            precision_context = priors.generation_precision(sampling.castable_modules(), accelerator.device,
                                                             self.weight_dtype, gen_dtype)
-            pipe = family.sampling_pipeline()
-            return priors.ClassImageSampler(lambda **kw: family.generate(pipe, **kw), precision_context,
-                                            lambda p: family.sampling_embeddings(pipe, p))
+            pipe = sampling.sampling_pipeline()
+            return priors.ClassImageSampler(lambda **kw: sampling.generate(pipe, **kw), precision_context,
+                                            lambda p: sampling.sampling_embeddings(pipe, p))
 
         started = time.perf_counter()
         try:
@@ -184,6 +210,7 @@ class DreamBoothRecipe:
                                     f"{class_dir} and the same command continues from there") from None
         seconds = time.perf_counter() - started
         self.stats.set(class_images_generated=generated, class_generation_seconds=seconds)
+        self.stats.phase("class_images")
         accelerator.print(f"class images: {len(images)} in {class_dir} ({generated} generated in {seconds:.1f}s)")
         return images
 
@@ -241,14 +268,21 @@ class DreamBoothRecipe:
         self.precomputed_text, self.cached_latents = precompute_text, cache_latents
         self.args.pre_compute_text_embeddings = precompute_text  # what ran, for config.yaml and the card
         self.args.cache_latents = cache_latents
+        self.validation_embeddings = None
         if precompute_text:
             self.prompts.precompute(self.weight_dtype)
-            for encoder in family.text_encoders:
+            if self.args.validation_prompt:  # encoded now, so validation never brings the text encoders back
+                with torch.no_grad():
+                    self.validation_embeddings = family.sampling_embeddings(family.sampling_pipeline(),
+                                                                            self.args.validation_prompt)
+            for encoder in family.text_encoders if not self.args.keep_frozen_on_device else ():
                 encoder.to("cpu")  # frees device memory; moved back only for validation
         if cache_latents:
             with torch.no_grad():
                 self.dataset.cache_latents(lambda px: family.latent_moments(px).cpu(), batch_size=encode_batch_size)
-            family.vae.to("cpu")
+            if not self.args.keep_frozen_on_device:
+                family.vae.to("cpu")
+        self.stats.phase("caching")
         self.accelerator.print(line)
         self.sampler = data.BucketBatchSampler(self.dataset, batch_size, seed)
         self.dataloader = torch.utils.data.DataLoader(
@@ -490,13 +524,16 @@ class DreamBoothRecipe:
         trained = [denoiser, *(text_encoders if self.text_encoders else [])]
         for model in trained:
             model.eval()  # no LoRA dropout while sampling
-        # the parts moved off the device after caching come back for this only, and go back after it
-        with offload_models(*text_encoders, family.vae, device=accelerator.device), \
+        # the parts moved off the device after caching come back for this only, and go back after it; with the
+        # validation prompt encoded up front (frozen text encoders), only the VAE does
+        returning = [family.vae] if self.validation_embeddings else [*text_encoders, family.vae]
+        with offload_models(*returning, device=accelerator.device), \
                 torch.autocast(accelerator.device.type, dtype=self.weight_dtype,
                                enabled=self.weight_dtype != torch.float32):
             pipe = family.sampling_pipeline(denoiser, text_encoders)
             prompt = self.pivotal.prompt_example(a.validation_prompt) if self.pivotal else a.validation_prompt
-            validation.run_validation(lambda **kw: family.generate(pipe, **kw), pipe.device, prompt,
+            validation.run_validation(lambda **kw: family.generate(pipe, **kw), accelerator.device,
+                                      self.validation_embeddings or {"prompt": prompt},
                                       a.num_validation_images, a.resolution, a.seed,
                                       os.path.join(a.output_dir, "validation", f"step-{step:06d}.png"),
                                       accelerator, step)
@@ -517,7 +554,7 @@ class DreamBoothRecipe:
             if self.pivotal:
                 self.pivotal.save(os.path.join(a.output_dir, self._embedding_name()))
             kohya_file = self._save_kohya(a.output_dir) if a.output_format in ("kohya", "both") else None
-            if a.validation_prompt:
+            if a.validation_prompt and not a.skip_final_inference:
                 self._validate(step)
             report.plot_loss(self.reader.history, os.path.join(a.output_dir, "loss.png"))
             self.stats.set(final_step=step)  # also how a later --resume_from_checkpoint knows the run finished

@@ -222,6 +222,25 @@ def build_parser():
     g.add_argument("--text_encoder_use_attention_mask", action=argparse.BooleanOptionalAction, default=False,
                    help="Pass the padding mask to the text encoder (SD's CLIP was trained without one).")
 
+    g = p.add_argument_group("memory (quantized base, offloading)")
+    g.add_argument("--quantize_base", default=None, choices=["nf4", "int8"],
+                   help="Store the frozen denoiser's linear layers in 4-bit NF4 (QLoRA; double quantization) or 8-bit "
+                        "with bitsandbytes as they load; the LoRA trains on top in full precision and its files are "
+                        "the same as from the full base. Class images and validation then sample from the quantized "
+                        "base.")
+    g.add_argument("--bnb_quantization_config_path", type=path_arg, default=None,
+                   help="Instead of --quantize_base: a JSON file of BitsAndBytesConfig fields (diffusers' flag), "
+                        "e.g. {\"load_in_4bit\": true, \"bnb_4bit_quant_type\": \"nf4\"}.")
+    g.add_argument("--quantize_text_encoders", action=argparse.BooleanOptionalAction, default=False,
+                   help="With a quantized base: quantize the text encoders too, except those --train_text_encoder "
+                        "trains (T5, which never trains, is the big one: 4.7B parameters in SD 3.5 and Flux).")
+    g.add_argument("--sample_with_full_base", action=argparse.BooleanOptionalAction, default=False,
+                   help="With a quantized base: generate the class images with the unquantized base, loaded for that "
+                        "alone and freed before training (more memory then, exact class images).")
+    g.add_argument("--keep_frozen_on_device", action=argparse.BooleanOptionalAction, default=False,
+                   help="Keep the text encoders and the VAE on the GPU after their outputs are cached (by default "
+                        "they leave it: validation brings back only what it needs).")
+
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", type=path_arg, default="lora-dreambooth-model", help="Where weights and checkpoints go.")
     g.add_argument("--overwrite_output_dir", action=argparse.BooleanOptionalAction, default=False,
@@ -323,6 +342,9 @@ def build_parser():
     g = p.add_argument_group("validation and logging")
     g.add_argument("--validation_prompt", default=None, help="Prompt for validation images.")
     g.add_argument("--num_validation_images", type=int, default=4, help="Validation images per run.")
+    g.add_argument("--skip_final_inference", action=argparse.BooleanOptionalAction, default=False,
+                   help="No validation grid after the last step (diffusers' flag; big models on small GPUs); the "
+                        "grids every --validation_steps / --validation_epochs are still made.")
     g.add_argument("--validation_steps", type=int, default=None, help="Run validation every N steps.")
     g.add_argument("--validation_epochs", type=int, default=50,
                    help="With --validation_prompt: validate after epochs 0, N, 2N, ... (as diffusers counts them).")
@@ -620,12 +642,16 @@ def _check_flags(args, notes):
     for flag in ("lora_target_modules", "lora_layers"):
         if getattr(args, flag) is not None and not [m for m in getattr(args, flag).split(",") if m.strip()]:
             raise UsageError(f"--{flag} is empty; leave it out for the model family's default")
+    if args.sample_with_full_base and not (args.quantize_base or args.bnb_quantization_config_path):
+        notes.append("warning: --sample_with_full_base has no effect without a quantized base (--quantize_base)")
     if args.train_text_encoder and args.pre_compute_text_embeddings:
         raise UsageError("--pre_compute_text_embeddings cannot be used with --train_text_encoder "
                          "(the embeddings change as the text encoder trains); drop one of them")
     if args.dynamo_backend != "inductor" and not args.torch_compile:
         notes.append(f"note: --dynamo_backend {args.dynamo_backend} has no effect without --torch_compile")
     pivotal.check_flags(args, notes)
+    from . import quantize
+    quantize.settings(args)  # the package, the JSON file, the combinations: one line each
     if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
                          "(PyTorch SDPA is used by default and is as fast on torch>=2)")

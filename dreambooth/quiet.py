@@ -6,7 +6,10 @@ import warnings
 
 def quiet_libraries():
     """Call it before importing pipelines: some notices are printed at import time."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU-kernel notices at import are not ours
+    # bitsandbytes' CPU notices ("Failed to load CPU gemm_4bit_forward from kernels-community": its optional faster
+    # CPU kernels are not installed; "MatMul8bitLt: inputs will be cast ... to float16": every 8-bit step) are not
+    # the user's to act on; the quantized-base line says once what the CPU costs
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import diffusers
     import transformers
     # diffusers >= 0.36 renamed torch_dtype to dtype; older releases, which requirements.txt allows, only know

@@ -69,16 +69,35 @@ class RunStats:
         self.step_seconds = []
         self.setup_peak_rss_mb = 0.0
         self.exact_train_peak = False
+        self._restartable = False  # the peak-RSS counter was restarted at the last phase
         self.sampled_train_peak_rss_mb = 0.0
         self._tick = None
 
     def set(self, **values):
         self.values.update(values)
 
+    def phase(self, name):
+        """Closes a set-up phase (load, class_images, caching): its peak RSS (exact on Linux, where the counter
+        restarts after each phase) and, on CUDA, its peak VRAM, into train_stats.json's phase_peaks."""
+        peaks = self.values.setdefault("phase_peaks", {})
+        peaks[name] = {"peak_rss_mb": round(peak_rss_since_restart_mb() if self._restartable else rss_mb(), 1)}
+        self._restartable = restart_peak_rss()
+        cuda = _cuda()
+        if cuda:
+            peaks[name]["peak_vram_mb"] = round(cuda.max_memory_allocated() / 2**20, 1)
+            cuda.reset_peak_memory_stats()
+
+    def phase_line(self, name):
+        peak = self.values["phase_peaks"][name]
+        vram = f", peak VRAM {peak['peak_vram_mb']:.0f} MiB" if "peak_vram_mb" in peak else ""
+        return f"{name}: peak RSS {peak['peak_rss_mb']:.0f} MiB{vram}"
+
     def mark_training_start(self):
         self.values["setup_seconds"] = time.perf_counter() - self.started - self.values.get("class_generation_seconds", 0)
-        # read before the restart: on Linux ru_maxrss follows VmHWM down (and the two can differ by a few pages)
-        self.setup_peak_rss_mb = rss_mb()
+        # read before the restart: on Linux ru_maxrss follows VmHWM down (and the two can differ by a few pages);
+        # the phases restarted the counter, so the set-up's peak is the largest of theirs and what is left
+        self.setup_peak_rss_mb = max([rss_mb()] + [p["peak_rss_mb"] for p in self.values.get("phase_peaks",
+                                                                                             {}).values()])
         self.exact_train_peak = restart_peak_rss()
         cuda = _cuda()
         if cuda:  # the training steps' own peak, as for RSS; the setup's is kept
@@ -301,6 +320,23 @@ def write_run_files(args, steps, seconds, family=None, kohya_file=None, pivotal=
                                                                             pivotal))
 
 
+def base_weights_text(args):
+    """What the frozen base was stored in while the LoRA trained (a quantized base samples class images and
+    validation from the quantized weights too, unless --sample_with_full_base)."""
+    from .quantize import describe, settings
+    try:
+        fields = settings(args)
+    except Exception:  # a card is written for a run that passed these checks; never fail it here
+        fields = None
+    if fields is None:
+        return f"as loaded ({args.mixed_precision or 'fp32'})"
+    encoders = " and the frozen text encoders" if getattr(args, "quantize_text_encoders", False) else ""
+    samples = ("class images from the full base, validation from the quantized one"
+               if getattr(args, "sample_with_full_base", False) else "class images and validation sampled from it")
+    return (f"{describe(fields)} (bitsandbytes) for the denoiser{encoders}; {samples}. The LoRA was trained in full "
+            "precision and loads on the unquantized base")
+
+
 def objective_text(args):
     """The training objective as the card's settings table states it (flow matching's flags, or DDPM's)."""
     if getattr(args, "weighting_scheme", None):
@@ -406,6 +442,7 @@ pipe.load_lora_weights("{where}")
                     else 'off'} |
 | text encoder | {'LoRA-trained' if args.train_text_encoder else 'frozen'} |
 | objective | {objective_text(args)} |
+| base weights | {base_weights_text(args)} |
 | batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |
 | mixed precision | {args.mixed_precision or 'accelerate default'} |
 

@@ -27,9 +27,10 @@ def save_png(image, path):
 def run_validation(generate, device, prompt, num_images, resolution, seed, out_path, accelerator=None, step=0,
                    steps=25):
     """Same seed every time, so grids from successive steps are comparable. generate(**pipeline kwargs) -> PIL
-    images (the model family's: it decodes in the VAE's own precision)."""
+    images (the model family's: it decodes in the VAE's own precision). prompt: {"prompt": text}, or the prompt
+    already encoded ({pipeline keyword: tensor}: the family's sampling_embeddings)."""
     generator = torch.Generator(device=device).manual_seed(seed or 0)
-    images = generate(prompt=prompt, num_images_per_prompt=num_images, num_inference_steps=steps, height=resolution,
+    images = generate(**prompt, num_images_per_prompt=num_images, num_inference_steps=steps, height=resolution,
                       width=resolution, generator=generator)
     grid = image_grid(images)
     save_png(grid, out_path)
@@ -41,6 +42,7 @@ def run_validation(generate, device, prompt, num_images, resolution, seed, out_p
                                           dataformats="NHWC")
             elif tracker.name == "wandb":
                 import wandb
-                tracker.log({"validation": [wandb.Image(i, caption=f"{k}: {prompt}") for k, i in enumerate(images)]},
+                text = prompt.get("prompt", "validation prompt")
+                tracker.log({"validation": [wandb.Image(i, caption=f"{k}: {text}") for k, i in enumerate(images)]},
                             step=step)
     return images

@@ -86,10 +86,11 @@ def test_family_contract(row, tiny_model, instance_dir, tmp_path, tiny_judges):
     again = load_file(resumed / "pytorch_lora_weights.safetensors")
     assert again.keys() == lora.keys() and all(torch.equal(again[k], lora[k]) for k in lora)
 
-    # without prior preservation, text-encoder LoRA too, and a validation grid
+    # without prior preservation, text-encoder LoRA too, a validation grid, and alpha != rank: diffusers (from the
+    # file's adapter metadata) and ComfyUI (from the .alpha keys) must both apply alpha / rank = 2
     te = tmp_path / "te"
     assert train(model, instance_dir, te, *common, "--train_text_encoder", "--validation_prompt", PROMPT,
-                 "--num_validation_images", "1") == 0
+                 "--num_validation_images", "1", "--rank", "4", "--lora_alpha", "8") == 0
     assert os.path.isfile(te / "validation" / "step-000002.png")
     te_lora = load_file(te / "pytorch_lora_weights.safetensors")
     trained_encoders = {k.split(".")[0] for k in te_lora} - {family.denoiser_name}
@@ -108,6 +109,7 @@ def test_family_contract(row, tiny_model, instance_dir, tmp_path, tiny_judges):
     loaded = family.from_pipeline(pipe)
     patches, left = load_lora(ui, key_map(loaded))
     assert left == [] and patches
+    assert {scale for _, _, scale in patches.values()} == {2.0}
     parts = {"denoiser": loaded.denoiser, **{f"text_encoder:{i}": e for i, e in enumerate(loaded.text_encoders)}}
     base = {t: _module(parts[t[0]], t[1]).weight.detach().clone() for t in patches}
     pipe.load_lora_weights(str(te))
@@ -128,3 +130,29 @@ def test_family_contract(row, tiny_model, instance_dir, tmp_path, tiny_judges):
                           "--resolution", "64", "--dino_model", tiny_judges["dino"], "--clip_model",
                           tiny_judges["clip"], "--output", str(tmp_path / "eval"), "--no_progress"]) == 0
     assert os.path.isfile(tmp_path / "eval" / "metrics.json")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", ["sd15", "flux-dev"])
+def test_validation_reuses_the_prompt_encoded_up_front(row, tiny_model, instance_dir, tmp_path, monkeypatch):
+    """With frozen text encoders the validation prompt is encoded once at set-up: the text encoders never come
+    back to the device for validation, and the grid is the one encoding it at validation time gives. The final
+    grid is skipped with --skip_final_inference."""
+    from diffusers.training_utils import offload_models
+    key, _, extra = ROWS[row]
+    returned = []
+
+    def spy(*modules, **kwargs):
+        returned.append([type(m).__name__ for m in modules])
+        return offload_models(*modules, **kwargs)
+    monkeypatch.setattr("diffusers.training_utils.offload_models", spy)
+    flags = ["--max_train_steps", "2", "--validation_prompt", PROMPT, "--num_validation_images", "1",
+             "--validation_steps", "1", "--report_to", "none", *extra]
+    assert train(tiny_model[key], instance_dir, tmp_path / "cached", *flags, "--skip_final_inference") == 0
+    assert returned == [["AutoencoderKL"], ["AutoencoderKL"]]  # steps 1 and 2; no final grid
+    returned.clear()
+    assert train(tiny_model[key], instance_dir, tmp_path / "live", *flags, "--no-pre_compute_text_embeddings") == 0
+    assert len(returned) == 3 and all(len(r) > 1 for r in returned)  # the text encoders come back each time
+    for step in ("000001", "000002"):
+        cached = (tmp_path / "cached" / "validation" / f"step-{step}.png").read_bytes()
+        assert cached == (tmp_path / "live" / "validation" / f"step-{step}.png").read_bytes()

@@ -193,13 +193,21 @@ class ModelFamily:
         return {name: None for n in absent for name in (n, cls.tokenizer_names[cls.text_encoder_names.index(n)])}
 
     @classmethod
-    def load(cls, source, dtype):
+    def load(cls, source, dtype, quantization=None, device="cpu", quantize_text_encoders=()):
         """The components in `dtype` (no transient fp32 copy of a model that trains in fp16) and the training noise
-        scheduler, from the model's own scheduler config."""
+        scheduler, from the model's own scheduler config. quantization: BitsAndBytesConfig fields (quantize.py) for
+        the denoiser and the text encoders named in quantize_text_encoders, quantized as they load, on `device`."""
         import diffusers
         import transformers
         from transformers import AutoTokenizer
+
+        from .. import quantize
         path = source.path
+
+        def weights_of(part, library, load):
+            if quantization and (part == cls.denoiser_name or part in quantize_text_encoders):
+                return quantize.load_quantized(load, quantization, dtype, device, library)
+            return load()
         if os.path.isfile(path):
             kwargs = dict(cls.single_file_extras, torch_dtype=dtype)
             if source.single_file_config:
@@ -219,12 +227,14 @@ class ModelFamily:
             tokenizers = [loaded(path, tok, AutoTokenizer.from_pretrained, path, subfolder=tok, **common)
                           for name, tok in zip(cls.text_encoder_names, cls.tokenizer_names) if name in names]
             weights = dict(common, variant=source.variant, torch_dtype=dtype)
-            text_encoders = [loaded(path, name, getattr(transformers, kind).from_pretrained, path, subfolder=name,
-                                    **weights) for name, kind in zip(cls.text_encoder_names, cls.text_encoder_classes)
-                             if name in names]
+            text_encoders = [loaded(path, name, weights_of, name, "transformers",
+                                    lambda kind=kind, name=name, **q: getattr(transformers, kind).from_pretrained(
+                                        path, subfolder=name, **weights, **q))
+                             for name, kind in zip(cls.text_encoder_names, cls.text_encoder_classes) if name in names]
             vae = loaded(path, "vae", diffusers.AutoencoderKL.from_pretrained, path, subfolder="vae", **weights)
-            denoiser = loaded(path, cls.denoiser_name, getattr(diffusers, cls.denoiser_class).from_pretrained, path,
-                              subfolder=cls.denoiser_name, **weights)
+            denoiser = loaded(path, cls.denoiser_name, weights_of, cls.denoiser_name, "diffusers",
+                              lambda **q: getattr(diffusers, cls.denoiser_class).from_pretrained(
+                                  path, subfolder=cls.denoiser_name, **weights, **q))
             scheduler_config = loaded(path, "scheduler", getattr(diffusers, cls.scheduler_class).load_config, path,
                                       subfolder="scheduler", **common)
         if source.tokenizer_name:
@@ -252,10 +262,17 @@ class ModelFamily:
         import torch
         return torch.float32 if getattr(self.vae.config, "force_upcast", False) else weight_dtype
 
+    def castable_modules(self):
+        """The frozen parts whose dtype may change: a quantized model stays as bitsandbytes stored it (and on the
+        device it was quantized on)."""
+        from ..quantize import is_quantized
+        return [m for m in self.frozen_modules() if not is_quantized(m)]
+
     def place(self, device, weight_dtype):
-        """The frozen parts on the device in the training dtype (the VAE in vae_dtype)."""
+        """The frozen parts on the device in the training dtype (the VAE in vae_dtype); quantized ones are there."""
         for module in self.text_encoders + [self.denoiser]:
-            module.to(device, dtype=weight_dtype)
+            if module in self.castable_modules():
+                module.to(device, dtype=weight_dtype)
         self.vae.to(device, dtype=self.vae_dtype(weight_dtype))
 
     def vae_scale(self):
