@@ -94,10 +94,12 @@ class DreamBoothRecipe:
         self.objective = self.family.objective(a.noise_offset, a.snr_gamma)
         self.accelerator.print(f"{self.objective.describe()} scheduler={type(self.family.noise_scheduler).__name__} "
                           f"{self.family.denoiser_name}_params={sum(p.numel() for p in self.family.denoiser.parameters())}")
+        # image-based prior preservation generates class images now; base_output needs none (its targets are the
+        # base model's own outputs, computed each step)
         self.class_images = self._setup_class_priors(
             a.class_prompt, a.class_data_dir or os.path.join(a.output_dir, "class_images"), a.num_class_images,
             a.class_generation_steps, a.sample_batch_size, a.prior_generation_precision,
-        ) if a.with_prior_preservation else []
+        ) if a.with_prior_preservation and a.prior_preservation_mode == "images" else []
         self._setup_lora(models.LoraSettings.from_args(a), a.enable_xformers_memory_efficient_attention,
                          a.gradient_checkpointing, a.dynamo_backend if a.torch_compile else None)
         self._setup_data(a.instance_prompt, a.class_prompt, a.resolution, a.center_crop, a.random_flip, a.repeats,
@@ -151,7 +153,7 @@ class DreamBoothRecipe:
         accelerator.print(
             f"dreambooth-lora {__version__} | model={source.path} family={family_class.name} "
             f"images={len(self.instance_images)} "
-            f"prior={'on (' + str(a.num_class_images) + ')' if a.with_prior_preservation else 'off'} "
+            f"prior={self._prior_text()} "
             f"res={resolution} batch={a.train_batch_size}x{a.gradient_accumulation_steps}x{accelerator.num_processes} "
             f"lr={a.learning_rate} rank={a.rank} text_encoder={'lora' if a.train_text_encoder else 'frozen'} "
             f"precision={accelerator.mixed_precision} device={accelerator.device} out={a.output_dir}")
@@ -176,6 +178,12 @@ class DreamBoothRecipe:
         self.stats.set(model_weights_fp32_mb=sum(p.numel() for m in family.frozen_modules()
                                                  for p in m.parameters()) * 4 / 2**20)
         return family
+
+    def _prior_text(self):
+        a = self.args
+        if not a.with_prior_preservation:
+            return "off"
+        return "base_output" if a.prior_preservation_mode == "base_output" else f"on ({a.num_class_images})"
 
     def _setup_class_priors(self, prompt, class_dir, count, steps, batch_size, precision):
         """Class images generated with the components just loaded, before LoRA is attached; cached by settings."""
@@ -254,10 +262,15 @@ class DreamBoothRecipe:
         torch, family = self.torch, self.family
         self.dataset = data.DreamBoothDataset(
             self.instance_images, instance_prompt, self.class_images, class_prompt, resolution, center_crop,
-            random_flip, repeats, interpolation, seed, bucket_args=bucket_args)
+            random_flip, repeats, interpolation, seed, bucket_args=bucket_args,
+            caption_dropout_rate=self.args.caption_dropout_rate)
         prompts = self.dataset.prompts
         if self.pivotal:  # TOK -> <s0><s1> in the instance prompt and every caption (the rows keep their order)
             prompts = [self.pivotal.prompt_example(p) for p in prompts]
+        self.prior_prompt_id = None
+        if self.args.with_prior_preservation and self.args.prior_preservation_mode == "base_output":
+            prompts = prompts + [class_prompt]  # the prior rows' prompt: its own row of the table
+            self.prior_prompt_id = len(prompts) - 1
         self.prompts = PromptEncoder(family, prompts, max_length, use_attention_mask)
         fixed_crops = self.dataset.crops_are_fixed()
         line = self._caching_line(precompute_text, cache_latents, fixed_crops)
@@ -334,6 +347,10 @@ class DreamBoothRecipe:
             groups.append({"params": rows, "lr": (text_encoder_lr or lr) * scale, "weight_decay": text_decay})
             self.phases.append(("train_text_encoder_ti_frac", a.train_text_encoder_ti_frac, rows))
         self.lora_parameters = [p for group in groups for p in group["params"]]
+        self.ema = None
+        if a.use_ema:  # an exponential moving average of every trained tensor; what is saved and validated
+            from diffusers.training_utils import EMAModel
+            self.ema = EMAModel(self.lora_parameters, decay=a.ema_decay)
         trained = sum(p.numel() for p in self.lora_parameters)
         self.lora_bytes = 4 * trained + 2**20  # fp32 file, for space checks
         # the weights plus the optimizer's state for them (Prodigy keeps twice AdamW's, 8-bit AdamW a quarter)
@@ -389,6 +406,8 @@ class DreamBoothRecipe:
         accelerator = self.accelerator
         self.position = checkpoints.RunPosition()
         accelerator.register_for_checkpointing(self.position)
+        if self.ema is not None:  # its shadow weights resume with the rest (the checkpoint's LoRA file is the live one)
+            accelerator.register_for_checkpointing(self.ema)
         if resume_dir:
             checkpoints.load_checkpoint(accelerator, resume_dir)
             accelerator.print(f"resumed from {resume_dir} at step {self.position.step}")
@@ -430,7 +449,8 @@ class DreamBoothRecipe:
                                                       a.prior_loss_weight,
                                                       device=accelerator.device, weight_dtype=self.weight_dtype,
                                                       cached_latents=self.cached_latents,
-                                                      with_class_images=bool(self.class_images))
+                                                      with_class_images=bool(self.class_images),
+                                                      prior_prompt_id=self.prior_prompt_id)
                         if a.allow_nan_steps:  # skipping a bad step needs its loss before the update: a sync per step
                             (value,), _ = checkpoints.agree(accelerator, [loss], False)
                             if value != value or value in (float("inf"), float("-inf")):
@@ -449,6 +469,8 @@ class DreamBoothRecipe:
                     if not accelerator.sync_gradients:
                         continue
                     position.step += 1
+                    if self.ema is not None:
+                        self.ema.step(self.lora_parameters)
                     self.stats.step_done()
                     self.progress.update(1)
                     # the rate the first group really got: Prodigy's d x lr, the schedule's lr otherwise
@@ -513,6 +535,17 @@ class DreamBoothRecipe:
         return 3
 
     def _validate(self, step):
+        """Grids under output_dir/validation/, from the EMA weights with --use_ema (the live ones come back after)."""
+        if self.ema is not None and self.accelerator.is_main_process:
+            self.ema.store(self.lora_parameters)
+            self.ema.copy_to(self.lora_parameters)
+            try:
+                return self._validate_now(step)
+            finally:
+                self.ema.restore(self.lora_parameters)
+        return self._validate_now(step)
+
+    def _validate_now(self, step):
         """Grids under output_dir/validation/; the frozen parts come back to the device only for this."""
         if not self.accelerator.is_main_process:
             return
@@ -546,6 +579,8 @@ class DreamBoothRecipe:
         from dreambooth import lora_io, report
         a, accelerator, step = self.args, self.accelerator, self.position.step
         accelerator.wait_for_everyone()
+        if self.ema is not None:  # the run's result is the average; the live weights are not needed after this
+            self.ema.copy_to(self.lora_parameters)
         if accelerator.is_main_process:
             denoiser = accelerator.unwrap_model(self.denoiser)
             text_encoders = [accelerator.unwrap_model(e) for e in self.family.text_encoders]
@@ -555,7 +590,7 @@ class DreamBoothRecipe:
                 self.pivotal.save(os.path.join(a.output_dir, self._embedding_name()))
             kohya_file = self._save_kohya(a.output_dir) if a.output_format in ("kohya", "both") else None
             if a.validation_prompt and not a.skip_final_inference:
-                self._validate(step)
+                self._validate_now(step)  # the parameters hold the EMA weights already
             report.plot_loss(self.reader.history, os.path.join(a.output_dir, "loss.png"))
             self.stats.set(final_step=step)  # also how a later --resume_from_checkpoint knows the run finished
             self.stats.write(os.path.join(a.output_dir, "train_stats.json"))

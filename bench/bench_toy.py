@@ -9,7 +9,9 @@ Each LoRA trains on the striped circle (examples/toy_subject: 5 photos on white 
 examples/toy-base (the trainer, as a user runs it), then the pixel scorer (examples/toy_world.py, through
 examples/demo_grids.py) reads --num_images images per prompt, seeds 0..N-1, the same for every row: fidelity
 ("a sks circle" shows the striped subject), recontext (on a uniform border nearest to black, a scene no photo shows),
-drift (class prompt "a circle" shows the subject) and class_ok (an ordinary one-colour circle). Pivotal runs
+drift (class prompt "a circle" shows the subject), class_ok (an ordinary one-colour circle), and what the run did
+to the class prompt against the base, seed by seed: class prior changed (share of seeds whose colour or background
+moved) and the colours and backgrounds its class images show (the base's are the first row's). Pivotal runs
 are scored with their tokens loaded and "sks" rewritten, as infer.py does. Wall time is the training command's
 (class images are cached by settings: a run that had to generate them is marked). --seeds trains every row
 with several training seeds and prints their mean (the toy's few photos make single runs noisy).
@@ -45,7 +47,16 @@ VARIANTS = {
     "photos all on white": ([], "white_only"),
     "photos without captions": ([], "no_captions"),
     "Prodigy, --learning_rate 1.0": (["--optimizer", "prodigy", "--learning_rate", "1.0"], "photos"),
+    # QLoRA: the frozen UNet's linear layers in 4 / 8 bits; scored, like every row, on the full-precision base
+    "NF4 base (--quantize_base nf4)": (["--quantize_base", "nf4"], "photos"),
+    "int8 base (--quantize_base int8)": (["--quantize_base", "int8"], "photos"),
+    # prior preservation from the base model's own output instead of 50 generated class images
+    "prior from the base's output (--prior_preservation_mode base_output)":
+        (["--prior_preservation_mode", "base_output"], "photos"),
+    "EMA of the LoRA (--use_ema, decay 0.99)": (["--use_ema", "--ema_decay", "0.99"], "photos"),
+    "caption dropout 0.1 (--caption_dropout_rate 0.1)": (["--caption_dropout_rate", "0.1"], "photos"),
 }
+RECIPE_ROW, QUANTIZED_ROWS = 1, (10, 11)  # compared image by image below the table, when run together
 
 
 def photos(kind, out):
@@ -101,8 +112,10 @@ def main(argv=None):
     open(log, "w").close()
     seeds = [int(x) for x in args.seeds.split(",")]
     pipe = demo_grids.load_pipeline(args.model)
-    rows = [("base model (no training)", demo_grids.score_lora(pipe, None, args.num_images)[0], None)]
+    base_scores, base_images = demo_grids.score_lora(pipe, None, args.num_images)
+    rows = [("base model (no training)", base_scores, None)]
     chosen = set(int(x) for x in args.only.split(",")) if args.only else None
+    first_images = {0: base_images}  # row -> its first seed's images
     for i, (name, (flags, kind)) in enumerate(VARIANTS.items(), 1):
         if chosen and i not in chosen:
             continue
@@ -111,7 +124,10 @@ def main(argv=None):
             out = os.path.join(args.out, f"run{i}-seed{seed}")
             wall, generated = train(name, flags + ["--seed", str(seed), "--instance_data_dir", instance_dir],
                                     out, log, args.model)
-            runs.append((demo_grids.score_lora(pipe, out, args.num_images)[0], wall, generated))
+            scores, images = demo_grids.score_lora(pipe, out, args.num_images, base_images=base_images)
+            runs.append((scores, wall, generated))
+            if seed == seeds[0]:
+                first_images[i] = images
             print(f"{name}, seed {seed}: {demo_grids.fmt(runs[-1][0])} in {wall:.0f}s", file=sys.stderr, flush=True)
         mean = {k: sum(r[0][k] for r in runs) / len(runs) for k in runs[0][0]}
         wall = sum(r[1] for r in runs) / len(runs)
@@ -121,12 +137,25 @@ def main(argv=None):
           f"(seeds 0-{args.num_images - 1}); training seed{'s' if len(seeds) > 1 else ''} {args.seeds}"
           f"{' (mean)' if len(seeds) > 1 else ''}; recipe {os.path.relpath(RECIPE, ROOT)} with the flags in the log "
           f"({os.path.relpath(log, ROOT)})")
-    header = "| run | fidelity ↑ | recontext ↑ | drift ↓ | class_ok ↑ | train wall s |"
+    header = ("| run | fidelity ↑ | recontext ↑ | drift ↓ | class_ok ↑ | class prior changed ↓ | class colours | "
+              "class backgrounds | train wall s |")
     print(header)
-    print("|" + "---|" * 6)
+    print("|" + "---|" * 9)
     for name, n, wall in rows:
         print(f"| {name} | {n['fidelity']:.2f} | {n['recontext']:.2f} | {n['drift']:.2f} | {n['class_ok']:.2f} | "
-              f"{wall or '—'} |")
+              f"{n['prior_change']:.2f} | {n['colours']:.1f} | {n['backgrounds']:.1f} | {wall or '—'} |")
+    if RECIPE_ROW in first_images:  # how close a quantized-base LoRA draws to the full-base one, on the full base
+        import numpy as np
+
+        def gap(a, b):
+            return float(np.mean([np.abs(np.asarray(x, dtype=np.float32) - np.asarray(y, dtype=np.float32)).mean()
+                                  for p in a for x, y in zip(a[p], b[p])]))
+        full = first_images[RECIPE_ROW]
+        for row in QUANTIZED_ROWS:
+            if row in first_images:
+                print(f"{list(VARIANTS)[row - 1]}, seed {seeds[0]}: its images differ from the full-base LoRA's by "
+                      f"{gap(first_images[row], full):.1f} / 255 per pixel on average (the full-base LoRA's differ "
+                      f"from the base model's by {gap(first_images[0], full):.1f})")
 
 
 if __name__ == "__main__":

@@ -48,9 +48,10 @@ def lora_settings(args):
 
 
 def _training_settings(args):
-    """What else a checkpoint's state only fits: the optimizer (its state's layout) and the new tokens."""
+    """What else a checkpoint's state only fits: the optimizer (its state's layout), the new tokens, the EMA."""
     out = {"optimizer": getattr(args, "optimizer", None) or "adamw",
-           "train_text_encoder_ti": bool(getattr(args, "train_text_encoder_ti", False))}
+           "train_text_encoder_ti": bool(getattr(args, "train_text_encoder_ti", False)),
+           "use_ema": bool(getattr(args, "use_ema", False))}  # the EMA's state is one more file of the checkpoint
     if out["train_text_encoder_ti"]:
         out.update(token_abstraction=args.token_abstraction,
                    num_new_tokens_per_abstraction=args.num_new_tokens_per_abstraction)

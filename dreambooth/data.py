@@ -83,8 +83,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def __init__(self, instance_paths, instance_prompt, class_paths=(), class_prompt=None, resolution=512,
                  center_crop=False, random_flip=False, repeats=1, interpolation="lanczos", seed=0,
-                 bucket_args=None):
+                 bucket_args=None, caption_dropout_rate=0.0):
         self.instance_paths = list(instance_paths)
+        self.caption_dropout_rate = caption_dropout_rate
         self.class_paths = list(class_paths)
         self.center_crop, self.random_flip = center_crop, random_flip
         self.resample = RESAMPLE[interpolation]
@@ -96,6 +97,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.prompts = list(dict.fromkeys(captions + ([class_prompt] if self.class_paths else [])))
         self.instance_prompt_ids = [self.prompts.index(c) for c in captions]
         self.class_prompt_id = self.prompts.index(class_prompt) if self.class_paths else None
+        # --caption_dropout_rate: an instance row's prompt is the empty one this often (its own row of the table, so
+        # precomputed embeddings cover it)
+        self.empty_prompt_id = None
+        if caption_dropout_rate:
+            self.prompts = list(dict.fromkeys(self.prompts + [""]))
+            self.empty_prompt_id = self.prompts.index("")
         self.length = max(len(self.instance_paths) * repeats, len(self.class_paths))
         if bucket_args:
             buckets = make_buckets(resolution, *bucket_args)
@@ -139,8 +146,11 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         size = self.size_of(index)
         i = index % len(self.instance_paths)
         pixels, placement = self._example(self.instance_paths[i], size, self._rng(index, "instance", epoch))
+        prompt_id = self.instance_prompt_ids[i]
+        if self.caption_dropout_rate and self._rng(index, "caption", epoch).random() < self.caption_dropout_rate:
+            prompt_id = self.empty_prompt_id
         example = {"instance": pixels, "instance_placement": placement, "target_size": (size[1], size[0]),
-                   "instance_prompt_id": self.instance_prompt_ids[i]}
+                   "instance_prompt_id": prompt_id}
         if self.class_paths:
             path = self.class_paths[index % len(self.class_paths)]
             example["class"], example["class_placement"] = self._example(path, size, self._rng(index, "class", epoch))

@@ -320,6 +320,15 @@ def write_run_files(args, steps, seconds, family=None, kohya_file=None, pivotal=
                                                                             pivotal))
 
 
+def prior_text(args):
+    if not args.with_prior_preservation:
+        return "off"
+    if getattr(args, "prior_preservation_mode", "images") == "base_output":
+        return (f"`{args.class_prompt}`, the base model's own output as the target (no class images), weight "
+                f"{args.prior_loss_weight}")
+    return f"`{args.class_prompt}`, {args.num_class_images} images, weight {args.prior_loss_weight}"
+
+
 def base_weights_text(args):
     """What the frozen base was stored in while the LoRA trained (a quantized base samples class images and
     validation from the quantized weights too, unless --sample_with_full_base)."""
@@ -430,8 +439,7 @@ pipe.load_lora_weights("{where}")
 | setting | value |
 | --- | --- |
 | instance prompt | `{args.instance_prompt}` |
-| prior preservation | {f'`{args.class_prompt}`, {args.num_class_images} images, weight {args.prior_loss_weight}'
-                        if args.with_prior_preservation else 'off'} |
+| prior preservation | {prior_text(args)} |
 | resolution | {args.resolution} |
 | rank / alpha | {args.rank} / {args.lora_alpha or args.rank}{' (DoRA)' if args.use_dora else ''} |
 | learning rate | {args.learning_rate} ({args.lr_scheduler}){f'; text encoder / new tokens {args.text_encoder_lr}'

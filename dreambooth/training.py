@@ -6,6 +6,7 @@ and target mean belongs to the family's objective (objectives.py), the denoiser 
 read back every --logging_steps steps, before a checkpoint, a validation, the last step or a stop — each
 read is a CPU-GPU sync point, so nothing else in the loop reads a tensor.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -21,25 +22,57 @@ def prior_preservation_loss(per_example_loss, num_instance, prior_loss_weight):
     return instance.mean() + prior_loss_weight * prior.mean()
 
 
+def _unwrapped(model):
+    return getattr(model, "module", model)  # DDP keeps the model as .module
+
+
+@contextlib.contextmanager
+def adapters_off(models):
+    """The base model: every LoRA adapter of these (denoiser, trained text encoders) disabled for the block."""
+    models = [_unwrapped(m) for m in models if getattr(_unwrapped(m), "peft_config", None)]
+    for model in models:
+        model.disable_adapters()
+    try:
+        yield
+    finally:
+        for model in models:
+            model.enable_adapters()
+
+
 def training_loss(family, denoiser, objective, prompts, batch, prior_loss_weight, *, device, weight_dtype,
-                  cached_latents, with_class_images):
+                  cached_latents, with_class_images, prior_prompt_id=None):
     """The same for every family: latents (a fresh posterior sample; from the cache or the VAE), noised by the
     family's objective, the family's denoiser call (its conditioning, packing, ids and timestep scaling stay
     inside the family), then the weighted per-example MSE and the prior split.
-    batch["images"] are pixels, or the VAE posterior's moments when they were cached."""
+    batch["images"] are pixels, or the VAE posterior's moments when they were cached.
+
+    prior_prompt_id (--prior_preservation_mode base_output): no class images; the prior rows are the instance
+    rows' own noisy latents under the class prompt, and their target is the base model's output there (every
+    LoRA off, one forward without gradients), so the LoRA learns to leave the class where the base had it."""
     with torch.no_grad():
         if cached_latents:  # the VAE posterior's mean and std, encoded once: a fresh sample is still drawn here
             latents = family.sample_latents(batch["images"].to(device), weight_dtype)
         else:  # a VAE encode every step: what --cache_latents saves
             latents = family.encode_images(batch["images"], weight_dtype)
     noised = objective.noise(latents)
+    if prior_prompt_id is not None:
+        prior_batch = dict(batch, prompt_ids=torch.full_like(batch["prompt_ids"], prior_prompt_id))
+        with torch.no_grad(), adapters_off([denoiser, *family.text_encoders]):
+            base = family.denoise(_unwrapped(denoiser), noised.noisy, noised.timesteps,
+                                  prompts.conditioning(prior_batch), prior_batch)
+        batch = {k: torch.cat([v, prior_batch[k]]) for k, v in batch.items() if k != "images"}
+        weights = None if noised.weights is None else torch.cat([noised.weights, noised.weights])
+        noised = type(noised)(torch.cat([noised.noisy, noised.noisy]), torch.cat([noised.timesteps] * 2),
+                              torch.cat([noised.target, objective.prediction(base, noised)]), weights,
+                              None if noised.sigmas is None else torch.cat([noised.sigmas, noised.sigmas]))
+        with_class_images = True
     model_output = family.denoise(denoiser, noised.noisy, noised.timesteps, prompts.conditioning(batch), batch)
     prediction = objective.prediction(model_output, noised)
     per_example = F.mse_loss(prediction.float(), noised.target.float(), reduction="none").mean(
         dim=tuple(range(1, prediction.dim())))
     if noised.weights is not None:
         per_example = per_example * noised.weights
-    num_instance = latents.shape[0] // (2 if with_class_images else 1)
+    num_instance = noised.noisy.shape[0] // (2 if with_class_images else 1)
     return prior_preservation_loss(per_example, num_instance, prior_loss_weight)
 
 

@@ -54,14 +54,16 @@ def sample_all(pipe, num_images, seed=0, rewrite=lambda p: p):
     return {p: images[i * num_images:(i + 1) * num_images] for i, p in enumerate(PROMPTS)}
 
 
-def numbers(images):
-    """The scorer's numbers for sample_all's output."""
-    return world.score({"instance": images[INSTANCE],
-                        "recontext": [(im, bg) for p, bg in RECONTEXT for im in images[p]],
-                        "class": images[CLASS]})
+def numbers(images, base_images=None):
+    """The scorer's numbers for sample_all's output; with the base's images (same seeds), what the run did to the
+    class prompt too (toy_world.class_prior)."""
+    out = world.score({"instance": images[INSTANCE],
+                       "recontext": [(im, bg) for p, bg in RECONTEXT for im in images[p]],
+                       "class": images[CLASS]})
+    return dict(out, **world.class_prior((base_images or images)[CLASS], images[CLASS]))
 
 
-def score_lora(pipe, lora, num_images, seed=0):
+def score_lora(pipe, lora, num_images, seed=0, base_images=None):
     """Numbers and images for the base (lora None) or a run loaded onto it: its LoRA and, after pivotal tuning,
     its trained tokens (prompts rewritten to use them); both unloaded again, so one pipeline scores many runs."""
     from dreambooth import pivotal
@@ -77,7 +79,7 @@ def score_lora(pipe, lora, num_images, seed=0):
             pipe.unload_textual_inversion(pivotal.token_list(mapping))
         if lora:
             pipe.unload_lora_weights()
-    return numbers(images), images
+    return numbers(images, base_images), images
 
 
 def side_by_side(base_images, lora_images, path, scale=3):
@@ -126,7 +128,7 @@ def main(argv=None):
 
     pipe = load_pipeline(args.base)
     base_n, base_images = score_lora(pipe, None, args.num_images)
-    lora_n, lora_images = score_lora(pipe, args.lora, args.num_images)
+    lora_n, lora_images = score_lora(pipe, args.lora, args.num_images, base_images=base_images)
     os.makedirs(args.out, exist_ok=True)
     strips = []
     for i, p in enumerate(PROMPTS):

@@ -277,6 +277,18 @@ def score(images_by_prompt):
     return out
 
 
+def class_prior(base_images, lora_images):
+    """What a run did to the class prompt's images, seed by seed against the base's (the DreamBooth paper's PRES and
+    DIV, read from pixels): prior_change = share of seeds whose object colour or background differs from the
+    base's (same seed); colours / backgrounds = how many different ones the class images show over the seeds."""
+    base = [classify(im) for im in base_images]
+    lora = [classify(im) for im in lora_images]
+    changed = [(b["colour"], b["background"]) != (c["colour"], c["background"]) for b, c in zip(base, lora)]
+    return {"prior_change": float(np.mean(changed)),
+            "colours": float(len({c["colour"] for c in lora if c["colour"]})),
+            "backgrounds": float(len({c["background"] for c in lora}))}
+
+
 # ---------------------------------------------------------------- sampling (torch imported only here)
 
 GUIDANCE = 4.0  # classifier-free guidance the report, the demo and the bench all sample with
