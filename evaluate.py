@@ -44,8 +44,12 @@ def build_parser():
     p.add_argument("--num_prompts", type=int, default=None,
                    help="Use only the first N of the 25 prompts (a quick look; the paper's numbers use all 25).")
     p.add_argument("--seed", type=int, default=0, help="Image k of every prompt uses seed + k.")
-    p.add_argument("--steps", type=int, default=25, help="DPM-Solver++ steps per image.")
-    p.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Sampler steps per image (default: the family's, as infer.py: 30 DPM-Solver++ steps for SD 1.x/"
+                        "2.x and SDXL, 28 for SD 3 and Flux.1-dev, 4 for schnell).")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="Guidance scale (default: the family's: 7.5 for SD 1.x/2.x and SDXL, 7.0 for SD 3, 3.5 for "
+                        "Flux.1-dev, 0 for schnell).")
     p.add_argument("--resolution", type=int, default=None, help="Image side in pixels (default: the model's own).")
     p.add_argument("--batch_size", type=int, default=8, help="Images per pipeline call and per embedding batch.")
     p.add_argument("--dino_model", default="facebook/dino-vits16",
@@ -64,7 +68,7 @@ def build_parser():
 def check(args):
     """Flags a user can get wrong, checked before any model loads."""
     for flag in ("num_images", "batch_size", "steps"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.num_class_images < 0:
         raise UsageError(f"--num_class_images {args.num_class_images}: must be 0 or more")

@@ -28,7 +28,6 @@ DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 LORA_MARKERS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up")
 # the text-conditioning width a UNet's cross-attention reads tells the UNet families apart
 FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
-FLOW_SCHEDULERS = ("default",)  # flow-matching models sample with their own FlowMatchEulerDiscreteScheduler
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -60,8 +59,8 @@ def build_parser():
                         "Flux.1-dev's distilled guidance, 0 for schnell).")
     p.add_argument("--seed", type=seed_int, default=0, help="Seed (0..2**32-1); image k of a prompt uses seed + k.")
     p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
-                   help="Sampler (default: dpm++ for SD 1.x/2.x and SDXL; SD 3 takes only its own flow-matching "
-                        "Euler, 'default').")
+                   help="Sampler (default: dpm++ for SD 1.x/2.x and SDXL; SD 3 and Flux.1 take only their own "
+                        "flow-matching Euler, 'default').")
     p.add_argument("--height", type=int, default=None, help="Image height (default: the model's size).")
     p.add_argument("--width", type=int, default=None, help="Image width (default: the model's size).")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
@@ -293,9 +292,11 @@ def load_lora(pipe, lora, adapter_name, base):
     family = family_of_pipeline(pipe)
     source = {"pretrained_model_name_or_path_or_dict": os.path.dirname(os.path.abspath(path)),
               "weight_name": os.path.basename(path)}
-    if hasattr(family, "diffusers_state_from_ui") and any(k.endswith(".lora_down.weight") for k in shapes):
-        from safetensors.torch import load_file  # a UI (ComfyUI) file of a flow model: alpha folded in for diffusers
-        source = {"pretrained_model_name_or_path_or_dict": family.diffusers_state_from_ui(load_file(path))}
+    if any(k.endswith(".lora_down.weight") for k in shapes):
+        from safetensors.torch import load_file  # a UI file the family's loader does not read as it is (SD 3,
+        converted = family.diffusers_state_from_ui(load_file(path))  # Flux: alpha folded in)
+        if converted is not None:
+            source = {"pretrained_model_name_or_path_or_dict": converted}
     with diffusers_log() as log:
         try:
             pipe.load_lora_weights(**source, adapter_name=adapter_name)
@@ -362,8 +363,8 @@ def _main(argv):
     pipe = load_base(args.base, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
     from dreambooth.families import family_of_pipeline
     family = family_of_pipeline(pipe)
-    flow = family.scheduler_class == "FlowMatchEulerDiscreteScheduler"
-    if flow and args.scheduler not in (None,) + FLOW_SCHEDULERS:
+    flow = family.own_sampler_only
+    if flow and args.scheduler not in (None, "default"):
         raise UsageError(f"--scheduler {args.scheduler}: {family.name} is a flow-matching model and samples with its "
                          "own scheduler; leave --scheduler out (or give 'default')")
     scheduler = args.scheduler or ("default" if flow else "dpm++")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""DreamBooth LoRA training for Stable Diffusion 1.x / 2.x and SDXL.
+"""DreamBooth LoRA training for Stable Diffusion 1.x / 2.x, SDXL, SD 3 / 3.5 and Flux.1.
 
     accelerate launch train_dreambooth_lora.py \
       --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
@@ -157,8 +157,11 @@ class DreamBoothRecipe:
             f"res={resolution} batch={a.train_batch_size}x{a.gradient_accumulation_steps}x{accelerator.num_processes} "
             f"lr={a.learning_rate} rank={a.rank} text_encoder={'lora' if a.train_text_encoder else 'frozen'} "
             f"precision={accelerator.mixed_precision} device={accelerator.device} out={a.output_dir}")
-        frozen_encoders = [n for n, t in zip(family_class.text_encoder_names, family_class.text_encoder_lora_targets)
-                           if not (a.train_text_encoder and t)] if quantize_text_encoders else []
+        # the encoders nothing trains: no LoRA from --train_text_encoder, no new rows from pivotal tuning
+        rows = set(family_class.pivotal_text_encoders(family_options)) if a.train_text_encoder_ti else set()
+        frozen_encoders = [n for i, (n, t) in enumerate(zip(family_class.text_encoder_names,
+                                                            family_class.text_encoder_lora_targets))
+                           if not (a.train_text_encoder and t) and i not in rows] if quantize_text_encoders else []
         family = family_class.load(source, self.weight_dtype, quantization, accelerator.device,
                                    frozen_encoders).configure(**family_options)
         self.stats.phase("load")
@@ -432,6 +435,7 @@ class DreamBoothRecipe:
                              disable=not accelerator.is_local_main_process)
         first_epoch, skip_batches = position.epoch, position.batches
         nan_steps, micro_losses = 0, []  # this step's micro-batch losses, on the device
+        accelerator.print("memory: " + "; ".join(self.stats.phase_line(p) for p in self.stats.values["phase_peaks"]))
         self.stats.mark_training_start()
         try:
             for epoch in range(first_epoch, self.num_train_epochs):

@@ -16,7 +16,7 @@ are scored with their tokens loaded and "sks" rewritten, as infer.py does. Wall 
 (class images are cached by settings: a run that had to generate them is marked). --seeds trains every row
 with several training seeds and prints their mean (the toy's few photos make single runs noisy).
 
-    nice -n 19 python bench/bench_toy.py --num_images 8 --seeds 0,1,2   # ~20 min on 2 CPU cores (README's table)
+    nice -n 19 python bench/bench_toy.py --num_images 8 --seeds 0,1,2   # ~20 min on 2 CPU cores (docs/quality.md's table)
     nice -n 19 python bench/bench_toy.py --only 1,7,8                   # one seed: the recipe against its photos' variants
 """
 import argparse
@@ -116,6 +116,7 @@ def main(argv=None):
     rows = [("base model (no training)", base_scores, None)]
     chosen = set(int(x) for x in args.only.split(",")) if args.only else None
     first_images = {0: base_images}  # row -> its first seed's images
+    quantized_pipes = {}  # "nf4"/"int8" -> the toy base with its UNet stored so
     for i, (name, (flags, kind)) in enumerate(VARIANTS.items(), 1):
         if chosen and i not in chosen:
             continue
@@ -125,11 +126,21 @@ def main(argv=None):
             wall, generated = train(name, flags + ["--seed", str(seed), "--instance_data_dir", instance_dir],
                                     out, log, args.model)
             scores, images = demo_grids.score_lora(pipe, out, args.num_images, base_images=base_images)
+            if "--quantize_base" in flags:  # also on the quantized base it trained on (the LoRA as trained)
+                kind = flags[flags.index("--quantize_base") + 1]
+                if kind not in quantized_pipes:
+                    quantized_pipes[kind] = demo_grids.load_pipeline(args.model, kind)
+                as_trained = demo_grids.score_lora(quantized_pipes[kind], out, args.num_images, base_images=base_images)
+                scores = dict(scores, fidelity_on_quantized_base=as_trained[0]["fidelity"],
+                              recontext_on_quantized_base=as_trained[0]["recontext"])
             runs.append((scores, wall, generated))
             if seed == seeds[0]:
                 first_images[i] = images
             print(f"{name}, seed {seed}: {demo_grids.fmt(runs[-1][0])} in {wall:.0f}s", file=sys.stderr, flush=True)
         mean = {k: sum(r[0][k] for r in runs) / len(runs) for k in runs[0][0]}
+        if "fidelity_on_quantized_base" in mean:
+            print(f"{name}: on the quantized base it trained on: fidelity {mean['fidelity_on_quantized_base']:.2f}, "
+                  f"recontext {mean['recontext_on_quantized_base']:.2f} (mean of the seeds)", flush=True)
         wall = sum(r[1] for r in runs) / len(runs)
         rows.append((name, mean, f"{wall:.0f}" + (" (incl. class images)" if any(r[2] for r in runs) else "")))
     print(f"Toy world, examples/toy_subject (or the row's variant of it) on {os.path.relpath(args.model, ROOT)}; "

@@ -1,4 +1,4 @@
-"""Shared code for train_dreambooth_lora.py and infer.py: one module per concern (README: Project layout).
+"""Shared code for train_dreambooth_lora.py and infer.py: one module per concern (docs/architecture.md).
 
 config      flags, --config files, fail-fast validation        errors     one-line endings, exit codes
 files       atomic writes, free space, file sniffing            images     decoding, captions, checks

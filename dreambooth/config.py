@@ -383,9 +383,11 @@ def build_parser():
     from .families import add_family_flags
     add_family_flags(p)
 
-    g = p.add_argument_group("not supported (DeepFloyd IF only in diffusers; refused with one line)")
+    g = p.add_argument_group("not supported (DeepFloyd IF, EDM, Ascend NPU flags of diffusers; refused with one line)")
     for flag in IF_ONLY_FLAGS:
         g.add_argument(f"--{flag}", nargs="*", default=None, help="DeepFloyd IF only; refused here.")
+    g.add_argument("--enable_npu_flash_attention", action="store_true",
+                   help="diffusers' Flux flag for Huawei Ascend NPUs; refused here (PyTorch SDPA is used).")
     g.add_argument("--do_edm_style_training", action="store_true",
                    help="diffusers' SDXL flag for EDM-formulated models (Playground v2.5); refused here.")
     return p
@@ -574,6 +576,12 @@ def _check_prompts(args, notes):
         if args.prior_preservation_mode == "base_output" and args.class_data_dir:
             raise UsageError("--class_data_dir holds class images, which --prior_preservation_mode base_output does "
                              "not use (its targets are the base model's outputs); drop one of them")
+        if args.prior_preservation_mode == "base_output":
+            defaults = {"num_class_images": 100, "class_generation_steps": 25, "sample_batch_size": 4,
+                        "prior_generation_precision": None, "sample_with_full_base": False}
+            for flag in [f for f, d in defaults.items() if getattr(args, f) != d]:
+                notes.append(f"warning: --{flag} has no effect with --prior_preservation_mode base_output (it "
+                             "generates no class images)")
         if args.class_data_dir and os.path.isfile(args.class_data_dir):
             raise UsageError(f"--class_data_dir {args.class_data_dir} is a file; give a folder")
     elif args.prior_preservation_mode != "images":
@@ -650,6 +658,9 @@ def _check_flags(args, notes):
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag} is a DeepFloyd IF option of diffusers' script; this trainer supports "
                              "Stable Diffusion only: drop the flag")
+    if args.enable_npu_flash_attention:
+        raise UsageError("--enable_npu_flash_attention is for Huawei Ascend NPUs, which this trainer does not run on; "
+                         "drop the flag (PyTorch SDPA attention is used)")
     if args.do_edm_style_training:
         raise UsageError("--do_edm_style_training is for EDM-formulated models (Playground v2.5); this trainer "
                          "trains DDPM-formulated SD 1.x/2.x and SDXL models: drop the flag")

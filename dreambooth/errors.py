@@ -48,6 +48,6 @@ def run_cli(prog, main, argv=None):
         if debug:
             raise
         print(f"{prog}: internal error: {type(e).__name__}: {first_line(e)} -- this is a bug: rerun the same command "
-              f"with --debug (or {DEBUG_ENV}=1) and report it with that traceback (README.md, 'Reporting a bug')",
-              file=sys.stderr)
+              f"with --debug (or {DEBUG_ENV}=1) and report it with that traceback "
+              "(docs/troubleshooting.md, 'Reporting a bug')", file=sys.stderr)
         return 1

@@ -368,7 +368,11 @@ def evaluate(args, log=print):
     pipe = make_pipeline(args.base, args.device, dtype)
     os.makedirs(args.output, exist_ok=True)  # only once every model loaded: a bad --base or judge leaves nothing
     from .families import family_of_pipeline
-    resolution = args.resolution or family_of_pipeline(pipe).default_size(pipe)
+    family = family_of_pipeline(pipe)
+    resolution = args.resolution or family.default_size(pipe)
+    steps, guidance = family.inference_defaults(pipe)
+    args.steps = args.steps or steps  # what ran, for metrics.json
+    args.guidance_scale = guidance if args.guidance_scale is None else args.guidance_scale
 
     gen_prompts = [p for p in prompts for _ in range(args.num_images)]
     gen_seeds = [args.seed + k for _ in prompts for k in range(args.num_images)]

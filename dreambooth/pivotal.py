@@ -68,6 +68,10 @@ def check_flags(args, notes):
         raise UsageError(f"--train_transformer_frac must be in (0, 1] (got {args.train_transformer_frac}): the share of "
                          "the steps the denoiser's LoRA trains (0, pure textual inversion, is not offered: the LoRA "
                          "file would be empty)")
+    if args.train_transformer_frac < 1 and not (args.train_text_encoder_ti or args.train_text_encoder):
+        raise UsageError(f"--train_transformer_frac {args.train_transformer_frac}: after that share of the steps "
+                         "nothing would train; it is for runs that also train text encoders or new tokens "
+                         "(--train_text_encoder_ti, --train_text_encoder)")
     if not 0 < args.train_text_encoder_frac <= 1:
         raise UsageError(f"--train_text_encoder_frac must be in (0, 1] (got {args.train_text_encoder_frac}): the "
                          "share of the steps the text encoder's LoRA trains")
@@ -163,7 +167,7 @@ class PivotalTokens:
         self.family, self.mapping = family, mapping
         self.tokens = token_list(mapping)
         self.modules = []
-        self.indices = family.pivotal_text_encoders()  # which encoders get new rows (SD 3: the CLIPs, not T5)
+        self.indices = family.pivotal_text_encoders(family.options)  # which encoders get rows (SD 3: the CLIPs)
         self.keys = [family.embedding_file_keys[i] for i in self.indices]
 
     def install(self, initializer_concept=None, seed=0):

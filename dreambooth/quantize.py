@@ -21,11 +21,16 @@ import os
 
 from .errors import UsageError
 
+# The timestep / pooled-text embedding MLPs and the last modulation stay in the compute precision: a fraction of a
+# percent of the weights (SD 1.5: 2 M of 860 M), and the layers every output depends on. Measured on the toy base's
+# UNet: NF4 everywhere moves its output by 18% (relative L2 on random inputs), NF4 with these kept by 13%.
+KEEP = ["time_embedding", "add_embedding", "time_text_embed", "norm_out"]
 PRESETS = {
-    # NF4 with double quantization and bf16 compute: QLoRA's (Dettmers et al. 2023) and SimpleTuner's / diffusers'
-    # recommended settings; the compute dtype follows --mixed_precision at load time
-    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
-    "int8": {"load_in_8bit": True},
+    # NF4 with double quantization: QLoRA's (Dettmers et al. 2023) and diffusers' / SimpleTuner's usual settings;
+    # the compute dtype follows --mixed_precision at load time
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+            "llm_int8_skip_modules": KEEP},
+    "int8": {"load_in_8bit": True, "llm_int8_skip_modules": KEEP},
 }
 CONFIG_FIELDS = {"load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
                  "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage", "llm_int8_threshold", "llm_int8_skip_modules",
@@ -70,7 +75,8 @@ def settings(args):
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError(f"{'--quantize_base' if preset else '--bnb_quantization_config_path'} needs bitsandbytes: "
                          "pip install bitsandbytes")
-    fields = dict(PRESETS[preset]) if preset else _read_config(path)
+    fields = {k: (list(v) if isinstance(v, list) else v) for k, v in PRESETS[preset].items()} if preset \
+        else _read_config(path)
     model = str(args.pretrained_model_name_or_path or "")
     if os.path.isfile(model):
         raise UsageError(f"--pretrained_model_name_or_path {model}: a quantized base loads from a diffusers folder or "

@@ -30,7 +30,11 @@ def run_validation(generate, device, prompt, num_images, resolution, seed, out_p
     images (the model family's: it decodes in the VAE's own precision). prompt: {"prompt": text}, or the prompt
     already encoded ({pipeline keyword: tensor}: the family's sampling_embeddings)."""
     generator = torch.Generator(device=device).manual_seed(seed or 0)
-    images = generate(**prompt, num_images_per_prompt=num_images, num_inference_steps=steps, height=resolution,
+    if "prompt" not in prompt:  # encoded once: one row per image (the pipelines do not repeat given embeddings)
+        prompt, per_prompt = {k: v.expand(num_images, *v.shape[1:]) for k, v in prompt.items()}, 1
+    else:
+        per_prompt = num_images
+    images = generate(**prompt, num_images_per_prompt=per_prompt, num_inference_steps=steps, height=resolution,
                       width=resolution, generator=generator)
     grid = image_grid(images)
     save_png(grid, out_path)

@@ -38,12 +38,19 @@ CLASS = world.prompt(world.SUBJECT_SHAPE)  # "a circle"
 PROMPTS = [INSTANCE] + [p for p, _ in RECONTEXT] + SEEN + [CLASS]
 
 
-def load_pipeline(base):
-    """The toy base in fp32 (its files are fp16; CPUs compute in fp32)."""
+def load_pipeline(base, quantize_base=None):
+    """The toy base in fp32 (its files are fp16; CPUs compute in fp32); with quantize_base ("nf4", "int8") its UNet
+    stored as the trainer's --quantize_base stores it, to score a LoRA on the base it was trained on."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    extra = {}
+    if quantize_base:
+        from dreambooth import quantize
+        extra["unet"] = quantize.load_quantized(
+            lambda **q: UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32, **q),
+            quantize.PRESETS[quantize_base], torch.float32, "cpu", "diffusers")
     return StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
+                                                   requires_safety_checker=False, **extra)
 
 
 def sample_all(pipe, num_images, seed=0, rewrite=lambda p: p):
@@ -97,7 +104,7 @@ def side_by_side(base_images, lora_images, path, scale=3):
 
 
 def all_prompts_grid(rows, path):
-    """The per-prompt side-by-side strips stacked, a thin line between prompts, for the README."""
+    """The per-prompt side-by-side strips stacked, a thin line between prompts, for the docs."""
     from PIL import Image
     w = rows[0].width
     h = sum(r.height for r in rows) + 2 * (len(rows) - 1)

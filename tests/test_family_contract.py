@@ -133,7 +133,7 @@ def test_family_contract(row, tiny_model, instance_dir, tmp_path, tiny_judges):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("row", ["sd15", "flux-dev"])
+@pytest.mark.parametrize("row", ["sd15", "sd3", "flux-dev"])
 def test_validation_reuses_the_prompt_encoded_up_front(row, tiny_model, instance_dir, tmp_path, monkeypatch):
     """With frozen text encoders the validation prompt is encoded once at set-up: the text encoders never come
     back to the device for validation, and the grid is the one encoding it at validation time gives. The final
@@ -146,7 +146,7 @@ def test_validation_reuses_the_prompt_encoded_up_front(row, tiny_model, instance
         returned.append([type(m).__name__ for m in modules])
         return offload_models(*modules, **kwargs)
     monkeypatch.setattr("diffusers.training_utils.offload_models", spy)
-    flags = ["--max_train_steps", "2", "--validation_prompt", PROMPT, "--num_validation_images", "1",
+    flags = ["--max_train_steps", "2", "--validation_prompt", PROMPT, "--num_validation_images", "2",
              "--validation_steps", "1", "--report_to", "none", *extra]
     assert train(tiny_model[key], instance_dir, tmp_path / "cached", *flags, "--skip_final_inference") == 0
     assert returned == [["AutoencoderKL"], ["AutoencoderKL"]]  # steps 1 and 2; no final grid

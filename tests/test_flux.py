@@ -184,7 +184,7 @@ def test_flux_refusals_are_one_line(fails, tiny_model, tmp_path):
         "--guidance_scale: MODEL is Flux.1-schnell, which has no guidance input (only Flux.1-dev is guidance-distilled);"
         " drop the flag")
     assert fails("flux", "--max_sequence_length", "513") == (
-        "--max_sequence_length 513 is above 512, the most Flux.1-dev takes; use 512 or less")
+        "--max_sequence_length 513 is above 512, the most Flux.1's pipeline takes; use 512 or less")
     assert fails("flux_schnell", "--max_sequence_length", "300") == (
         "--max_sequence_length 300 is above 256, the most Flux.1-schnell takes; use 256 or less")
     assert fails("flux", "--enable_t5_ti") == (
@@ -226,3 +226,30 @@ def test_infer_refuses_a_flux_lora_on_an_sd_base(tiny_model, instance_dir, tmp_p
             f"infer.py: error: --lora {out} was trained for a Flux.1 base (transformer LoRA); --base "
             f"{tiny_model[model]} is {family}; give --base the model it was trained on")
     assert not (tmp_path / "img").exists()
+
+
+def test_schnell_is_read_from_a_single_files_tensor_names(fails, tmp_path):
+    """No transformer/config.json to read: a BFL single file without guidance_in.* is schnell, refused a
+    --guidance_scale before anything loads."""
+    import torch
+    from safetensors.torch import save_file
+    schnell = tmp_path / "flux1-schnell.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1), "img_in.weight": torch.zeros(1)}, schnell)
+    assert fails(str(schnell), "--guidance_scale", "3.5") == (
+        "--guidance_scale: MODEL is Flux.1-schnell, which has no guidance input (only Flux.1-dev is "
+        "guidance-distilled); drop the flag")
+
+
+def test_dev_trains_with_the_guidance_value_given_even_zero(tiny_model):
+    import torch
+    from dreambooth.families import Flux
+    from make_tiny_model import build_tiny_flux_pipeline
+    family = Flux.from_pipeline(build_tiny_flux_pipeline())
+    seen = []
+    real = family.denoiser.forward
+    family.denoiser.forward = lambda *a, **k: (seen.append(k["guidance"]), real(*a, **k))[1]
+    cond = family.conditioning(family.encode(family.tokenize(["a photo of sks dog"])), {})
+    for value, expected in ((None, 3.5), (0.0, 0.0), (5.0, 5.0)):
+        family.options["guidance_scale"] = value
+        family.denoise(family.denoiser, torch.randn(1, 16, 8, 8), torch.tensor([500.0]), cond, {})
+        assert seen[-1].tolist() == [expected]

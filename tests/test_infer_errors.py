@@ -12,7 +12,7 @@ import infer
 from conftest import ROOT, draw_subject, run_script, train_args
 
 BUG = ("infer.py: internal error: RuntimeError: boom -- this is a bug: rerun the same command with --debug (or "
-       "DREAMBOOTH_DEBUG=1) and report it with that traceback (README.md, 'Reporting a bug')\n")
+       "DREAMBOOTH_DEBUG=1) and report it with that traceback (docs/troubleshooting.md, 'Reporting a bug')\n")
 COMMON = ["--prompt", "p", "--steps", "1", "--num_images", "1", "--device", "cpu", "--height", "64", "--width", "64"]
 
 

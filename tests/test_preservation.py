@@ -88,6 +88,24 @@ def test_base_output_flags_are_checked(tiny_model, instance_dir, tmp_path, capsy
         "are the base model's outputs); drop one of them")
     assert fails("--caption_dropout_rate", "1") == "--caption_dropout_rate must be in [0, 1) (got 1.0)"
     assert fails("--use_ema", "--ema_decay", "1.5") == "--ema_decay must be in [0, 1) (got 1.5)"
+    assert fails("--train_transformer_frac", "0.5") == (
+        "--train_transformer_frac 0.5: after that share of the steps nothing would train; it is for runs that also "
+        "train text encoders or new tokens (--train_text_encoder_ti, --train_text_encoder)")
+    assert fails("--enable_npu_flash_attention") == (
+        "--enable_npu_flash_attention is for Huawei Ascend NPUs, which this trainer does not run on; drop the flag "
+        "(PyTorch SDPA attention is used)")
+
+
+def test_class_image_flags_are_named_as_unused_with_base_output(tiny_model, instance_dir, tmp_path):
+    from dreambooth.config import parse_args, validate
+    args = parse_args([str(a) for a in train_args(tiny_model["eps"], instance_dir, tmp_path / "o",
+                                                  "--with_prior_preservation", "--class_prompt", "dog",
+                                                  "--prior_preservation_mode", "base_output", "--num_class_images",
+                                                  "50", "--class_generation_steps", "10")])
+    notes = []
+    validate(args, warn=notes.append)
+    assert notes == [f"warning: --{f} has no effect with --prior_preservation_mode base_output (it generates no "
+                     "class images)" for f in ("num_class_images", "class_generation_steps")]
 
 
 @pytest.mark.slow

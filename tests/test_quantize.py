@@ -137,3 +137,14 @@ def test_sample_with_full_base_makes_the_unquantized_class_images(tiny_model, in
     assert np.abs(images["full"][1] - images["full_base_sampling"][1]).max() <= 1
     assert images["quantized_sampling"][0] != images["full"][0]  # another cache key: never mixed with full ones
     assert np.abs(images["full"][1] - images["quantized_sampling"][1]).mean() > 1
+
+
+@pytest.mark.slow
+def test_quantize_text_encoders_leaves_the_ones_that_train(tiny_model, instance_dir, tmp_path, capsys):
+    """Pivotal tuning gives Flux's CLIP new rows (and T5 with --enable_t5_ti): those encoders stay unquantized."""
+    for extra, quantized in (([], "transformer, text_encoder_2"), (["--enable_t5_ti"], "transformer")):
+        out = tmp_path / f"run{len(extra)}"
+        assert train_dreambooth_lora.main([str(a) for a in train_args(
+            tiny_model["flux"], instance_dir, out, "--max_train_steps", "1", "--report_to", "none", "--quantize_base",
+            "nf4", "--quantize_text_encoders", "--train_text_encoder_ti", "--token_abstraction", "sks", *extra)]) == 0
+        assert f"quantized base: nf4 (double quant) ({quantized});" in capsys.readouterr().out

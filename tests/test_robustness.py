@@ -284,7 +284,7 @@ def test_bug_gets_a_short_line_and_debug_the_traceback(world, capsys, monkeypatc
     assert train_dreambooth_lora.main(argv()) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "train_dreambooth_lora.py: internal error: RuntimeError: something inside -- this is a bug: rerun the same "
-        "command with --debug (or DREAMBOOTH_DEBUG=1) and report it with that traceback (README.md, 'Reporting a bug')"]
+        "command with --debug (or DREAMBOOTH_DEBUG=1) and report it with that traceback (docs/troubleshooting.md, 'Reporting a bug')"]
     with pytest.raises(RuntimeError, match="something inside"):
         train_dreambooth_lora.main(argv("--debug"))
     monkeypatch.setenv("DREAMBOOTH_DEBUG", "1")

@@ -240,6 +240,9 @@ def test_flags_of_another_family_are_refused_in_one_line(fails):
         "--prediction_type is an SDXL / SD 1.x/2.x flag; --pretrained_model_name_or_path MODEL is SD 3: drop it")
     assert fails("sd3", "--noise_offset", "0.1") == (
         "--noise_offset is an SDXL / SD 1.x/2.x flag; --pretrained_model_name_or_path MODEL is SD 3: drop it")
+    assert fails("sd3", "--text_encoder_use_attention_mask") == (
+        "--text_encoder_use_attention_mask is an SDXL / SD 1.x/2.x flag; --pretrained_model_name_or_path MODEL is "
+        "SD 3: drop it")
     assert fails("sd3", "--crops_coords_top_left_h", "0") == (
         "--crops_coords_top_left_h is an SDXL flag; --pretrained_model_name_or_path MODEL is SD 3: drop it")
 

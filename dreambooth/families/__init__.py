@@ -64,9 +64,8 @@ def _pipeline_class_name(source, flag):
             return _read_json(index, path, flag).get("_class_name", "")
         if os.path.isfile(os.path.join(path, "transformer", "config.json")):  # a folder of parts
             transformer = _read_json(os.path.join(path, "transformer", "config.json"), path, flag)
-            return {"SD3Transformer2DModel": StableDiffusion3.pipeline_class_name,
-                    "FluxTransformer2DModel": Flux.pipeline_class_name}.get(transformer.get("_class_name"),
-                                                                            transformer.get("_class_name"))
+            by_denoiser = {f.denoiser_class: f.pipeline_class_name for f in FAMILIES}
+            return by_denoiser.get(transformer.get("_class_name"), transformer.get("_class_name"))
         unet = _read_json(os.path.join(path, "unet", "config.json"), path, flag)
         text_time = unet.get("addition_embed_type") == "text_time"
         return StableDiffusionXL.pipeline_class_name if text_time else StableDiffusion.pipeline_class_name

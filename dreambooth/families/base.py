@@ -111,8 +111,7 @@ class ModelFamily:
     single_file_extras = {}
     sampling_embedding_names = ()  # what pipe.encode_prompt returns, as pipeline keyword arguments
     unused_text_encoder_layers = False  # some text-encoder LoRA gets no gradient (DDP must be told)
-    # infer.py / evaluate.py / validation defaults: sampler steps, guidance scale, whether it takes a negative prompt
-    inference_steps, guidance_scale, negative_prompt = 25, 7.5, True
+    inference_steps, guidance_scale = 25, 7.5  # infer.py's and evaluate.py's defaults
     flags = ()                     # flags only this family takes (declared in flag_specs); refused on the others
     flag_defaults = {}             # their defaults here
     common_defaults = {}           # defaults of flags every family takes that differ by family (diffusers' scripts)
@@ -131,9 +130,11 @@ class ModelFamily:
                 values = getattr(self, attr)
                 setattr(self, attr, tuple(values[i] for i in keep if i < len(values)))
 
-    def pivotal_text_encoders(self):
-        """Indices of the text encoders pivotal tuning gives new token rows (default: every one)."""
-        return list(range(len(self.text_encoders)))
+    @classmethod
+    def pivotal_text_encoders(cls, options):
+        """Indices of the text encoders pivotal tuning gives new token rows (default: every one); options: the
+        family's flags (Flux: --enable_t5_ti)."""
+        return list(range(len(cls.text_encoder_names)))
 
     def configure(self, **options):
         """The family's own flags (already validated), e.g. SD 3's weighting scheme and T5 sequence length."""
@@ -363,6 +364,14 @@ class ModelFamily:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    own_sampler_only = False        # samples with its own scheduler only (flow matching: infer.py's --scheduler)
+
+    @classmethod
+    def diffusers_state_from_ui(cls, state):
+        """Our UI file as the state dict the family's load_lora_weights reads, or None when it reads the file as
+        it is (kohya files of SD / SDXL)."""
+        return None
+
     def decodable_latents(self, pipe, latents, kwargs):
         """What pipe(output_type="latent") returned, as VAE latents [N, C, h, w] (Flux unpacks its tokens)."""
         return latents
@@ -437,6 +446,6 @@ class PromptEncoder:
         if self.encoded is not None:
             encoded = {k: v[ids.to(v.device)] for k, v in self.encoded.items()}
         else:
-            encoded = self.family.encode([{k: v[ids] for k, v in t.items()} for t in self.tokens],
+            encoded = self.family.encode([{k: v[ids.to(v.device)] for k, v in t.items()} for t in self.tokens],
                                          self.use_attention_mask)
         return self.family.conditioning(encoded, batch)

@@ -28,8 +28,8 @@ FLOW_FLAG_SPECS = {
 class FlowFamily(ModelFamily):
     denoiser_name = "transformer"
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    negative_prompt = True
     a1111 = False
+    own_sampler_only = True
     flags = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "max_sequence_length", "lora_layers",
              "upcast_before_saving")
     flag_specs = FLOW_FLAG_SPECS
@@ -95,6 +95,11 @@ class FlowFamily(ModelFamily):
             out[f"{name}.lora_A.weight"] = value
             out[f"{name}.lora_B.weight"] = up * scale
         return out
+
+    def generate(self, pipe, **kwargs):
+        """As the base's, with the run's T5 length (the pipelines' own default differs: 256 / 512)."""
+        kwargs.setdefault("max_sequence_length", self.t5_max_length())
+        return super().generate(pipe, **kwargs)
 
     def t5_max_length(self):
         return self.options.get("max_sequence_length") or self.flag_defaults["max_sequence_length"]

@@ -10,16 +10,27 @@ from ..errors import UsageError
 from .flow import FlowFamily
 
 
-def _transformer_config(path):
-    """The transformer's config.json of a local model folder, or None (a hub id before download, a single file)."""
-    file = os.path.join(str(path), "transformer", "config.json")
-    if not os.path.isfile(file):
-        return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+def _has_guidance(args):
+    """Whether the base is Flux.1-dev (a guidance embedding) rather than schnell, read before any weights load:
+    a folder's transformer/config.json, a hub id's (a small download, as for model_index.json), or a single
+    file's tensor names (BFL's guidance_in.*, or diffusers' guidance_embedder.*)."""
+    from .base import ModelSource, loaded
+    source = ModelSource.from_args(args)
+    if os.path.isfile(source.path):
+        from . import _single_file_keys
+        return any(k.startswith(("guidance_in.", "model.diffusion_model.guidance_in.")) or ".guidance_embedder." in k
+                   for k in _single_file_keys(source.path))
+    local = os.path.join(source.path, "transformer", "config.json")
+    if os.path.isfile(local):
+        try:
+            with open(local, encoding="utf-8") as f:
+                return bool(json.load(f).get("guidance_embeds", True))
+        except (OSError, ValueError):
+            return True  # unreadable: loading names the file in one line
+    from diffusers import FluxTransformer2DModel
+    config = loaded(source.path, "transformer config", FluxTransformer2DModel.load_config, source.path,
+                    subfolder="transformer", revision=source.revision, cache_dir=source.cache_dir)
+    return bool(config.get("guidance_embeds", True))
 
 
 class Flux(FlowFamily):
@@ -41,7 +52,6 @@ class Flux(FlowFamily):
     embedding_file_keys = ("clip_l", "t5")  # diffusers' advanced Flux script's embeddings file
     kohya_text_prefixes = ("lora_te1_", "lora_te2_")
     unused_text_encoder_layers = False  # CLIP's pooled output reads its last layer
-    negative_prompt = False  # guidance-distilled: no classifier-free guidance by default
     flags = FlowFamily.flags + ("guidance_scale", "enable_t5_ti")
     flag_specs = dict(FlowFamily.flag_specs,
                       guidance_scale=dict(type=float, help="Flux.1-dev: the guidance value the transformer is "
@@ -55,38 +65,36 @@ class Flux(FlowFamily):
     card_tags = ("flux", "flux-diffusers")
 
     @classmethod
-    def _is_schnell(cls, args):
-        config = _transformer_config(args.pretrained_model_name_or_path) or {}
-        return config.get("guidance_embeds") is False
-
-    @classmethod
     def defaults(cls, args):
         """dev: guidance 3.5, 512 T5 tokens; schnell: no guidance, 256 tokens (as its pipeline)."""
-        schnell = cls._is_schnell(args)
+        schnell = not _has_guidance(args)
         return dict(super().defaults(args), max_sequence_length=256 if schnell else 512,
                     **({} if schnell else {"guidance_scale": 3.5}))
 
     @classmethod
     def check_flags(cls, args, t5_positions=None):
         """schnell (no guidance embedding) takes no --guidance_scale and at most 256 T5 tokens."""
-        schnell = cls._is_schnell(args)
+        schnell = not _has_guidance(args)
         if schnell and args.guidance_scale is not None:
             raise UsageError(f"--guidance_scale: {args.pretrained_model_name_or_path} is Flux.1-schnell, which has "
                              "no guidance input (only Flux.1-dev is guidance-distilled); drop the flag")
         if args.enable_t5_ti and not args.train_text_encoder_ti:
             raise UsageError("--enable_t5_ti adds T5 rows to pivotal tuning; it needs --train_text_encoder_ti")
-        limit = 256 if schnell else 512
-        if args.max_sequence_length > limit:
-            raise UsageError(f"--max_sequence_length {args.max_sequence_length} is above {limit}, the most "
-                             f"Flux.1-{'schnell' if schnell else 'dev'} takes; use {limit} or less")
+        if schnell and args.max_sequence_length > 256:
+            raise UsageError(f"--max_sequence_length {args.max_sequence_length} is above 256, the most "
+                             "Flux.1-schnell takes; use 256 or less")
         super().check_flags(args, t5_positions)
 
     def schnell(self):
         return not self.denoiser.config.guidance_embeds
 
-    def pivotal_text_encoders(self):
+    def t5_max_length(self):
+        return self.options.get("max_sequence_length") or (256 if self.schnell() else 512)
+
+    @classmethod
+    def pivotal_text_encoders(cls, options):
         """CLIP; T5 too with --enable_t5_ti (diffusers' advanced Flux script)."""
-        return [0, 1] if self.options.get("enable_t5_ti") and len(self.text_encoders) > 1 else [0]
+        return [0, 1] if options.get("enable_t5_ti") else [0]
 
     def size_multiple(self):
         """The VAE's downsampling times the 2x2 packing (Flux: 8 x 2 = 16)."""
@@ -113,10 +121,10 @@ class Flux(FlowFamily):
         n, c, h, w = noisy.shape
         packed = FluxPipeline._pack_latents(noisy, n, c, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, noisy.dtype)
-        config = getattr(denoiser, "config", None) or denoiser.module.config  # DDP wraps it on several processes
         guidance = None
-        if config.guidance_embeds:
-            guidance = torch.full((n,), float(self.options.get("guidance_scale") or 3.5), device=noisy.device)
+        if self.denoiser.config.guidance_embeds:  # the family's own (unwrapped) transformer says which Flux it is
+            scale = self.options.get("guidance_scale")
+            guidance = torch.full((n,), 3.5 if scale is None else float(scale), device=noisy.device)
         output = denoiser(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, img_ids=img_ids,
                           return_dict=False, **conditioning)[0]
         scale = self.vae_scale()
@@ -133,7 +141,6 @@ class Flux(FlowFamily):
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
     def generate(self, pipe, **kwargs):
-        kwargs.setdefault("max_sequence_length", self.t5_max_length())
         if self.schnell():
             kwargs.setdefault("guidance_scale", 0.0)
         return super().generate(pipe, **kwargs)

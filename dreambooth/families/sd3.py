@@ -26,7 +26,7 @@ class StableDiffusion3(FlowFamily):
     kohya_text_prefixes = ("lora_te1_", "lora_te2_", "lora_te3_")
     sampling_embedding_names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
                                 "negative_pooled_prompt_embeds")
-    unused_text_encoder_layers = True  # each CLIP's last layer: only the penultimate hidden state is read
+    unused_text_encoder_layers = False  # the pooled projection reads each CLIP's last layer
     inference_steps, guidance_scale = 28, 7.0
     flags = FlowFamily.flags + ("precondition_outputs", "lora_blocks")
     flag_specs = dict(FlowFamily.flag_specs,
@@ -52,7 +52,8 @@ class StableDiffusion3(FlowFamily):
                                                 for m in args.lora_target_modules.split(",") if m.strip())
             args.lora_blocks, args._lora_targets_flag = None, "--lora_blocks"
 
-    def pivotal_text_encoders(self):
+    @classmethod
+    def pivotal_text_encoders(cls, options):
         """Pivotal tuning on the CLIP encoders; T5 reads the new tokens' text as word pieces."""
         return [0, 1]
 
@@ -94,18 +95,21 @@ class StableDiffusion3(FlowFamily):
                                      max_sequence_length=self.t5_max_length())
         return dict(zip(self.sampling_embedding_names, encoded))
 
-    def generate(self, pipe, **kwargs):
-        kwargs.setdefault("max_sequence_length", self.t5_max_length())
-        return super().generate(pipe, **kwargs)
+    def model_type(self):
+        """sd-scripts' SD 3 model type: medium (SD 3), 5-large (qk-norm, no second attention), 5-medium (qk-norm and
+        the dual attention layers of SD 3.5 Medium)."""
+        config = self.denoiser.config
+        if not config.get("qk_norm"):
+            return "medium"
+        return "5-medium" if tuple(config.get("dual_attention_layers") or ()) else "5-large"
 
     def header_facts(self):
-        """sd-scripts' SD 3 values: ss_base_model_version sd3, modelspec stable-diffusion-3 (medium or large by
-        the transformer's depth), the diffusers module layout, rectified flow."""
-        depth = self.denoiser.config.num_layers
-        size = "large" if depth >= 38 else "medium"
-        return {"ss_base_model_version": "sd3", "ss_v2": "False", "ss_v_parameterization": "False",
-                "ss_clip_skip": "None", "modelspec.architecture": f"stable-diffusion-v3-{size}",
-                "modelspec.implementation": "diffusers", "modelspec.prediction_type": "flow"}
+        """As sd-scripts writes them for an SD 3 LoRA: ss_base_model_version is the model type, modelspec
+        stable-diffusion-3-<type>, the diffusers module layout, and prediction type epsilon (what it writes)."""
+        kind = self.model_type()
+        return {"ss_base_model_version": kind, "ss_v2": "False", "ss_v_parameterization": "False",
+                "ss_clip_skip": "None", "modelspec.architecture": f"stable-diffusion-3-{kind}",
+                "modelspec.implementation": "diffusers", "modelspec.prediction_type": "epsilon"}
 
     def license(self):
         return "other"  # the Stability AI Community License: the base's own card says it

@@ -10,8 +10,9 @@ class UNetFamily(ModelFamily):
     scheduler_class = "DDPMScheduler"
     default_lora_targets = "to_q,to_k,to_v,to_out.0"
     text_encoder_lora_targets = (("q_proj", "k_proj", "v_proj", "out_proj"),) * 2  # CLIP's attention, each encoder
-    inference_steps, guidance_scale, negative_prompt = 30, 7.5, True  # infer.py's defaults (DPM-Solver++)
-    flags = ("prediction_type", "snr_gamma", "noise_offset")  # DDPM's; refused on flow-matching models
+    inference_steps, guidance_scale = 30, 7.5  # infer.py's and evaluate.py's defaults (DPM-Solver++)
+    # DDPM's (refused on flow-matching models), and the CLIP padding mask only SD/SDXL's encode reads
+    flags = ("prediction_type", "snr_gamma", "noise_offset", "text_encoder_use_attention_mask")
     flag_defaults = {"noise_offset": 0.0}
     common_defaults = {"learning_rate": 5e-4, "adam_weight_decay": 1e-2}  # diffusers' SD / SDXL scripts
 
