@@ -5,9 +5,9 @@ fp32, bf16, NF4 and int8, on a model large enough that its weights dominate the 
     python bench/bench_quantize.py                 # ~10 min on 2 CPU cores, 8 GB of RAM, 3 GB of disk
     python bench/bench_quantize.py --quick         # a smaller model, for a smoke test
 
-The model is Flux.1's architecture (examples/make_tiny_model.py: build_tiny_flux_pipeline) at 3072-wide-MLP
-sizes: a 0.6B-parameter transformer (2.4 GiB in fp32; every block's linear layers quantizable, as in Flux.1 and
-SD 3), with small text encoders and VAE, random weights. Each run is train_dreambooth_lora.py as a user runs it
+The model is Flux.1's architecture (examples/make_tiny_model.py: build_tiny_flux_pipeline) at 1536-wide sizes:
+a 0.64B-parameter transformer (2.4 GiB in fp32, saved in 256 MB shards as the hub's big checkpoints are; every
+block's linear layers quantizable, as in Flux.1 and SD 3), with small text encoders and VAE, random weights. Each run is train_dreambooth_lora.py as a user runs it
 (64 px, batch 1, 3 steps, text embeddings and latents cached); the numbers come from its train_stats.json: peak RSS
 of the whole run and of the model load, the training steps' own peak, and the median step time.
 """
@@ -35,6 +35,11 @@ def build(folder, size):
     pipe = build_tiny_flux_pipeline(**SIZES[size])
     params = sum(p.numel() for p in pipe.transformer.parameters())
     pipe.save_pretrained(folder)
+    # in 256 MB shards, as the hub's big checkpoints are (FLUX.1-dev's transformer: 3 files): a loader maps one
+    # shard at a time
+    import shutil
+    shutil.rmtree(os.path.join(folder, "transformer"))
+    pipe.transformer.save_pretrained(os.path.join(folder, "transformer"), max_shard_size="256MB")
     return params
 
 

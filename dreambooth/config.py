@@ -573,12 +573,9 @@ def _check_prompts(args, notes):
     if args.with_prior_preservation:
         if not args.class_prompt:
             raise UsageError("--with_prior_preservation needs --class_prompt, e.g. --class_prompt 'a photo of dog'")
-        if args.prior_preservation_mode == "base_output" and args.class_data_dir:
-            raise UsageError("--class_data_dir holds class images, which --prior_preservation_mode base_output does "
-                             "not use (its targets are the base model's outputs); drop one of them")
         if args.prior_preservation_mode == "base_output":
-            defaults = {"num_class_images": 100, "class_generation_steps": 25, "sample_batch_size": 4,
-                        "prior_generation_precision": None, "sample_with_full_base": False}
+            defaults = {"class_data_dir": None, "num_class_images": 100, "class_generation_steps": 25,
+                        "sample_batch_size": 4, "prior_generation_precision": None, "sample_with_full_base": False}
             for flag in [f for f, d in defaults.items() if getattr(args, f) != d]:
                 notes.append(f"warning: --{flag} has no effect with --prior_preservation_mode base_output (it "
                              "generates no class images)")

@@ -132,7 +132,30 @@ def load_quantized(loader, fields, dtype, device, library):
     kwargs = {"quantization_config": config_class(**options), "device_map": {"": str(device)}}
     with _cpu_quantization() if library == "diffusers" else contextlib.nullcontext():
         module = loader(**kwargs)
-    return cpu_ready(module)
+    return cpu_ready(_own_memory(module))
+
+
+def _own_memory(module):
+    """The tensors the quantizer left as they were read (norms, biases, embeddings, convolutions) can be views of
+    the memory-mapped weights file, which keeps the whole file mapped: on the CPU every page of it stays in this
+    process's resident memory (measured: 2.4 GB for a 0.6B-parameter transformer whose 4-bit weights take 0.35 GB).
+    A copy of those tensors lets the mapping go; then the C heap gives back what loading freed (Linux)."""
+    import bitsandbytes as bnb
+    for layer in module.modules():
+        for name, param in layer._parameters.items():
+            if param is not None and not isinstance(param, (bnb.nn.Params4bit, bnb.nn.Int8Params)):
+                param.data = param.data.clone()
+        for name, buffer in layer._buffers.items():
+            if buffer is not None:
+                layer._buffers[name] = buffer.clone()
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+    return module
 
 
 def cpu_ready(module):
