@@ -265,9 +265,10 @@ def width_mismatch(lora, shapes, base, pipe):
     output size) that an attn2.to_k down/lora_A weight reads, against the base's."""
     widths = [s[1] for k, s in shapes.items() if re.search(r"attn2[._]to_k", k)
               and any(m in k for m in ("lora_A", "lora_down", "lora.down")) and len(s) == 2]
-    if getattr(pipe, "unet", None) is None:
+    from dreambooth.families import family_of_pipeline
+    have = getattr(pipe, family_of_pipeline(pipe).denoiser_name).config.get("cross_attention_dim")
+    if have is None:  # a transformer: family_mismatch and diffusers' own error say it
         return None
-    have = pipe.unet.config.cross_attention_dim
     if not widths or widths[0] == have:
         return None
     need, have = (f"{w} ({FAMILIES[w]})" if w in FAMILIES else str(w) for w in (widths[0], have))

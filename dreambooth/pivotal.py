@@ -271,6 +271,23 @@ def load_into_pipeline(pipe, path):
                                                  family.tokenizer_names):
         if key not in state:  # an encoder the run did not give new tokens (SD 3's T5)
             continue
-        pipe.load_textual_inversion(state[key], token=tokens, text_encoder=getattr(pipe, encoder_name),
-                                    tokenizer=getattr(pipe, tokenizer_name))
+        encoder, tokenizer = getattr(pipe, encoder_name), getattr(pipe, tokenizer_name)
+        if hasattr(pipe, "load_textual_inversion"):
+            pipe.load_textual_inversion(state[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer)
+        else:  # StableDiffusion3Pipeline has no textual-inversion loader: the same three steps by hand
+            add_rows(tokenizer, encoder, tokens, state[key])
     return mapping
+
+
+def add_rows(tokenizer, encoder, tokens, rows):
+    """New tokens into a tokenizer and their embedding rows into its text encoder (what diffusers'
+    load_textual_inversion does, for pipelines that lack it)."""
+    import torch
+    tokenizer.add_tokens(tokens)
+    encoder.resize_token_embeddings(len(tokenizer))
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    table = encoder.get_input_embeddings().weight
+    if rows.shape != (len(ids), table.shape[1]):
+        raise ValueError(f"embeddings of shape {tuple(rows.shape)} for {len(ids)} tokens of width {table.shape[1]}")
+    with torch.no_grad():
+        table[torch.tensor(ids)] = rows.to(table.device, table.dtype)

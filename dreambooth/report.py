@@ -270,6 +270,17 @@ def training_metadata(args, pivotal=None, embedding_name=None):
             "ss_embedding_prompt": pivotal.ui_prompt(args.instance_prompt, embedding_name)}
 
 
+ADD_ROWS = """
+
+def add_rows(rows, token, text_encoder, tokenizer):  # new tokens and their embedding rows
+    tokenizer.add_tokens(token)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    ids = tokenizer.convert_tokens_to_ids(token)
+    text_encoder.get_input_embeddings().weight.data[ids] = rows.to(text_encoder.dtype)
+
+"""
+
+
 class PivotalUsage:
     """With pivotal tuning, what the model card tells a user: the diffusers prompt (new tokens in place of the
     word), the UI prompt (the embedding file's name in place of it), the lines that load the embeddings, and the
@@ -285,8 +296,11 @@ class PivotalUsage:
                   else json.dumps(os.path.join(args.output_dir, embedding_name)))
         self.imports = ("from huggingface_hub import hf_hub_download\n" if where else "") + \
             "from safetensors.torch import load_file\n"
+        loader = ("pipe.load_textual_inversion" if hasattr(family.pipeline_class(), "load_textual_inversion")
+                  else "add_rows")  # StableDiffusion3Pipeline has none: the card defines the three steps
+        self.imports += ("" if loader != "add_rows" else ADD_ROWS)
         self.load_code = f"emb = load_file({source})\n" + "\n".join(
-            f'pipe.load_textual_inversion(emb["{key}"], token={json.dumps(pivotal.tokens)}, text_encoder=pipe.{enc}, '
+            f'{loader}(emb["{key}"], token={json.dumps(pivotal.tokens)}, text_encoder=pipe.{enc}, '
             f'tokenizer=pipe.{family.tokenizer_names[i]})'
             for key, enc, i in zip(pivotal.keys, (family.text_encoder_names[i] for i in pivotal.indices),
                                    pivotal.indices)) + "\n"

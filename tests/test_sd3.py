@@ -303,3 +303,36 @@ def test_infer_refuses_an_sd3_lora_on_an_sdxl_base_in_one_line(tiny_model, insta
     assert capsys.readouterr().err.strip() == (
         "infer.py: error: --scheduler euler: SD 3 is a flow-matching model and samples with its own scheduler; "
         "leave --scheduler out (or give 'default')")
+
+
+@pytest.mark.slow
+def test_sd3_pivotal_tuning_buckets_and_the_tokens_in_infer(tiny_model, tmp_path, capsys):
+    """Pivotal tuning on SD 3's two CLIPs (T5 reads the new tokens as word pieces), with aspect-ratio buckets; the
+    embeddings file has clip_l and clip_g, and infer.py loads it from the run folder and rewrites the prompt."""
+    import infer
+    from conftest import draw_subject
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, size in enumerate([(96, 64), (64, 96), (80, 80)]):
+        draw_subject(photos / f"p{i}.png", size=size, shift=i)
+    out = tmp_path / "run"
+    assert train_dreambooth_lora.main([
+        "--pretrained_model_name_or_path", tiny_model["sd3"], "--instance_data_dir", str(photos), "--instance_prompt",
+        "a photo of TOK dog", "--output_dir", str(out), "--resolution", "64", "--enable_bucket", "--min_bucket_reso",
+        "32", "--max_bucket_reso", "96", "--bucket_reso_steps", "16", "--train_text_encoder_ti", "--max_train_steps",
+        "2", "--report_to", "none"]) == 0
+    emb = safetensors.torch.load_file(out / "run_emb.safetensors")
+    assert sorted(emb) == ["clip_g", "clip_l"] and emb["clip_l"].shape[0] == 2 and emb["clip_g"].shape[0] == 2
+    capsys.readouterr()
+    assert infer.main(["--base", tiny_model["sd3"], "--lora", str(out), "--prompt", "a photo of TOK dog", "--num_images",
+                       "1", "--steps", "2", "--height", "64", "--width", "64", "--output", str(tmp_path / "img")]) == 0
+    assert "new tokens loaded: TOK -> <s0><s1>" in capsys.readouterr().err
+    # the model card's diffusers snippet runs as written (SD 3's pipeline has no load_textual_inversion: the card
+    # defines the steps), with the pipeline call cut to 2 steps at 64 px
+    card = (out / "README.md").read_text()
+    snippet = card.split("## Use it with diffusers")[1].split("```python\n")[1].split("```")[0]
+    assert 'add_rows(emb["clip_g"], token=["<s0>", "<s1>"], text_encoder=pipe.text_encoder_2' in snippet
+    snippet = snippet.replace('in a bucket")', 'in a bucket", num_inference_steps=2, height=64, width=64)')
+    scope = {}
+    exec(snippet, scope)
+    assert scope["image"].size == (64, 64)
