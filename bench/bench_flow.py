@@ -95,7 +95,7 @@ def main():
                                         "--num_class_images", "8", "--class_data_dir", "{work}/class-{who}"],
               "text encoders every step": ["--no-pre_compute_text_embeddings"]}
     ours_only = {"text encoders every step"}  # diffusers' scripts have no such switch
-    print(f"| family | setup | trainer | s/step | start-up s | peak RSS MiB |\n|---|---|---|---|---|---|")
+    print("| family | setup | trainer | s/step | start-up s | peak RSS MiB |\n|---|---|---|---|---|---|")
     results = []
     for family in args.family:
         model = os.path.join(work, f"tiny-{family}")

@@ -89,3 +89,31 @@ def train_args(model, instance_dir, output_dir, *extra):
     return ["--pretrained_model_name_or_path", model, "--instance_data_dir", instance_dir,
             "--instance_prompt", "a photo of sks dog", "--resolution", "64", "--train_batch_size", "1",
             "--learning_rate", "1e-3", "--seed", "0", "--output_dir", output_dir, *extra]
+
+
+@pytest.fixture(scope="module")
+def imgs(tmp_path_factory):
+    """Stands in for diffusers' docs/source/en/imgs (their DreamBooth tests' photos): images of different sizes."""
+    folder = tmp_path_factory.mktemp("imgs")
+    for i, size in enumerate([(80, 64), (64, 96), (128, 128)]):
+        draw_subject(folder / f"img{i}.png", size=size, shift=i)
+    return str(folder)
+
+
+@pytest.fixture
+def fails(tiny_model, instance_dir, tmp_path, capsys):
+    """fails(model, *flags): trains a tiny model (a tiny_model key, or a path) with extra flags; returns its one
+    error line without the program prefix, the model's path written MODEL, after checking the exit code 2 and that
+    nothing was written."""
+    import train_dreambooth_lora
+
+    def run(model, *extra):
+        out = tmp_path / "out"
+        path = tiny_model.get(model, model)
+        code = train_dreambooth_lora.main(["--pretrained_model_name_or_path", path, "--instance_data_dir",
+                                           instance_dir, "--instance_prompt", "a photo of sks dog", "--output_dir",
+                                           str(out), "--resolution", "64", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and not out.exists(), err
+        return err[0].removeprefix("train_dreambooth_lora.py: error: ").replace(path, "MODEL")
+    return run

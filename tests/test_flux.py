@@ -12,18 +12,7 @@ from safetensors.torch import safe_open
 
 import train_dreambooth_lora
 
-P = "train_dreambooth_lora.py: error: "
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base's name
-
-
-@pytest.fixture(scope="module")
-def imgs(tmp_path_factory):
-    """Stands in for diffusers' docs/source/en/imgs: a few images of different sizes."""
-    from conftest import draw_subject
-    folder = tmp_path_factory.mktemp("imgs")
-    for i, size in enumerate([(80, 64), (64, 96), (128, 128)]):
-        draw_subject(folder / f"img{i}.png", size=size, shift=i)
-    return str(folder)
 
 
 class DiffusersFluxTests:
@@ -164,18 +153,6 @@ def test_diffusers_flux_tests_pass_unchanged(name, tiny_model, imgs):
     getattr(DiffusersFluxTests(tiny_model["flux"], imgs), name)()
 
 
-@pytest.fixture
-def fails(tiny_model, instance_dir, tmp_path, capsys):
-    def run(model, *extra):
-        out = tmp_path / "out"
-        code = train_dreambooth_lora.main(["--pretrained_model_name_or_path", tiny_model.get(model, model),
-                                           "--instance_data_dir", instance_dir, "--instance_prompt",
-                                           "a photo of sks dog", "--output_dir", str(out), "--resolution", "64",
-                                           *extra])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(err) == 1 and not out.exists(), err
-        return err[0].removeprefix(P).replace(tiny_model.get(model, model), "MODEL")
-    return run
 
 
 def test_flux_refusals_are_one_line(fails, tiny_model, tmp_path):

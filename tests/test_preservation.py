@@ -1,7 +1,6 @@
 """Prior preservation from the base model's own output (--prior_preservation_mode base_output), caption dropout and
 an EMA of the LoRA: what each computes, and that runs with them resume bit for bit."""
 import json
-import os
 from argparse import Namespace
 
 import pytest

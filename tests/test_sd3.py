@@ -8,18 +8,7 @@ import pytest
 import safetensors.torch
 
 import train_dreambooth_lora
-from conftest import draw_subject
 
-P = "train_dreambooth_lora.py: error: "
-
-
-@pytest.fixture(scope="module")
-def imgs(tmp_path_factory):
-    """Stands in for diffusers' docs/source/en/imgs: a few images of different sizes."""
-    folder = tmp_path_factory.mktemp("imgs")
-    for i, size in enumerate([(80, 64), (64, 96), (128, 128)]):
-        draw_subject(folder / f"img{i}.png", size=size, shift=i)
-    return str(folder)
 
 
 class DiffusersSD3Tests:
@@ -210,21 +199,6 @@ class DiffusersSD3Tests:
 @pytest.mark.parametrize("name", [n for n in vars(DiffusersSD3Tests) if n.startswith("test_")])
 def test_diffusers_sd3_tests_pass_unchanged(name, tiny_model, imgs):
     getattr(DiffusersSD3Tests(tiny_model["sd3"], imgs), name)()
-
-
-@pytest.fixture
-def fails(tiny_model, instance_dir, tmp_path, capsys):
-    """Runs the trainer on a tiny model with extra flags; returns its one error line (and checks nothing was
-    written)."""
-    def run(model, *extra):
-        out = tmp_path / "out"
-        code = train_dreambooth_lora.main(["--pretrained_model_name_or_path", tiny_model[model], "--instance_data_dir",
-                                           instance_dir, "--instance_prompt", "a photo of sks dog", "--output_dir",
-                                           str(out), "--resolution", "64", *extra])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(err) == 1 and not out.exists(), err
-        return err[0].removeprefix(P).replace(tiny_model[model], "MODEL")
-    return run
 
 
 def test_flags_of_another_family_are_refused_in_one_line(fails):
