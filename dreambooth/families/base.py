@@ -145,10 +145,16 @@ class ModelFamily:
     @classmethod
     def from_pipeline(cls, pipe):
         """The family over an already-loaded pipeline's components (tests, evaluate)."""
-        names = [n for n in cls.text_encoder_names if getattr(pipe, n, None) is not None]
-        return cls([getattr(pipe, cls.tokenizer_names[cls.text_encoder_names.index(n)]) for n in names],
-                   [getattr(pipe, n) for n in names], pipe.vae, getattr(pipe, cls.denoiser_name),
+        names, tokenizers, text_encoders = cls._text_parts(pipe)
+        return cls(tokenizers, text_encoders, pipe.vae, getattr(pipe, cls.denoiser_name),
                    cls.training_scheduler(pipe.scheduler.config), names)
+
+    @classmethod
+    def _text_parts(cls, pipe):
+        """(names, tokenizers, text encoders) of the encoders a loaded pipeline has (SD 3 may lack T5)."""
+        names = [n for n in cls.text_encoder_names if getattr(pipe, n, None) is not None]
+        return (names, [getattr(pipe, cls.tokenizer_names[cls.text_encoder_names.index(n)]) for n in names],
+                [getattr(pipe, n) for n in names])
 
     @classmethod
     def pipeline_class(cls):
@@ -216,9 +222,7 @@ class ModelFamily:
             if source.prediction_type:
                 kwargs["prediction_type"] = source.prediction_type
             pipe = loaded(path, "single-file checkpoint", cls.pipeline_class().from_single_file, path, **kwargs)
-            names = [n for n in cls.text_encoder_names if getattr(pipe, n, None) is not None]
-            tokenizers = [getattr(pipe, cls.tokenizer_names[cls.text_encoder_names.index(n)]) for n in names]
-            text_encoders = [getattr(pipe, n) for n in names]
+            names, tokenizers, text_encoders = cls._text_parts(pipe)
             vae, denoiser, scheduler_config = pipe.vae, getattr(pipe, cls.denoiser_name), pipe.scheduler.config
             del pipe
         else:
