@@ -56,6 +56,20 @@ def train(args, instance_images, stats):
         recipe.setup()
         code = recipe.train()
         return recipe.finish() if code == 0 else code
+    except OSError as e:  # the output folder turned read-only or full mid-run: one line, and where to resume
+        recipe.cleanup()
+        from dreambooth import checkpoints
+        from dreambooth.errors import UsageError, os_error_line
+        line = os_error_line(e)
+        if line is None:
+            raise
+        good = checkpoints.latest_good(args.output_dir)
+        if good and checkpoints.checkpoint_step(good) == getattr(recipe, "max_train_steps", None):
+            line += (f"; the trained weights are safe in {good} (its {os.path.basename(checkpoints.LORA_WEIGHT_NAME)} "
+                     "loads as the final file would)")
+        elif good:
+            line += f" with --resume_from_checkpoint {good}"
+        raise UsageError(line) from e
     except BaseException:
         recipe.cleanup()
         raise
@@ -178,6 +192,14 @@ class DreamBoothRecipe:
         models.check_lora_targets(family.denoiser, lora_target_modules, family.default_lora_targets,
                                   a._lora_targets_flag)
         models.check_resolution(family.size_multiple(), resolution, bucket_steps)
+        if os.path.isfile(source.path):  # a folder's tokenizers were checked before the load (config.validate)
+            from dreambooth import prompt_lengths
+            notes = []
+            prompt_lengths.check_all(family, a, self.instance_images,
+                                     [getattr(e.config, prompt_lengths.POSITION_KEY, None) for e in family.text_encoders],
+                                     notes)
+            for note in notes:
+                log_main(note)
         self.stats.set(model_weights_fp32_mb=sum(p.numel() for m in family.frozen_modules()
                                                  for p in m.parameters()) * 4 / 2**20)
         return family
@@ -197,8 +219,10 @@ class DreamBoothRecipe:
         from dreambooth import quantize
         full = self.args.sample_with_full_base or not self.quantization
         precision_name = str(gen_dtype).replace("torch.", "") + ("" if full else "+" + quantize.describe(self.quantization))
-        settings, key = priors.prior_settings(self.args.pretrained_model_name_or_path, prompt, steps, self.args.seed,
-                                              self.args.resolution, precision_name)
+        a = self.args
+        settings, key = priors.prior_settings(a.pretrained_model_name_or_path, prompt, steps, a.seed, a.resolution,
+                                              precision_name, {"vae": a.pretrained_vae_model_name_or_path,
+                                                               "revision": a.revision, "variant": a.variant})
 
         def sampler():
             sampling = family
@@ -412,8 +436,16 @@ class DreamBoothRecipe:
         if self.ema is not None:  # its shadow weights resume with the rest (the checkpoint's LoRA file is the live one)
             accelerator.register_for_checkpointing(self.ema)
         if resume_dir:
+            ours = checkpoints.flag_settings(self.optimizer)
             checkpoints.load_checkpoint(accelerator, resume_dir)
-            accelerator.print(f"resumed from {resume_dir} at step {self.position.step}")
+            # the checkpoint brings back its own learning rates, betas, decay and EMA decay: the flags of this
+            # command win, so "lower --learning_rate and resume" does what it says
+            changed = checkpoints.apply_flag_settings(self.optimizer, self.lr_scheduler, ours)
+            if self.ema is not None:
+                self.ema.decay = self.args.ema_decay
+            now = "".join(sorted({f"; {'learning rate' if k == 'initial_lr' else k.replace('_', ' ')} now {new} "
+                                  f"(the checkpoint's: {old})" for _, k, old, new in changed}))
+            accelerator.print(f"resumed from {resume_dir} at step {self.position.step}{now}")
         if accelerator.is_main_process:
             os.makedirs(output_dir, exist_ok=True)  # only now: a run that failed above leaves no outputs (class
             # images generated into output_dir/class_images stay: a cache the next run reuses)
@@ -428,7 +460,7 @@ class DreamBoothRecipe:
         from tqdm.auto import tqdm
         from dreambooth import checkpoints, optimizers, training
         a, accelerator, position, torch = self.args, self.accelerator, self.position, self.torch
-        stopper = checkpoints.GracefulStop()
+        stopper = self.stopper = checkpoints.GracefulStop()
         reader = training.StepReader(accelerator, a.logging_steps, checkpoints.agree)
         self.reader = reader
         self.progress = tqdm(range(self.max_train_steps), initial=position.step, desc="steps",
@@ -500,7 +532,7 @@ class DreamBoothRecipe:
     def _between_steps(self, reader, stopper):
         """Everything that happens between two optimizer steps, in one place: the deferred loss read, NaN checks,
         checkpoints, validation and stop requests. Returns an exit code to stop with, or None to go on."""
-        a, accelerator, step = self.args, self.accelerator, self.position.step
+        a, accelerator, step, torch = self.args, self.accelerator, self.position.step, self.torch
         checkpoint_due = step % a.checkpointing_steps == 0
         validation_due = bool(a.validation_prompt and a.validation_steps and step % a.validation_steps == 0)
         single_stop = stopper.requested and accelerator.num_processes == 1  # several processes: agreed at reads
@@ -509,7 +541,11 @@ class DreamBoothRecipe:
         loss, lr, stop_now = reader.read(stopper.requested)  # the loop's only host sync; raises NonFinite
         self.progress.set_postfix(loss=loss, lr=lr)
         if checkpoint_due or stop_now:
-            from dreambooth import checkpoints
+            from dreambooth import checkpoints, training
+            # a finite loss read does not prove finite weights (an update can overflow): one more sync, at
+            # checkpoints only, so that a checkpoint is always one to resume from
+            if not bool(torch.stack([p.detach().isfinite().all() for p in self.lora_parameters]).all()):
+                raise training.NonFinite("a LoRA weight", "not finite", step)
             path = checkpoints.save_checkpoint(accelerator, a.output_dir, step, checkpoints.lora_settings(a),
                                                a.checkpoints_total_limit, self.checkpoint_bytes)
             if stop_now:
@@ -531,9 +567,11 @@ class DreamBoothRecipe:
         """A non-finite loss or gradient ruins the LoRA: stop, naming the step, the fix and the checkpoint to
         resume from (written only after its steps were read as finite)."""
         from dreambooth import checkpoints
+        good = checkpoints.latest_good(self.args.output_dir)  # finite weights, not only finite losses
         self._say(f"{PROG}: error: {bad.what} is {bad.value} at step {bad.step}; lower --learning_rate (now "
                   f"{self.args.learning_rate}) or use --mixed_precision bf16. Last good checkpoint: "
-                  f"{checkpoints.latest(self.args.output_dir) or 'none'}"
+                  + (f"{good} (add --resume_from_checkpoint {good} to the changed command)" if good else
+                     "none (start again)")
                   + (" (--allow_nan_steps N skips a few such steps)" if bad.what == "loss" else ""))
         self.accelerator.end_training()
         return 3
@@ -582,6 +620,9 @@ class DreamBoothRecipe:
         """LoRA files, model card, effective config, last validation grid, plots; then the Hub upload."""
         from dreambooth import lora_io, report
         a, accelerator, step = self.args, self.accelerator, self.position.step
+        stop = self.stopper  # a signal from here on: the LoRA files are written, the long optional parts skipped
+        stop.then = ("writing the final LoRA files, then stopping (the final validation images and the Hub upload "
+                     "are skipped)")
         accelerator.wait_for_everyone()
         if self.ema is not None:  # the run's result is the average; the live weights are not needed after this
             self.ema.copy_to(self.lora_parameters)
@@ -593,7 +634,7 @@ class DreamBoothRecipe:
             if self.pivotal:
                 self.pivotal.save(os.path.join(a.output_dir, self._embedding_name()))
             kohya_file = self._save_kohya(a.output_dir) if a.output_format in ("kohya", "both") else None
-            if a.validation_prompt and not a.skip_final_inference:
+            if a.validation_prompt and not a.skip_final_inference and not stop.requested:
                 self._validate_now(step)  # the parameters hold the EMA weights already
             report.plot_loss(self.reader.history, os.path.join(a.output_dir, "loss.png"))
             self.stats.set(final_step=step)  # also how a later --resume_from_checkpoint knows the run finished
@@ -602,14 +643,24 @@ class DreamBoothRecipe:
                                    pivotal=report.pivotal_usage(a, self.pivotal, self._embedding_name()))
             accelerator.print(f"done: {step} steps; LoRA weights in {a.output_dir}/{lora_io.LORA_WEIGHT_NAME}")
         accelerator.end_training()
+        extra = [a.logging_dir.rstrip("/") + "/"] if not os.path.isabs(a.logging_dir) else []
+        if stop.requested:
+            if accelerator.is_main_process:
+                from dreambooth import hub
+                skipped = " (final validation images skipped)" if a.validation_prompt and not a.skip_final_inference else ""
+                upload = (f"; the Hub upload was skipped, to do it: {hub.retry_command(a.output_dir, a._hub_repo_id, a.hub_token, (*hub.IGNORE, *extra))}"
+                          if a.push_to_hub else "")
+                print(f"stopped by signal after the last step: the LoRA files are complete in {a.output_dir}{skipped}"
+                      f"{upload}", file=sys.stderr)
+            return 128 + stop.requested
+        stop.then = "finishing the Hub upload, then stopping"
         if a.push_to_hub and accelerator.is_main_process:
             from dreambooth.hub import upload_run
-            extra = [a.logging_dir.rstrip("/") + "/"] if not os.path.isabs(a.logging_dir) else []
             uploaded, message = upload_run(a.output_dir, a._hub_repo_id, a.hub_token, extra_ignore=extra)
             print(message, file=sys.stdout if uploaded else sys.stderr)
             if not uploaded:
                 return 4  # trained and saved, but the asked-for upload did not happen: scripts should notice
-        return 0
+        return 128 + stop.requested if stop.requested else 0
 
     def _save_kohya(self, folder, intermediate=False):
         """The kohya-layout file for ComfyUI/A1111: <output_dir name>.safetensors, and in a checkpoint folder

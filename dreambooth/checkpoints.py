@@ -51,7 +51,9 @@ def _training_settings(args):
     """What else a checkpoint's state only fits: the optimizer (its state's layout), the new tokens, the EMA."""
     out = {"optimizer": getattr(args, "optimizer", None) or "adamw",
            "train_text_encoder_ti": bool(getattr(args, "train_text_encoder_ti", False)),
-           "use_ema": bool(getattr(args, "use_ema", False))}  # the EMA's state is one more file of the checkpoint
+           "use_ema": bool(getattr(args, "use_ema", False)),  # the EMA's state is one more file of the checkpoint
+           # the RNG states and the data order come back from the checkpoint: another seed could not take effect
+           "seed": getattr(args, "seed", None)}
     if out["train_text_encoder_ti"]:
         out.update(token_abstraction=args.token_abstraction,
                    num_new_tokens_per_abstraction=args.num_new_tokens_per_abstraction)
@@ -76,12 +78,63 @@ def checkpoint_problem(path):
     problem = sniff_weights_file(os.path.join(path, LORA_WEIGHT_NAME))
     if problem:
         return f"{LORA_WEIGHT_NAME} {problem}"
+    if not weights_are_finite(os.path.join(path, LORA_WEIGHT_NAME)):
+        return f"{LORA_WEIGHT_NAME} holds NaN or infinite weights"
     if os.path.isfile(os.path.join(path, SETTINGS_NAME)) and _read_json(os.path.join(path, SETTINGS_NAME)) is None:
         return f"{SETTINGS_NAME} is not readable JSON"
     for name in ("optimizer.bin", "scheduler.bin"):  # torch.save writes zip archives: a cut file has no directory
         if not zipfile.is_zipfile(os.path.join(path, name)):
             return f"{name} is truncated or not a torch file"
     return None
+
+
+def weights_are_finite(file):
+    """Every tensor of a LoRA file is finite: a checkpoint is 'good' by its weights, not only by the losses read
+    before it. Reads the file (megabytes: the LoRA alone), so it costs a fraction of a second."""
+    import torch
+    from safetensors.torch import load_file
+    try:
+        return all(bool(torch.isfinite(t).all()) for t in load_file(file).values())
+    except Exception:  # unreadable: sniff_weights_file reports it
+        return True
+
+
+def latest_good(output_dir):
+    """The newest checkpoint that can be resumed and holds finite weights, or None."""
+    good = [p for p in list_checkpoints(output_dir) if not checkpoint_problem(p)]
+    return good[-1] if good else None
+
+
+# The optimizer settings a flag decides (learning rates, betas, weight decay, eps, Prodigy's options): a checkpoint's
+# optimizer state brings its own back, and a resumed run must use what the command line says instead. The optimizer's
+# learned state (moments, Prodigy's d) stays the checkpoint's.
+FLAG_DECIDED = ("initial_lr", "betas", "weight_decay", "eps", "beta3", "decouple", "use_bias_correction",
+                "safeguard_warmup")
+
+
+def flag_settings(optimizer):
+    """What this run's flags made of each parameter group, read before a checkpoint overwrites it."""
+    return [{k: group[k] for k in FLAG_DECIDED if k in group} for group in optimizer.param_groups]
+
+
+def apply_flag_settings(optimizer, lr_scheduler, settings):
+    """After load_state: every group takes this run's flag-decided settings back, the schedule this run's base
+    rates, and the current rate is recomputed at the resumed step (LambdaLR's own formula, so an unchanged
+    command resumes bit-exact). Returns [(group index, key, checkpoint's value, this run's value)] that changed."""
+    changed = []
+    for i, (group, ours) in enumerate(zip(optimizer.param_groups, settings)):
+        for key, value in ours.items():
+            if group.get(key) != value:
+                changed.append((i, key, group.get(key), value))
+                group[key] = value
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    if hasattr(scheduler, "lr_lambdas") and all("initial_lr" in s for s in settings):
+        scheduler.base_lrs = [s["initial_lr"] for s in settings]
+        rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates
+    return changed
 
 
 def previous_checkpoint_offer(path):
@@ -313,6 +366,9 @@ class GracefulStop:
     def __init__(self):
         self.requested = 0
         self.parent = os.getppid()
+        # what the first signal makes the run do, as the acknowledgement says it: the loop finishes the step and
+        # checkpoints; after the last step the outputs say what they do instead (finish())
+        self.then = "finishing this step and saving a checkpoint"
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -323,8 +379,8 @@ class GracefulStop:
             print(f"\nsecond signal ({signal.Signals(signum).name}): exiting now without saving", file=sys.stderr)
             os._exit(128 + signum)
         self.requested = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
-              "(send it again to exit at once)", file=sys.stderr, flush=True)
+        print(f"\n{signal.Signals(signum).name} received: {self.then} (send it again to exit at once)",
+              file=sys.stderr, flush=True)
 
 
 def agree(accelerator, values, stop_requested):
