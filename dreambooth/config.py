@@ -6,6 +6,7 @@ examples/dreambooth/train_dreambooth_lora.py so existing commands run unchanged.
 """
 import argparse
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -745,6 +746,40 @@ def _check_data(args, images, skipped, notes):
     return images
 
 
+def _check_vae(args):
+    """A VAE of another family (an SD 1.x VAE on SDXL) trains in the wrong latent space without an error: compared
+    by config.json where both are local folders; otherwise when the VAE loads (families/base.py)."""
+    from .families.base import check_vae, vae_config_file
+    vae, model = args.pretrained_vae_model_name_or_path, args.pretrained_model_name_or_path
+    if not vae or not os.path.isdir(vae) or not os.path.isdir(model):
+        return
+    files = vae_config_file(vae), os.path.join(model, "vae", "config.json")
+    if not all(f and os.path.isfile(f) for f in files):
+        return
+    configs = []
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as f:
+                configs.append(json.load(f))
+        except (OSError, ValueError):
+            return  # the load names an unreadable file in its own words
+    theirs, ours = configs
+    check_vae(ours, theirs, vae, args._family.name)
+
+
+def _check_prompt_lengths(args, images, notes):
+    """The prompts that train against the text encoders' lengths, with the tokenizers alone (a model folder; a
+    single file is checked once it has loaded)."""
+    from . import prompt_lengths
+    from .families import ModelSource
+    source = ModelSource.from_args(args)
+    options = {flag: getattr(args, flag) for flag in args._family.flags}
+    family = prompt_lengths.text_side(args._family, source, options)
+    if family is not None:
+        prompt_lengths.check_all(family, args, images, prompt_lengths.position_limits(source, family.text_encoder_names),
+                                 notes)
+
+
 def validate(args, warn=print):
     """Every check that needs no model: one-line UsageError naming the flag and the fix. Warnings are
     printed only once all checks pass, so a failing run prints exactly one line."""
@@ -759,9 +794,11 @@ def validate(args, warn=print):
     notes += check_hub_flags(args)
     images, skipped = _find_instance_images(args)
     _check_family_defaults(args)  # may download the model's model_index.json: after the local checks
+    _check_vae(args)
     check_optimizer_flags(args, notes)  # reads the family's default learning rate
     args.resume_from_checkpoint = check_resume(args)  # compares the family-resolved LoRA targets
     _check_data(args, images, skipped, notes)
+    _check_prompt_lengths(args, images, notes)  # needs the captions (read above) and the tokenizers
     for note in notes:
         warn(note)
     return images

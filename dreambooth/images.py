@@ -15,12 +15,15 @@ from PIL import Image, ImageOps
 from .errors import UsageError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# 'photo.txt' (diffusers' datasets written out, most taggers) or 'photo.caption' (kohya's default), in any case:
+# 'photo.TXT' from a Windows tool is a caption too, not a file to skip
+CAPTION_EXTENSIONS = (".txt", ".caption")
 WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def list_instance_images(folder):
     """Image files and stray caption files of a folder, sorted so runs are reproducible.
-    Returns (image paths, number of other files skipped, caption .txt paths)."""
+    Returns (image paths, number of other files skipped, caption file paths)."""
     images, skipped, captions = [], 0, []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
@@ -29,7 +32,7 @@ def list_instance_images(folder):
         ext = os.path.splitext(name)[1].lower()
         if ext in IMAGE_EXTENSIONS:
             images.append(path)
-        elif ext == ".txt":
+        elif ext in CAPTION_EXTENSIONS:
             captions.append(path)
         else:
             skipped += 1
@@ -93,8 +96,25 @@ def load_rgb(path):
 
 
 def caption_path(image_path):
-    """'photo.txt' beside 'photo.jpg' is that image's caption."""
-    return os.path.splitext(image_path)[0] + ".txt"
+    """The caption file beside 'photo.jpg': 'photo.txt' or 'photo.caption' in any case ('photo.TXT'), or, where
+    there is none, the path 'photo.txt' would have (callers test it with os.path.isfile). Two captions for one
+    image are refused: which one trains would depend on the file system."""
+    folder, name = os.path.split(image_path)
+    stem = os.path.splitext(name)[0]
+    found = [n for n in _listing(folder or ".") if os.path.splitext(n)[0] == stem
+             and os.path.splitext(n)[1].lower() in CAPTION_EXTENSIONS]
+    if len(found) > 1:
+        raise UsageError(f"--instance_data_dir: caption files {os.path.join(folder, found[0])} and {found[1]} both "
+                         f"belong to {name}; keep one of them")
+    return os.path.join(folder, found[0]) if found else os.path.join(folder, stem + ".txt")
+
+
+def _listing(folder):
+    """A folder's file names (read per image: a folder of photos is small, and a cache could go stale)."""
+    try:
+        return sorted(os.listdir(folder))
+    except OSError:
+        return []
 
 
 def read_caption(path):

@@ -61,6 +61,10 @@ def embedding_file_name(output_dir):
     return (os.path.basename(os.path.normpath(os.path.abspath(output_dir))) or "lora") + EMB_SUFFIX
 
 
+# CLIP's 77 positions less the start and end tokens: every family's pivotal encoders are CLIP ones
+MAX_NEW_TOKENS = 75
+
+
 # ---- flag checks (no model) ---------------------------------------------------------------------------------
 def check_flags(args, notes):
     """The pivotal-tuning flags on their own and with the others; one line naming the flag and the fix."""
@@ -84,6 +88,10 @@ def check_flags(args, notes):
                          "the share of the steps the new token embeddings train (0.5 is diffusers' default)")
     if args.num_new_tokens_per_abstraction < 1:
         raise UsageError(f"--num_new_tokens_per_abstraction must be >= 1 (got {args.num_new_tokens_per_abstraction})")
+    if args.num_new_tokens_per_abstraction > MAX_NEW_TOKENS:  # before the tokenizer is asked to add them all
+        raise UsageError(f"--num_new_tokens_per_abstraction {args.num_new_tokens_per_abstraction} cannot fit in a "
+                         f"prompt: CLIP reads {MAX_NEW_TOKENS} tokens besides its start and end; use 1-4 (diffusers' "
+                         "default is 2)")
     words = abstractions(args.token_abstraction)
     if not words:
         raise UsageError("--token_abstraction is empty; give the word that stands for the subject in prompts, e.g. TOK")
@@ -104,11 +112,18 @@ def check_words_used(args, images, notes):
     photo), and so do we, loudly: the LoRA still trains. Runs once the captions are known."""
     if not args.train_text_encoder_ti:
         return
-    from .images import caption_path, read_caption
-    texts = [args.instance_prompt or ""]
-    texts += [read_caption(caption_path(p)) for p in images if os.path.isfile(caption_path(p))]
+    from .prompt_lengths import training_prompts
+    # what trains: each photo's caption where it has one (--instance_prompt only for the photos without)
+    used = [(where, text) for where, text in training_prompts(args, images)
+            if where.startswith(("caption", "--instance"))]
     for word in abstractions(args.token_abstraction):
-        if not any(_word(word).search(t) for t in texts):
+        if any(_word(word).search(t) for _, t in used):
+            continue
+        if _word(word).search(args.instance_prompt or ""):  # there, but every photo has a caption that replaces it
+            notes.append(f"warning: --token_abstraction {word}: every photo has a caption file and none has the "
+                         f"word (--instance_prompt, which has it, is used only for photos without one), so its new "
+                         f"tokens will not train (the LoRA still does); put {word} in the captions")
+        else:
             notes.append(f"warning: --token_abstraction {word}: the word is in neither --instance_prompt nor any "
                          f"caption, so its new tokens will not train (the LoRA still does); name the subject with it, "
                          f"e.g. --instance_prompt 'a photo of {word} dog'")

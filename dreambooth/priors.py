@@ -21,9 +21,13 @@ from .validation import save_png
 GENERATED = re.compile(r"^prior-([0-9a-f]{10})-(\d{5,})\.png$")
 
 
-def prior_settings(model, prompt, steps, seed, resolution, precision):
+def prior_settings(model, prompt, steps, seed, resolution, precision, components=None):
+    """(settings, cache key) of a set of class images. components: what else decides the images besides the base
+    model (--pretrained_vae_model_name_or_path, --revision, --variant), keyed in only when given, so the caches of
+    runs without them keep their keys."""
     settings = {"model": str(model), "prompt": prompt, "steps": steps, "seed": seed or 0,
                 "resolution": resolution, "precision": precision}
+    settings.update({k: str(v) for k, v in (components or {}).items() if v})
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return settings, key
 

@@ -88,6 +88,32 @@ def loaded(model, part, load, *args, flag=MODEL_FLAG, **kwargs):
         raise UsageError(load_error(model, part, e, flag)) from e
 
 
+# What makes two VAEs' latents interchangeable: the same channels, scale and shift. An SD 1.x VAE on SDXL (0.18215
+# against 0.13025) loads and trains without an error, in the wrong latent space.
+LATENT_SPACE = ("latent_channels", "scaling_factor", "shift_factor")
+
+
+def vae_config_file(path):
+    """The config.json of a local VAE folder, or of a pipeline folder's vae/; None otherwise (a hub id)."""
+    for candidate in (os.path.join(path, "vae", "config.json"), os.path.join(path, "config.json")):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def check_vae(base_config, vae_config, vae_path, family_name):
+    """--pretrained_vae_model_name_or_path must share the base VAE's latent space (configs as dicts)."""
+    def space(config):
+        return {k: (config.get(k) or 0.0) if k == "shift_factor" else config.get(k) for k in LATENT_SPACE}
+    ours, theirs = space(dict(base_config)), space(dict(vae_config))
+    differ = [k for k in LATENT_SPACE if ours[k] is not None and theirs[k] is not None and (
+        abs(float(ours[k]) - float(theirs[k])) > 1e-6)]
+    if differ:
+        show = ", ".join(f"{k} {theirs[k]} (the base's: {ours[k]})" for k in differ)
+        raise UsageError(f"--pretrained_vae_model_name_or_path {vae_path} is a VAE for another model family: {show}; "
+                         f"give a VAE made for {family_name} bases, or leave the flag out to use the base's own")
+
+
 class ModelFamily:
     """Components of one loaded base model and everything that depends on which family it is: the seam between
     the generic recipe/loop and a model family. A family module subclasses one of the two kinds below it
@@ -247,9 +273,11 @@ class ModelFamily:
                                    source.tokenizer_name, flag="--tokenizer_name", revision=source.revision)
         if source.vae_path:  # e.g. SDXL's fp16-fix VAE, SD 1.5's ft-MSE VAE: a VAE folder or a pipeline with vae/
             sub = "vae" if os.path.isdir(os.path.join(source.vae_path, "vae")) else None
+            own = dict(vae.config)
             vae = loaded(source.vae_path, "VAE", diffusers.AutoencoderKL.from_pretrained, source.vae_path,
                          subfolder=sub, torch_dtype=dtype, cache_dir=source.cache_dir,
                          flag="--pretrained_vae_model_name_or_path")
+            check_vae(own, vae.config, source.vae_path, cls.name)
         return cls(tokenizers, text_encoders, vae, denoiser, cls.training_scheduler(scheduler_config, source), names)
 
     # ---- frozen parts ---------------------------------------------------------------------------------------

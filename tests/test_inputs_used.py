@@ -1,0 +1,131 @@
+"""Checks that look at what a run really uses: the caption files (in any case, kohya's .caption too), the prompts
+as the tokenizers cut them, pivotal tuning's trigger in the captions, and a VAE from the same latent space. Each
+fails in one line before the model loads where the tokenizer or a config.json can tell."""
+import json
+import shutil
+
+import pytest
+
+from conftest import draw_subject
+from dreambooth import config, images, priors
+
+
+@pytest.fixture
+def captioned(tmp_path):
+    """Three photos, each with a caption file: (folder, write(name, text))."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        draw_subject(folder / f"dog{i}.png", shift=i * 3)
+
+    def write(name, text):
+        (folder / name).write_text(text, encoding="utf-8")
+    return str(folder), write
+
+
+def _notes(tiny_model, key, *flags):
+    """validate()'s notes for a run on a tiny model (nothing loads: validate reads files only)."""
+    notes = []
+    args = config.parse_args(["--pretrained_model_name_or_path", tiny_model[key], "--instance_prompt",
+                              "a photo of sks dog", "--output_dir", "/tmp/never-written", "--resolution", "64",
+                              *[str(f) for f in flags]])
+    config.validate(args, warn=notes.append)
+    return notes
+
+
+def test_captions_in_any_case_and_kohyas_extension_are_read(captioned):
+    folder, write = captioned
+    write("dog0.TXT", "a photo of sks dog on grass")  # a Windows tool's upper case
+    write("dog1.caption", "sks dog, studio")  # kohya's default caption extension
+    found = images.check_captions(images.list_images(folder))
+    assert found == {f"{folder}/dog0.png": "a photo of sks dog on grass", f"{folder}/dog1.png": "sks dog, studio"}
+    assert images.list_instance_images(folder) == ([f"{folder}/dog{i}.png" for i in range(3)], 0,
+                                                   [f"{folder}/dog0.TXT", f"{folder}/dog1.caption"])
+
+
+def test_two_captions_for_one_photo_are_refused(captioned, fails):
+    folder, write = captioned
+    write("dog0.txt", "one")
+    write("dog0.caption", "two")
+    assert fails("eps", "--instance_data_dir", folder) == (
+        f"--instance_data_dir: caption files {folder}/dog0.caption and dog0.txt both belong to dog0.png; keep one of "
+        "them")
+
+
+def test_pivotal_trigger_only_in_the_unused_instance_prompt_is_said(captioned, tiny_model):
+    """Every photo has a caption, so --instance_prompt (which has TOK) trains nothing: the check read it anyway."""
+    folder, write = captioned
+    for i in range(3):
+        write(f"dog{i}.txt", "a photo of a dog")
+    notes = _notes(tiny_model, "eps", "--instance_data_dir", folder, "--train_text_encoder_ti",
+                   "--instance_prompt", "a photo of TOK dog")
+    assert ("warning: --token_abstraction TOK: every photo has a caption file and none has the word "
+            "(--instance_prompt, which has it, is used only for photos without one), so its new tokens will not "
+            "train (the LoRA still does); put TOK in the captions") in notes
+    write("dog2.txt", "a photo of TOK dog")  # one caption names it: its rows train
+    assert not [n for n in _notes(tiny_model, "eps", "--instance_data_dir", folder, "--train_text_encoder_ti",
+                                  "--instance_prompt", "a photo of TOK dog") if "TOK" in n]
+
+
+def test_a_trigger_past_the_77_token_cut_is_refused(captioned, fails, tiny_model):
+    folder, write = captioned
+    write("dog1.txt", "a photo of " + "very " * 90 + "TOK dog")
+    assert fails("eps", "--instance_data_dir", folder, "--train_text_encoder_ti").startswith(
+        f"caption file {folder}/dog1.txt: the new tokens of TOK fall past the 77 tokens text_encoder reads (")
+    assert fails("eps", "--instance_data_dir", folder, "--train_text_encoder_ti").endswith(
+        "so they would not train on it; shorten it or move TOK nearer the start")
+    # SD 3: the same for both CLIP encoders, which get the new rows
+    assert fails("sd3", "--instance_data_dir", folder, "--train_text_encoder_ti").startswith(
+        f"caption file {folder}/dog1.txt: the new tokens of TOK fall past the 77 tokens text_encoder reads (")
+
+
+def test_long_prompts_are_noted_with_where_the_cut_falls(captioned, tiny_model):
+    folder, write = captioned
+    write("dog0.txt", "a photo of sks dog " + "and more words " * 40)
+    notes = _notes(tiny_model, "eps", "--instance_data_dir", folder)
+    cut = [n for n in notes if "longer than" in n]
+    assert len(cut) == 1 and cut[0].startswith("note: 1 prompt(s) are longer than the 77 tokens the text encoder "
+                                               "reads; the words after '")
+    assert cut[0].endswith(f"are not trained on (e.g. caption file {folder}/dog0.txt); shorten them")
+    # Flux: T5 reads --max_sequence_length tokens, CLIP's cut at 77 is by design: a prompt under 512 is not cut
+    assert not [n for n in _notes(tiny_model, "flux", "--instance_data_dir", folder) if "longer than" in n]
+
+
+@pytest.mark.parametrize("flags,line", [
+    (["--tokenizer_max_length", "200"],
+     "--tokenizer_max_length 200 is more than the 77 positions the model's text_encoder has; use 77 or less (or "
+     "leave it out: the tokenizer's own length)"),
+    (["--train_text_encoder_ti", "--num_new_tokens_per_abstraction", "1000000"],
+     "--num_new_tokens_per_abstraction 1000000 cannot fit in a prompt: CLIP reads 75 tokens besides its start and "
+     "end; use 1-4 (diffusers' default is 2)"),
+])
+def test_lengths_no_model_can_take(fails, flags, line):
+    """Before: an internal error mid-run (200 positions asked of a 77-position table) and a hang after load (a
+    million tokens added to the tokenizer)."""
+    assert fails("eps", *flags) == line
+
+
+def test_a_vae_of_another_family_is_refused(fails, tiny_model, instance_dir, tmp_path):
+    """An SD 1.x VAE (scaling 0.18215) on SDXL (0.13025) loads and trains, in the wrong latent space: refused from
+    the config.json before the load, and at the load where the base is a single file."""
+    vae = tmp_path / "sdxl-vae"
+    shutil.copytree(f"{tiny_model['eps']}/vae", vae)
+    cfg = json.loads((vae / "config.json").read_text())
+    cfg["scaling_factor"] = 0.13025
+    (vae / "config.json").write_text(json.dumps(cfg))
+    line = (f"--pretrained_vae_model_name_or_path {vae} is a VAE for another model family: scaling_factor 0.13025 "
+            "(the base's: 0.18215); give a VAE made for SD 1.x/2.x bases, or leave the flag out to use the base's own")
+    assert fails("eps", "--pretrained_vae_model_name_or_path", str(vae)) == line
+    assert fails("single", "--single_file_config", tiny_model["eps"], "--pretrained_vae_model_name_or_path",
+                 str(vae)) == line
+    # the base's own VAE is accepted (the check compares latent spaces, not files)
+    assert _notes(tiny_model, "eps", "--pretrained_vae_model_name_or_path", f"{tiny_model['eps']}/vae",
+                  "--instance_data_dir", instance_dir) == []
+
+
+def test_the_class_image_cache_key_includes_the_vae_revision_and_variant():
+    plain = priors.prior_settings("m", "a photo of dog", 25, 0, 64, "float32")
+    assert priors.prior_settings("m", "a photo of dog", 25, 0, 64, "float32", {"vae": None, "revision": None}) == plain
+    keys = {priors.prior_settings("m", "a photo of dog", 25, 0, 64, "float32", extra)[1]
+            for extra in ({"vae": "sd-vae-ft-mse"}, {"vae": "other-vae"}, {"revision": "fp16"}, {"variant": "fp16"})}
+    assert len(keys) == 4 and plain[1] not in keys
