@@ -61,10 +61,11 @@ def check_max_length(max_length, names, limits):
                              f"{name} has; use {limit} or less (or leave it out: the tokenizer's own length)")
 
 
-def check_prompt_lengths(family, max_length, prompts, mapping, pivotal_encoders, notes):
+def check_prompt_lengths(family, max_length, prompts, mapping, pivotal_encoders, notes, training=True):
     """prompts: [(where it comes from, text)] as they train; mapping: pivotal tuning's {word: [new tokens]} or None;
     pivotal_encoders: the indices of the encoders that get new rows. A trigger word whose new tokens fall past the
-    cut is an error (its rows would not train on that prompt); other cut prompts are a note."""
+    cut is an error (its rows would not train on that prompt; in infer.py, training=False: the trigger would be
+    dropped); other cut prompts are a note."""
     lengths = family.max_lengths(max_length)
     if mapping:
         from .pivotal import rewrite, _word
@@ -84,8 +85,9 @@ def check_prompt_lengths(family, max_length, prompts, mapping, pivotal_encoders,
                 if cut:
                     raise UsageError(
                         f"{where}: the new tokens of {words[0]} fall past the {length} tokens "
-                        f"{family.text_encoder_names[index]} reads ({len(ids)} with them), so they would not train "
-                        f"on it; shorten it or move {words[0]} nearer the start")
+                        f"{family.text_encoder_names[index]} reads ({len(ids)} with them), so "
+                        + ("they would not train on it" if training else "the image would not get the subject")
+                        + f"; shorten it or move {words[0]} nearer the start")
     # the encoder that reads the most decides what is lost (SD 3 / Flux: T5; CLIP's shorter cut is by design)
     longest = max(range(len(lengths)), key=lambda i: lengths[i])
     tokenizer, length = family.tokenizers[longest], lengths[longest]
@@ -94,7 +96,8 @@ def check_prompt_lengths(family, max_length, prompts, mapping, pivotal_encoders,
         where, ids = cut[0]
         tail = tokenizer.decode(ids[length - 4:length - 1], skip_special_tokens=True).strip()
         notes.append(f"note: {len(cut)} prompt(s) are longer than the {length} tokens the text encoder reads; the "
-                     f"words after '{tail}' are not trained on (e.g. {where}); shorten them")
+                     f"words after '{tail}' are " + ("not trained on" if training else "ignored")
+                     + f" (e.g. {where}); shorten them")
 
 
 def check_all(family, args, images, limits, notes):
@@ -133,3 +136,16 @@ def training_prompts(args, images):
             seen.add((where, text))
             unique.append((where, text))
     return unique
+
+
+def check_inference_prompts(pipe, family_class, prompts, mapping, notes):
+    """infer.py's prompts against the loaded pipeline's tokenizers, at the lengths the pipeline itself uses (its
+    T5 default for SD 3 / Flux): a trigger whose new tokens would be cut is refused, a cut prompt noted. diffusers
+    logs its own truncation warning, which our quiet logging hides."""
+    import inspect
+    family = family_class.from_pipeline(pipe)
+    default = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+    if default is not None and default.default is not inspect.Parameter.empty:
+        family.configure(max_sequence_length=default.default)
+    check_prompt_lengths(family, None, [(f"--prompt '{p}'", p) for p in prompts], mapping or None,
+                         family.pivotal_text_encoders(family.options), notes, training=False)
