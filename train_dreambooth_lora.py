@@ -419,8 +419,9 @@ class DreamBoothRecipe:
             # images generated into output_dir/class_images stay: a cache the next run reuses)
             if overwrite and not resume_dir:
                 checkpoints.clear_previous_run(output_dir)
-            accelerator.init_trackers("dreambooth-lora", config={k: v for k, v in effective_config(self.args).items()
-                                                                 if isinstance(v, (int, float, str, bool))})
+            from dreambooth.redaction import scrub_values
+            accelerator.init_trackers("dreambooth-lora", config=scrub_values({
+                k: v for k, v in effective_config(self.args).items() if isinstance(v, (int, float, str, bool))}))
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self):

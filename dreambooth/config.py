@@ -16,7 +16,7 @@ from .images import IMAGE_EXTENSIONS, check_captions, check_images, list_images,
 from .files import sniff_weights_file, writable_folder_problem
 from .lora_io import LORA_WEIGHT_NAME
 from .optimizers import OPTIMIZERS, check_optimizer_flags
-from . import pivotal
+from . import pivotal, redaction
 
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 INTERPOLATION_MODES = ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
@@ -452,6 +452,7 @@ def parse_args(argv=None):
     """Command line over --config file over built-in defaults."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    redaction.remember_from_argv(argv)  # before parsing: an error line that echoes the token is scrubbed too
     # the file's path, found as argparse finds it (`--conf f.yaml` is an accepted abbreviation too)
     config_path = build_parser().parse_known_args(argv)[0].config
     tokens = []
@@ -463,6 +464,11 @@ def parse_args(argv=None):
             raise UsageError(f"--config {config_path}: {e}")
     args = parser.parse_args(tokens + argv)  # later tokens win: the command line over the file
     args.config = config_path
+    redaction.remember(args.hub_token)  # also a token that came from the --config file
+    # what was asked, before validation and the run fill in the family's defaults and what they decide (None =
+    # "decide"): config.yaml records this, so a replay decides again, for its own model and flags
+    args._requested = {k: list(v) if isinstance(v, list) else v for k, v in vars(args).items()
+                       if not k.startswith("_")}
     args._family, args._hub_repo_id = None, None  # set by validate() and before training; never saved
     args._lora_targets_flag = "--lora_target_modules"
     if args.local_rank == -1 and os.environ.get("LOCAL_RANK", "").isdigit():  # as diffusers: the launcher's env wins
@@ -470,12 +476,38 @@ def parse_args(argv=None):
     return args
 
 
-NOT_SAVED = ("config", "hub_token", "debug", "local_rank")  # secrets and per-launch facts: not part of a recipe
+# Secrets and per-launch facts: not part of a recipe. A replay must not replace the run it was made from
+# (--overwrite_output_dir) nor continue the original's checkpoint (--resume_from_checkpoint).
+NOT_SAVED = ("config", "hub_token", "debug", "local_rank", "overwrite_output_dir", "resume_from_checkpoint")
+RECIPE_MARKER = "# train_dreambooth_lora.py run recipe"  # config.yaml's first line: how a later run knows it is ours
 
 
 def effective_config(args):
-    """The flags as a plain dict, for output_dir/config.yaml and the model card (never the Hub token)."""
+    """The flags as the run used them, as a plain dict (the trackers' config; never the Hub token)."""
     return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SAVED and not k.startswith("_")}
+
+
+def recipe(args):
+    """The flags as asked (command line over --config file over defaults): what config.yaml saves. Values the
+    family or the run decides (resolution, learning rate, LoRA targets, guidance, cache_latents,
+    pre_compute_text_embeddings, mixed precision...) stay undecided, so a replay with another model or one flag
+    changed decides them again instead of failing on a flag the user never gave."""
+    asked = getattr(args, "_requested", None) or {}
+    return {k: asked.get(k, v) for k, v in effective_config(args).items()}
+
+
+def recipe_yaml(args):
+    """config.yaml: the recipe, headed by how to replay it and what this run decided for the values left open."""
+    import json
+    import yaml
+    asked, used = recipe(args), effective_config(args)
+    decided = [f"#   {k}: {json.dumps(used[k])}" for k in used if used[k] != asked[k]]
+    head = [RECIPE_MARKER + ": replay it with",
+            "#   accelerate launch train_dreambooth_lora.py --config <this file> --output_dir <a new folder>"]
+    if decided:
+        head += ["# Values not given were decided by the run (again by a replay, for its own model); this run used:",
+                 *decided]
+    return "\n".join(head) + "\n" + yaml.safe_dump(asked, sort_keys=True)
 
 
 def _instance_folder_images(folder):
