@@ -16,7 +16,7 @@ from .images import IMAGE_EXTENSIONS, check_captions, check_images, list_images,
 from .files import sniff_weights_file, writable_folder_problem
 from .lora_io import LORA_WEIGHT_NAME
 from .optimizers import OPTIMIZERS, check_optimizer_flags
-from . import pivotal, redaction
+from . import outputs, pivotal, redaction
 
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 INTERPOLATION_MODES = ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
@@ -479,7 +479,6 @@ def parse_args(argv=None):
 # Secrets and per-launch facts: not part of a recipe. A replay must not replace the run it was made from
 # (--overwrite_output_dir) nor continue the original's checkpoint (--resume_from_checkpoint).
 NOT_SAVED = ("config", "hub_token", "debug", "local_rank", "overwrite_output_dir", "resume_from_checkpoint")
-RECIPE_MARKER = "# train_dreambooth_lora.py run recipe"  # config.yaml's first line: how a later run knows it is ours
 
 
 def effective_config(args):
@@ -502,7 +501,7 @@ def recipe_yaml(args):
     import yaml
     asked, used = recipe(args), effective_config(args)
     decided = [f"#   {k}: {json.dumps(used[k])}" for k in used if used[k] != asked[k]]
-    head = [RECIPE_MARKER + ": replay it with",
+    head = [outputs.RECIPE_MARKER + ": replay it with",  # the marker: how a later run knows the file is ours
             "#   accelerate launch train_dreambooth_lora.py --config <this file> --output_dir <a new folder>"]
     if decided:
         head += ["# Values not given were decided by the run (again by a replay, for its own model); this run used:",
@@ -746,6 +745,8 @@ def _check_output(args):
         raise UsageError(f"--output_dir {args.output_dir} already holds a finished run ({LORA_WEIGHT_NAME}); "
                          "choose another folder, add --overwrite_output_dir to replace it, or continue it with "
                          "--resume_from_checkpoint latest and a higher --max_train_steps")
+    outputs.check_foreign_files(args)  # nothing the run did not write is replaced or deleted, with or without
+    outputs.check_folders(args)        # --overwrite_output_dir; and it never writes among the training photos
     if args.with_prior_preservation and args.class_data_dir:
         problem = writable_folder_problem(args.class_data_dir)
         if problem:
