@@ -457,13 +457,16 @@ def parse_args(argv=None):
     config_path = build_parser().parse_known_args(argv)[0].config
     tokens = []
     if config_path:
-        tokens = _config_tokens(parser, _read_config_file(config_path), config_path)
+        data = _read_config_file(config_path)
+        redaction.remember(str(data.get("hub_token") or ""))  # even when the command line gives another
+        tokens = _config_tokens(parser, data, config_path)
         try:
             parser.parse_args(tokens)  # alone first, so a bad value is reported as the file's
         except UsageError as e:
             raise UsageError(f"--config {config_path}: {e}")
     args = parser.parse_args(tokens + argv)  # later tokens win: the command line over the file
     args.config = config_path
+    args._argv = argv  # the command line as given, for the card's Reproduce section (main(argv) need not be sys.argv)
     redaction.remember(args.hub_token)  # also a token that came from the --config file
     # what was asked, before validation and the run fill in the family's defaults and what they decide (None =
     # "decide"): config.yaml records this, so a replay decides again, for its own model and flags

@@ -20,9 +20,15 @@ _known = set()
 
 def is_token_option(word):
     """`--hub_token` or any abbreviation argparse resolves to it (the other --hub_* flag differs from `--hub_t`
-    on), with or without `=value`."""
+    on), with or without `=value`; or a misspelling of it (`--hub-token`, `--hub_tokn`), whose value argparse's
+    'unrecognized arguments' line would otherwise echo."""
     name = word.split("=", 1)[0]
-    return len(name) > len("--hub_") and TOKEN_FLAG.startswith(name)
+    if not name.startswith("--"):
+        return False
+    if len(name) > len("--hub_") and TOKEN_FLAG.startswith(name):
+        return True
+    import difflib
+    return difflib.SequenceMatcher(None, name.lower(), TOKEN_FLAG).ratio() >= 0.85
 
 
 def remember(*values):

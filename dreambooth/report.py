@@ -325,7 +325,9 @@ def write_run_files(args, steps, seconds, family=None, kohya_file=None, pivotal=
     """config.yaml to repeat the run, README.md model card: the Hub's YAML block (licence, base model, tags,
     instance prompt, widget), how to use the LoRA in diffusers, ComfyUI and A1111, the settings and the command."""
     write_text(os.path.join(args.output_dir, "config.yaml"), recipe_yaml(args))
-    command = "accelerate launch train_dreambooth_lora.py " + " ".join(shlex.quote(a) for a in redacted(sys.argv[1:]))
+    argv = getattr(args, "_argv", None)
+    command = "accelerate launch train_dreambooth_lora.py " + " ".join(
+        shlex.quote(a) for a in redacted(sys.argv[1:] if argv is None else argv))
     write_text(os.path.join(args.output_dir, "README.md"), model_card(args, steps, seconds, family, kohya_file, command,
                                                                             pivotal))
 
