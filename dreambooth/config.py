@@ -110,7 +110,8 @@ def build_parser():
     g = p.add_argument_group("config file")
     g.add_argument("--config", type=path_arg, default=None,
                    help="YAML or TOML file whose keys are flag names (without --). Command-line flags win. "
-                        "The effective config is saved as output_dir/config.yaml.")
+                        "The flags as asked are saved as output_dir/config.yaml (what the run decided itself as "
+                        "comments): replay it with --config and a new --output_dir.")
 
     g.add_argument("--debug", action="store_true",
                    help="Show the full Python traceback on errors (for bug reports); same as DREAMBOOTH_DEBUG=1.")
@@ -252,8 +253,9 @@ def build_parser():
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", type=path_arg, default="lora-dreambooth-model", help="Where weights and checkpoints go.")
     g.add_argument("--overwrite_output_dir", action=argparse.BooleanOptionalAction, default=False,
-                   help="Train into an --output_dir that already holds a finished run, replacing its LoRA files "
-                        "(without it that is refused; --resume_from_checkpoint continues a run instead).")
+                   help="Train into an --output_dir that already holds a finished run, replacing its files (only "
+                        "the previous run's own: other files in the folder stay); without it that is refused; "
+                        "--resume_from_checkpoint continues a run instead. Never saved in config.yaml.")
     g.add_argument("--seed", type=seed_int, default=None, help="Seed for reproducible training and class images.")
     g.add_argument("--train_batch_size", type=int, default=4, help="Instance images per device per step.")
     g.add_argument("--num_train_epochs", type=int, default=1, help="Epochs (ignored when max_train_steps is set).")

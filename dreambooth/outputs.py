@@ -18,6 +18,7 @@ import struct
 
 from .checkpoints import CHECKPOINT, is_our_checkpoint
 from .errors import UsageError
+from .files import writable_folder_problem
 from .lora_io import LORA_WEIGHT_NAME
 from .pivotal import EMB_SUFFIX, TOKENS_METADATA
 
@@ -329,7 +330,8 @@ class FolderLock:
 
     def __enter__(self):
         folder = self.folder
-        if fcntl is None or not self.main_process or not folder or not str(folder).strip() or os.path.isfile(folder):
+        if fcntl is None or not self.main_process or not folder or not str(folder).strip() or os.path.isfile(folder) \
+                or writable_folder_problem(folder):
             return self  # nothing to lock here: the flag checks say what is wrong with the folder, if anything
         probe, missing = os.path.abspath(folder), []
         while not os.path.exists(probe):
