@@ -482,8 +482,10 @@ def parse_args(argv=None):
 
 
 # Secrets and per-launch facts: not part of a recipe. A replay must not replace the run it was made from
-# (--overwrite_output_dir) nor continue the original's checkpoint (--resume_from_checkpoint).
-NOT_SAVED = ("config", "hub_token", "debug", "local_rank", "overwrite_output_dir", "resume_from_checkpoint")
+# (--overwrite_output_dir; the Hub repo it was uploaded to), nor continue the original's checkpoint
+# (--resume_from_checkpoint): it uploads only when asked, to the repo it is told or named after its new folder.
+NOT_SAVED = ("config", "hub_token", "debug", "local_rank", "overwrite_output_dir", "resume_from_checkpoint",
+             "push_to_hub", "hub_model_id")
 
 
 def effective_config(args):

@@ -133,11 +133,13 @@ def foreign_files(args):
     """What in output_dir a run would replace but did not write: files at the names it writes at the end, and
     checkpoint-N folders (whose names its checkpoints take, and 'latest' would pick). [(name, what)]."""
     folder = args.output_dir
-    if not os.path.isdir(folder):
+    try:
+        entries = os.listdir(folder)
+    except OSError:  # none yet, or not readable: nothing there to replace
         return []
     found = [(name, what) for name, what in final_files(args).items()
              if os.path.lexists(os.path.join(folder, name)) and not is_ours(folder, name)]
-    found += [(name + "/", "checkpoints") for name in sorted(os.listdir(folder), key=_step_order)
+    found += [(name + "/", "checkpoints") for name in sorted(entries, key=_step_order)
               if CHECKPOINT.match(name) and os.path.isdir(os.path.join(folder, name))
               and not is_our_checkpoint(os.path.join(folder, name))]
     return found

@@ -241,7 +241,9 @@ def test_no_token_in_any_file_replays_and_overwrite(world, in_process, capsys, m
     card = files["README.md"].decode()
     assert "--hub_tok HUB_TOKEN --hub_to=HUB_TOKEN" in card and f"--config {config}" in card
     recipe = files["config.yaml"].decode()
-    assert recipe.startswith(outputs.RECIPE_MARKER) and "overwrite_output_dir" not in recipe
+    assert recipe.startswith(outputs.RECIPE_MARKER)
+    assert not [k for k in ("overwrite_output_dir", "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_token")
+                if k in recipe]  # a replay never replaces, continues or re-uploads the run it came from
     assert "\nrank: 2\n" in recipe and "\npre_compute_text_embeddings: null\n" in recipe
     assert "\n#   pre_compute_text_embeddings: false\n" in recipe  # what the run decided, for the reader
 
