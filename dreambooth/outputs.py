@@ -248,7 +248,7 @@ def _where(inner, outer):
 def check_folders(args):
     """The run must never write where it reads training images, nor read its own outputs as training images:
     --output_dir, --class_data_dir (generated images go there), --logging_dir and --cache_dir against
-    --instance_data_dir, and against each other. Compared as real paths (symlinks and relative paths resolved).
+    --instance_data_dir, and against each other; nor into the base model's folder. Compared as real paths (symlinks and relative paths resolved).
     One line naming both flags and the fix."""
     out_flag = f"--output_dir {args.output_dir}"
     out = _real(args.output_dir)
@@ -311,6 +311,10 @@ def check_folders(args):
             if path and _within(path, cls):
                 raise UsageError(f"{flag} {value} {_where(path, cls)} {cls_flag}: {what} would be written among the "
                                  f"class images; choose a {flag} elsewhere")
+    model = str(args.pretrained_model_name_or_path or "")
+    if model and os.path.isdir(model) and _within(out, _real(model)):
+        raise UsageError(f"{out_flag} {_where(out, _real(model))} --pretrained_model_name_or_path {model}: the run's "
+                         "files would be written into the base model's folder; choose an --output_dir outside it")
     if cache and (cache == out or (_within(cache, out) and args.push_to_hub)):
         raise UsageError(f"--cache_dir {args.cache_dir} {_where(cache, out)} {out_flag}: the downloaded models would "
                          "mix with the run's files" + (" and be uploaded by --push_to_hub" if args.push_to_hub else "")

@@ -374,6 +374,10 @@ OVERLAP_CASES = [  # (id, overrides or a function of tmp_path giving them, line)
     ("model cache into the photos", lambda t: {"cache_dir": f"{t}/dog"},
      "--cache_dir {t}/dog is the same folder as --instance_data_dir {t}/dog: model downloads would be written among "
      "the training photos; choose a --cache_dir elsewhere"),
+    ("output inside the base model's folder", lambda t: {"pretrained_model_name_or_path": f"{t}/model",
+                                                          "output_dir": f"{t}/model/lora"},
+     "--output_dir {t}/model/lora is inside --pretrained_model_name_or_path {t}/model: the run's files would be "
+     "written into the base model's folder; choose an --output_dir outside it"),
     ("model cache is the output folder", lambda t: {"cache_dir": f"{t}/out"},
      "--cache_dir {t}/out is the same folder as --output_dir {t}/out: the downloaded models would mix with the run's "
      "files; choose a --cache_dir outside --output_dir"),
@@ -381,7 +385,8 @@ OVERLAP_CASES = [  # (id, overrides or a function of tmp_path giving them, line)
 
 
 @pytest.mark.parametrize("name,overrides,line", OVERLAP_CASES, ids=[c[0] for c in OVERLAP_CASES])
-def test_never_writes_among_the_training_photos(world, capsys, name, overrides, line):
+def test_never_writes_among_the_training_photos(world, capsys, tiny_model, name, overrides, line):
+    os.symlink(tiny_model["eps"], world[0] / "model")  # a base model folder of the user's
     fails_with(world, capsys, line, **overrides(world[0]))
 
 
