@@ -43,11 +43,13 @@ def _main(argv):
     from dreambooth.report import RunStats
     stats = RunStats()
     args = parse_args(argv)
-    instance_images = validate(args, warn=log_main)
-    if args.push_to_hub and os.environ.get("RANK", "0") == "0":  # as diffusers: the repo exists before training
-        from dreambooth.hub import prepare_repo
-        args._hub_repo_id = prepare_repo(args.hub_model_id, args.output_dir, args.hub_token)
-    return train(args, instance_images, stats)
+    from dreambooth.outputs import FolderLock
+    with FolderLock(args.output_dir, main_process=os.environ.get("RANK", "0") == "0"):  # one run per folder
+        instance_images = validate(args, warn=log_main)
+        if args.push_to_hub and os.environ.get("RANK", "0") == "0":  # as diffusers: the repo exists before training
+            from dreambooth.hub import prepare_repo
+            args._hub_repo_id = prepare_repo(args.hub_model_id, args.output_dir, args.hub_token)
+        return train(args, instance_images, stats)
 
 
 def train(args, instance_images, stats):
@@ -449,10 +451,14 @@ class DreamBoothRecipe:
         if accelerator.is_main_process:
             os.makedirs(output_dir, exist_ok=True)  # only now: a run that failed above leaves no outputs (class
             # images generated into output_dir/class_images stay: a cache the next run reuses)
-            if overwrite and not resume_dir:
-                checkpoints.clear_previous_run(output_dir)
-            accelerator.init_trackers("dreambooth-lora", config={k: v for k, v in effective_config(self.args).items()
-                                                                 if isinstance(v, (int, float, str, bool))})
+            if overwrite and not resume_dir:  # the previous run's own files only; the note says what stayed
+                from dreambooth import outputs
+                note = outputs.kept_note(output_dir, outputs.clear_previous_run(output_dir))
+                if note:
+                    print(note, file=sys.stderr, flush=True)
+            from dreambooth.redaction import scrub_values
+            accelerator.init_trackers("dreambooth-lora", config=scrub_values({
+                k: v for k, v in effective_config(self.args).items() if isinstance(v, (int, float, str, bool))}))
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self):
@@ -644,6 +650,9 @@ class DreamBoothRecipe:
             accelerator.print(f"done: {step} steps; LoRA weights in {a.output_dir}/{lora_io.LORA_WEIGHT_NAME}")
         accelerator.end_training()
         extra = [a.logging_dir.rstrip("/") + "/"] if not os.path.isabs(a.logging_dir) else []
+        if a.push_to_hub and accelerator.is_main_process:
+            from dreambooth import hub, outputs
+            extra += outputs.upload_excludes(a, ignored=list(hub.IGNORE) + extra)  # never what the run did not write
         if stop.requested:
             if accelerator.is_main_process:
                 from dreambooth import hub
@@ -665,9 +674,9 @@ class DreamBoothRecipe:
     def _save_kohya(self, folder, intermediate=False):
         """The kohya-layout file for ComfyUI/A1111: <output_dir name>.safetensors, and in a checkpoint folder
         <name>-step00000N.safetensors as sd-scripts names intermediate saves (the UIs list both apart)."""
-        from dreambooth import kohya_metadata, lora_io, optimizers, report
+        from dreambooth import kohya_metadata, lora_io, optimizers, outputs, report
         a, accelerator, step = self.args, self.accelerator, self.position.step
-        name = os.path.basename(os.path.normpath(os.path.abspath(a.output_dir))) or "lora"
+        name = outputs.run_name(a.output_dir)
         output_name = f"{name}-step{step:08d}" if intermediate else name
         captions = [self.dataset.prompts[i] for i in self.dataset.instance_prompt_ids]
         source = a.dataset_name or a.instance_data_dir

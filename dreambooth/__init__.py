@@ -7,6 +7,7 @@ models      LoRA attachment and checks against the model        training   loss,
 priors      class-prior images                                  lora_io    diffusers and kohya LoRA files
 checkpoints checkpoints, resume checks, signals                 hub        --push_to_hub
 report      trackers, stats, model card                         validation validation grids
+outputs     the output folder: ownership, overwrite, lock       redaction  the Hub token scrubbed from outputs
 """
 
 __version__ = "0.1.0"

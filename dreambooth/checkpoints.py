@@ -214,14 +214,11 @@ def check_resume_step(path, max_train_steps):
                          "run is finished; raise --max_train_steps to train further")
 
 
-def clear_previous_run(output_dir):
-    """--overwrite_output_dir: the old run's checkpoints, LoRA files and grids go, so 'latest' and the UIs never
-    pick up a stale one. Class images (a cache keyed by their settings) and tracker logs stay."""
-    for path in list_checkpoints(output_dir) + [os.path.join(output_dir, "validation")]:
-        shutil.rmtree(path, ignore_errors=True)
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        if name.endswith(".safetensors") or name in ("train_stats.json", "loss.png"):
-            os.remove(os.path.join(output_dir, name))
+def is_our_checkpoint(path):
+    """A checkpoint-N folder this trainer wrote: it always writes lora_settings.json, and accelerate's state files
+    with our loop position (custom_checkpoint_0.pkl). Only these are ever replaced or pruned."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, SETTINGS_NAME))
+                                    or all(os.path.isfile(os.path.join(path, n)) for n in STATE_FILES))
 
 
 def save_checkpoint(accelerator, output_dir, step, settings, total_limit=None, needed_bytes=0):
@@ -229,6 +226,10 @@ def save_checkpoint(accelerator, output_dir, step, settings, total_limit=None, n
     check_free_space(output_dir, needed_bytes, f"checkpoint-{step}")
     final = os.path.join(output_dir, f"checkpoint-{step}")
     staging = final + ".tmp"
+    for path in (staging, final):  # refused up front (outputs.check_foreign_files); one copied in since, too
+        if accelerator.is_main_process and os.path.isdir(path) and not is_our_checkpoint(path):
+            raise UsageError(f"--output_dir {output_dir}: {os.path.basename(path)}/ was not written by this trainer "
+                             "and the run's checkpoint takes its name; move it out of the folder")
     if accelerator.is_main_process and os.path.isdir(staging):
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
@@ -240,7 +241,7 @@ def save_checkpoint(accelerator, output_dir, step, settings, total_limit=None, n
             shutil.rmtree(final)
         os.replace(staging, final)
         if total_limit:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
+            for old in [p for p in list_checkpoints(output_dir) if is_our_checkpoint(p)][:-total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

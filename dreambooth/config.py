@@ -17,7 +17,7 @@ from .images import IMAGE_EXTENSIONS, check_captions, check_images, list_images,
 from .files import sniff_weights_file, writable_folder_problem
 from .lora_io import LORA_WEIGHT_NAME
 from .optimizers import OPTIMIZERS, check_optimizer_flags
-from . import pivotal
+from . import outputs, pivotal, redaction
 
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 INTERPOLATION_MODES = ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
@@ -111,7 +111,8 @@ def build_parser():
     g = p.add_argument_group("config file")
     g.add_argument("--config", type=path_arg, default=None,
                    help="YAML or TOML file whose keys are flag names (without --). Command-line flags win. "
-                        "The effective config is saved as output_dir/config.yaml.")
+                        "The flags as asked are saved as output_dir/config.yaml (what the run decided itself as "
+                        "comments): replay it with --config and a new --output_dir.")
 
     g.add_argument("--debug", action="store_true",
                    help="Show the full Python traceback on errors (for bug reports); same as DREAMBOOTH_DEBUG=1.")
@@ -253,8 +254,9 @@ def build_parser():
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", type=path_arg, default="lora-dreambooth-model", help="Where weights and checkpoints go.")
     g.add_argument("--overwrite_output_dir", action=argparse.BooleanOptionalAction, default=False,
-                   help="Train into an --output_dir that already holds a finished run, replacing its LoRA files "
-                        "(without it that is refused; --resume_from_checkpoint continues a run instead).")
+                   help="Train into an --output_dir that already holds a finished run, replacing its files (only "
+                        "the previous run's own: other files in the folder stay); without it that is refused; "
+                        "--resume_from_checkpoint continues a run instead. Never saved in config.yaml.")
     g.add_argument("--seed", type=seed_int, default=None, help="Seed for reproducible training and class images.")
     g.add_argument("--train_batch_size", type=int, default=4, help="Instance images per device per step.")
     g.add_argument("--num_train_epochs", type=int, default=1, help="Epochs (ignored when max_train_steps is set).")
@@ -453,17 +455,26 @@ def parse_args(argv=None):
     """Command line over --config file over built-in defaults."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    redaction.remember_from_argv(argv)  # before parsing: an error line that echoes the token is scrubbed too
     # the file's path, found as argparse finds it (`--conf f.yaml` is an accepted abbreviation too)
     config_path = build_parser().parse_known_args(argv)[0].config
     tokens = []
     if config_path:
-        tokens = _config_tokens(parser, _read_config_file(config_path), config_path)
+        data = _read_config_file(config_path)
+        redaction.remember(str(data.get("hub_token") or ""))  # even when the command line gives another
+        tokens = _config_tokens(parser, data, config_path)
         try:
             parser.parse_args(tokens)  # alone first, so a bad value is reported as the file's
         except UsageError as e:
             raise UsageError(f"--config {config_path}: {e}")
     args = parser.parse_args(tokens + argv)  # later tokens win: the command line over the file
     args.config = config_path
+    args._argv = argv  # the command line as given, for the card's Reproduce section (main(argv) need not be sys.argv)
+    redaction.remember(args.hub_token)  # also a token that came from the --config file
+    # what was asked, before validation and the run fill in the family's defaults and what they decide (None =
+    # "decide"): config.yaml records this, so a replay decides again, for its own model and flags
+    args._requested = {k: list(v) if isinstance(v, list) else v for k, v in vars(args).items()
+                       if not k.startswith("_")}
     args._family, args._hub_repo_id = None, None  # set by validate() and before training; never saved
     args._lora_targets_flag = "--lora_target_modules"
     if args.local_rank == -1 and os.environ.get("LOCAL_RANK", "").isdigit():  # as diffusers: the launcher's env wins
@@ -471,12 +482,39 @@ def parse_args(argv=None):
     return args
 
 
-NOT_SAVED = ("config", "hub_token", "debug", "local_rank")  # secrets and per-launch facts: not part of a recipe
+# Secrets and per-launch facts: not part of a recipe. A replay must not replace the run it was made from
+# (--overwrite_output_dir; the Hub repo it was uploaded to), nor continue the original's checkpoint
+# (--resume_from_checkpoint): it uploads only when asked, to the repo it is told or named after its new folder.
+NOT_SAVED = ("config", "hub_token", "debug", "local_rank", "overwrite_output_dir", "resume_from_checkpoint",
+             "push_to_hub", "hub_model_id")
 
 
 def effective_config(args):
-    """The flags as a plain dict, for output_dir/config.yaml and the model card (never the Hub token)."""
+    """The flags as the run used them, as a plain dict (the trackers' config; never the Hub token)."""
     return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SAVED and not k.startswith("_")}
+
+
+def recipe(args):
+    """The flags as asked (command line over --config file over defaults): what config.yaml saves. Values the
+    family or the run decides (resolution, learning rate, LoRA targets, guidance, cache_latents,
+    pre_compute_text_embeddings, mixed precision...) stay undecided, so a replay with another model or one flag
+    changed decides them again instead of failing on a flag the user never gave."""
+    asked = getattr(args, "_requested", None) or {}
+    return {k: asked.get(k, v) for k, v in effective_config(args).items()}
+
+
+def recipe_yaml(args):
+    """config.yaml: the recipe, headed by how to replay it and what this run decided for the values left open."""
+    import json
+    import yaml
+    asked, used = recipe(args), effective_config(args)
+    decided = [f"#   {k}: {json.dumps(used[k])}" for k in used if used[k] != asked[k]]
+    head = [outputs.RECIPE_MARKER + ": replay it with",  # the marker: how a later run knows the file is ours
+            "#   accelerate launch train_dreambooth_lora.py --config <this file> --output_dir <a new folder>"]
+    if decided:
+        head += ["# Values not given were decided by the run (again by a replay, for its own model); this run used:",
+                 *decided]
+    return "\n".join(head) + "\n" + yaml.safe_dump(asked, sort_keys=True)
 
 
 def _instance_folder_images(folder):
@@ -715,6 +753,8 @@ def _check_output(args):
         raise UsageError(f"--output_dir {args.output_dir} already holds a finished run ({LORA_WEIGHT_NAME}); "
                          "choose another folder, add --overwrite_output_dir to replace it, or continue it with "
                          "--resume_from_checkpoint latest and a higher --max_train_steps")
+    outputs.check_foreign_files(args)  # nothing the run did not write is replaced or deleted, with or without
+    outputs.check_folders(args)        # --overwrite_output_dir; and it never writes among the training photos
     if args.with_prior_preservation and args.class_data_dir:
         problem = writable_folder_problem(args.class_data_dir)
         if problem:

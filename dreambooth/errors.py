@@ -9,6 +9,8 @@ import errno
 import os
 import sys
 
+from .redaction import scrub
+
 DEBUG_ENV = "DREAMBOOTH_DEBUG"
 
 
@@ -56,21 +58,21 @@ def run_cli(prog, main, argv=None):
     except UsageError as e:
         if debug:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {scrub(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # raised with a message where there is something to say (what was kept)
         if debug:
             raise
-        print(f"\n{prog}: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        print(f"\n{prog}: {scrub(e.args[0]) if e.args else 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: keep the line short, say how to get the details
         if debug:
             raise
         line = os_error_line(e) if isinstance(e, OSError) else None
         if line:
-            print(f"{prog}: error: {line}", file=sys.stderr)
+            print(f"{prog}: error: {scrub(line)}", file=sys.stderr)
             return 2
-        print(f"{prog}: internal error: {type(e).__name__}: {first_line(e)} -- this is a bug: rerun the same command "
-              f"with --debug (or {DEBUG_ENV}=1) and report it with that traceback "
+        print(f"{prog}: internal error: {type(e).__name__}: {scrub(first_line(e))} -- this is a bug: rerun the same "
+              f"command with --debug (or {DEBUG_ENV}=1) and report it with that traceback "
               "(docs/troubleshooting.md, 'Reporting a bug')", file=sys.stderr)
         return 1

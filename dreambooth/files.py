@@ -9,6 +9,7 @@ import struct
 import tempfile
 
 from .errors import UsageError
+from .redaction import scrub
 
 
 def _current_umask():
@@ -38,6 +39,10 @@ def atomic_write(path, write):
 
 
 def write_text(path, text):
+    """Every text file a run writes (card, config.yaml, stats, checkpoint settings) goes through here: the Hub
+    token is scrubbed from it by value, whatever carried it in."""
+    text = scrub(text)
+
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)

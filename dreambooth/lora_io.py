@@ -142,7 +142,8 @@ def save_kohya_lora(folder, name, family, denoiser, text_encoders, run):
     from safetensors.torch import save_file
     from . import kohya_metadata
     state = kohya_state_dict(family, denoiser, text_encoders)
-    metadata = kohya_metadata.build(family.header_facts(), run, state)
+    from .redaction import scrub_values
+    metadata = scrub_values(kohya_metadata.build(family.header_facts(), run, state))
     path = os.path.join(folder, f"{name}.safetensors")
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     return path

@@ -233,7 +233,8 @@ class PivotalTokens:
         from safetensors.torch import save_file
         from .files import atomic_write
         state = self.state_dict()
-        metadata = {TOKENS_METADATA: json.dumps(self.mapping)}
+        from .redaction import scrub_values
+        metadata = scrub_values({TOKENS_METADATA: json.dumps(self.mapping)})
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
         return path
 

@@ -12,7 +12,7 @@ import time
 
 from PIL import Image, ImageDraw
 
-from .config import effective_config
+from .config import recipe_yaml
 from .files import write_text
 
 
@@ -180,12 +180,10 @@ def available_trackers(report_to, warn=print):
 
 
 def redacted(argv):
-    """The command line with the Hub token's value replaced: the card is uploaded and shown publicly."""
-    out, hide = [], False
-    for a in argv:
-        out.append("HUB_TOKEN" if hide else ("--hub_token=HUB_TOKEN" if a.startswith("--hub_token=") else a))
-        hide = a == "--hub_token"
-    return out
+    """The command line with the Hub token's value replaced, in every spelling argparse accepts and wherever else
+    the token's value appears: the card is uploaded and shown publicly."""
+    from .redaction import redact_argv
+    return redact_argv(argv)
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -326,10 +324,10 @@ def pivotal_usage(args, pivotal, embedding_name):
 def write_run_files(args, steps, seconds, family=None, kohya_file=None, pivotal=None):
     """config.yaml to repeat the run, README.md model card: the Hub's YAML block (licence, base model, tags,
     instance prompt, widget), how to use the LoRA in diffusers, ComfyUI and A1111, the settings and the command."""
-    import yaml
-    config = effective_config(args)
-    write_text(os.path.join(args.output_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=True))
-    command = "accelerate launch train_dreambooth_lora.py " + " ".join(shlex.quote(a) for a in redacted(sys.argv[1:]))
+    write_text(os.path.join(args.output_dir, "config.yaml"), recipe_yaml(args))
+    argv = getattr(args, "_argv", None)
+    command = "accelerate launch train_dreambooth_lora.py " + " ".join(
+        shlex.quote(a) for a in redacted(sys.argv[1:] if argv is None else argv))
     write_text(os.path.join(args.output_dir, "README.md"), model_card(args, steps, seconds, family, kohya_file, command,
                                                                             pivotal))
 
@@ -473,6 +471,7 @@ pipe.load_lora_weights("{where}")
 ```
 {command}
 ```
-or `accelerate launch train_dreambooth_lora.py --config {os.path.join(args.output_dir, 'config.yaml')}`.
+or `accelerate launch train_dreambooth_lora.py --config {os.path.join(args.output_dir, 'config.yaml')} --output_dir NEW_FOLDER`
+(the same folder is refused: it holds this run).
 """
     return f"---\n{head}---\n{body}"
