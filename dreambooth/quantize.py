@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 
+from . import resident
 from .errors import UsageError
 
 # The timestep / pooled-text embedding MLPs and the last modulation stay in the compute precision: a fraction of a
@@ -116,6 +117,38 @@ def _cpu_quantization():
             cls.validate_environment = original
 
 
+@contextlib.contextmanager
+def _dropping_read_weights():
+    """diffusers' bitsandbytes quantizers, for this block, drop the pages of the weights file each weight was read
+    from once it is quantized (resident.drop_read_pages). Otherwise every page read stays resident until the whole
+    file is let go (it stays mapped while any tensor read from it is alive: the norms and biases kept as they are),
+    and the load peaks at the full-precision model's size plus the quantized one's (measured: 3.6 GB for a
+    0.64B-parameter transformer whose 4-bit weights take 0.35 GB). A weight kept as read (a bias) or used as it
+    is (an already quantized checkpoint) keeps its pages."""
+    import bitsandbytes as bnb
+    from diffusers.quantizers.bitsandbytes import bnb_quantizer
+    classes = (bnb_quantizer.BnB4BitDiffusersQuantizer, bnb_quantizer.BnB8BitDiffusersQuantizer)
+    saved = [cls.create_quantized_param for cls in classes]
+
+    def dropping(original):
+        def create_quantized_param(self, model, param_value, param_name, *args, **kwargs):
+            result = original(self, model, param_value, param_name, *args, **kwargs)
+            owner, _, name = param_name.rpartition(".")
+            stored = model.get_submodule(owner)._parameters.get(name)
+            if (param_value is not None and isinstance(stored, (bnb.nn.Params4bit, bnb.nn.Int8Params))
+                    and stored.data_ptr() != param_value.data_ptr()):
+                resident.drop_read_pages(param_value)
+            return result
+        return create_quantized_param
+    for cls, original in zip(classes, saved):
+        cls.create_quantized_param = dropping(original)
+    try:
+        yield
+    finally:
+        for cls, original in zip(classes, saved):
+            cls.create_quantized_param = original
+
+
 def _compute_dtype(fields, dtype):
     import torch
     named = fields.get("bnb_4bit_compute_dtype")
@@ -130,7 +163,10 @@ def load_quantized(loader, fields, dtype, device, library):
     options = dict(fields, bnb_4bit_compute_dtype=_compute_dtype(fields, dtype)) if fields.get("load_in_4bit") \
         else dict(fields)
     kwargs = {"quantization_config": config_class(**options), "device_map": {"": str(device)}}
-    with _cpu_quantization() if library == "diffusers" else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if library == "diffusers":
+            stack.enter_context(_cpu_quantization())
+            stack.enter_context(_dropping_read_weights())
         module = loader(**kwargs)
     return cpu_ready(_own_memory(module))
 
@@ -150,11 +186,7 @@ def _own_memory(module):
                 layer._buffers[name] = buffer.clone()
     import gc
     gc.collect()
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+    resident.trim()
     return module
 
 
