@@ -6,14 +6,17 @@ on top in full precision. Only the LoRA is saved, so the files are the same as f
     --bnb_quantization_config_path FILE      diffusers' flag: a JSON of BitsAndBytesConfig fields
 
 Loading goes through the libraries' own quantizers (diffusers' for the denoiser, transformers' for the text
-encoders), which read the weights file tensor by tensor, so the full-precision model is never held in memory.
-Two things of ours, and why:
+encoders), which read the weights file tensor by tensor. Three things of ours, and why:
 - diffusers' bitsandbytes quantizer refuses to run without a GPU ("A GPU is needed for quantization"), although
   bitsandbytes >= 0.49 quantizes and computes on the CPU. On a machine without CUDA we skip that one check and
   place the weights on the CPU (device_map); with CUDA the library runs unchanged.
 - bitsandbytes' 4-bit layers take a CPU fast path in inference (AVX512-BF16 machines) that repacks the weights in
   place and fails for layers narrower than its 64-value blocks; we turn that path off (sampling on the CPU is a
   little slower; training never takes it).
+- The weights file is read through a mapping whose pages stay resident until the whole load ends; for the
+  denoiser the pages each weight was read from are dropped once it is quantized (_dropping_read_weights), so the
+  full-precision model is never resident as a whole, and what the quantizer left as views of the file is copied
+  after the load (_own_memory).
 """
 import contextlib
 import json
