@@ -40,6 +40,8 @@ def main(argv=None):
 def _main(argv):
     from dreambooth.checkpoints import term_when_parent_dies
     term_when_parent_dies()  # first: a SIGTERM to a one-process `accelerate launch` must reach us, even now
+    from dreambooth import resident
+    resident.map_large_allocations()  # before anything big is allocated: freed tensors' memory goes back
     from dreambooth.report import RunStats
     stats = RunStats()
     args = parse_args(argv)
