@@ -215,7 +215,8 @@ def register_lora_state_hooks(accelerator, family, denoiser, text_encoders=(), s
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             save_diffusers_lora(output_dir, family, accelerator.unwrap_model(denoiser),
-                                [accelerator.unwrap_model(e) for e in text_encoders])
+                                [accelerator.unwrap_model(e) for e in text_encoders],
+                                pivotal.lora_metadata(embedding_name) if pivotal is not None else None)
             if save_kohya:
                 save_kohya(output_dir)
             if pivotal is not None:

@@ -63,6 +63,7 @@ class Flux(FlowFamily):
     common_defaults = {"learning_rate": 1e-4, "text_encoder_lr": 5e-6, "adam_weight_decay": 1e-4,  # diffusers'
                        "adam_weight_decay_text_encoder": 1e-3}                                    # Flux script
     card_tags = ("flux", "flux-diffusers")
+    card_gpu_dtype = "bfloat16"  # Flux.1 overflows fp16 (black images); BFL and diffusers run it in bf16
 
     @classmethod
     def defaults(cls, args):
@@ -99,6 +100,10 @@ class Flux(FlowFamily):
     def size_multiple(self):
         """The VAE's downsampling times the 2x2 packing (Flux: 8 x 2 = 16)."""
         return self.vae_scale() * 2
+
+    @classmethod
+    def sampling_size_multiple(cls, pipe):
+        return pipe.vae_scale_factor * 2
 
     def encode(self, tokens, use_attention_mask=False):
         """As FluxPipeline.encode_prompt: CLIP's pooled output, T5's last hidden state (--max_sequence_length)."""
