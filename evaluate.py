@@ -83,8 +83,8 @@ def check(args):
     if not os.path.isdir(args.real_dir):
         raise UsageError(f"--real_dir {args.real_dir}: no such folder; point it at the real photos of the subject")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        raise UsageError(f"--resolution {args.resolution}: must be a positive multiple of 8 (leave it out for the "
-                         "model's own size)")
+        raise UsageError(f"--resolution must be a multiple of 8, at least 8 (got {args.resolution}); leave it out "
+                         "for the model's own size")
     check_device_name("--device", args.device)
     if args.eval_device is not None:
         check_device_name("--eval_device", args.eval_device)

@@ -108,8 +108,8 @@ def check(args):
         raise UsageError("--num_images and --steps must be >= 1")
     for flag in ("height", "width"):
         if getattr(args, flag) is not None and (getattr(args, flag) < 8 or getattr(args, flag) % 8):
-            raise UsageError(f"--{flag} {getattr(args, flag)}: must be a positive multiple of 8 (leave it out for "
-                             "the model's own size)")
+            raise UsageError(f"--{flag} must be a multiple of 8, at least 8 (got {getattr(args, flag)}); leave it "
+                             "out for the model's own size")
     check_device_name("--device", args.device)
     if os.path.isfile(args.output):
         raise UsageError(f"--output {args.output} is a file; give a folder")
@@ -269,7 +269,7 @@ def _main(argv):
     names, token_map = [], {}
     for i, lora in enumerate(args.lora):
         names.append(f"lora{i}")
-        load_lora(pipe, lora, names[-1], args.base)
+        token_map.update(load_lora(pipe, lora, names[-1], args.base))  # embeddings bundled in the file, if any
         token_map.update(load_embeddings(pipe, lora))
     if token_map:
         words = ", ".join(f"{w} -> {''.join(t)}" for w, t in token_map.items())

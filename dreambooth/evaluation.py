@@ -448,8 +448,8 @@ def evaluate(args, log=print):
         for name, lora, step in targets:
             mapping = {}
             if lora is not None:  # as infer.py loads it: one line for a LoRA that is unreadable or for another base
-                load_lora(pipe, lora, "lora", args.base, "evaluate.py")
-                mapping = load_embeddings(pipe, lora)  # its trained tokens, under names no earlier target took
+                mapping = load_lora(pipe, lora, "lora", args.base, "evaluate.py")  # and embeddings bundled in it
+                mapping.update(load_embeddings(pipe, lora))  # its trained tokens, under names no earlier target took
             cause = nan_cause(args, lora)
             images = generate(pipe, [pivotal.rewrite(p, mapping) for p in gen_prompts], gen_seeds, args.steps,
                               args.guidance_scale, resolution, args.batch_size, bar, cause)

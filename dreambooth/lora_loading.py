@@ -14,6 +14,7 @@ from .pivotal import EMB_SUFFIX
 LORA_MARKERS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up")
 # the text-conditioning width a UNet's cross-attention reads tells the UNet families apart
 WIDTH_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+BUNDLE_PREFIX = "bundle_emb."  # kohya's embeddings inside a LoRA file (A1111 reads them)
 
 
 def safetensors_shapes(flag, path):
@@ -91,7 +92,9 @@ def width_mismatch(lora, shapes, base, pipe):
 
 
 def load_lora(pipe, lora, adapter_name, base, prog="infer.py"):
-    """Adds one LoRA as adapter_name, or fails with one line if it is unreadable, not a LoRA, or not for this base."""
+    """Adds one LoRA as adapter_name, or fails with one line if it is unreadable, not a LoRA, or not for this base.
+    Returns the word -> tokens map of the embeddings bundled in its file ({} when none): kohya's and A1111's
+    `bundle_emb.<name>.*` keys, whose word in prompts is <name>; diffusers reads them as LoRA weights and fails."""
     import torch
     path = lora_weight_file(lora)
     shapes = safetensors_shapes("--lora", path)
@@ -107,11 +110,14 @@ def load_lora(pipe, lora, adapter_name, base, prog="infer.py"):
     family = family_of_pipeline(pipe)
     source = {"pretrained_model_name_or_path_or_dict": os.path.dirname(os.path.abspath(path)),
               "weight_name": os.path.basename(path)}
-    if any(k.endswith(".lora_down.weight") for k in shapes):
+    bundled = {}
+    if any(k.endswith(".lora_down.weight") or k.startswith(BUNDLE_PREFIX) for k in shapes):
         from safetensors.torch import load_file  # a UI file the family's loader does not read as it is (SD 3,
-        converted = family.diffusers_state_from_ui(load_file(path))  # Flux: alpha folded in)
-        if converted is not None:
-            source = {"pretrained_model_name_or_path_or_dict": converted}
+        state = load_file(path)                  # Flux: alpha folded in; bundled embeddings taken out)
+        bundled = {k: state.pop(k) for k in list(state) if k.startswith(BUNDLE_PREFIX)}
+        converted = family.diffusers_state_from_ui(state)
+        if converted is not None or bundled:
+            source = {"pretrained_model_name_or_path_or_dict": converted if converted is not None else state}
     with diffusers_log() as log:
         try:
             pipe.load_lora_weights(**source, adapter_name=adapter_name)
@@ -140,6 +146,31 @@ def load_lora(pipe, lora, adapter_name, base, prog="infer.py"):
     if broken:  # a run that diverged saves NaN: every image would be black
         raise UsageError(f"--lora {lora}: {len(broken)} of its weights hold NaN or infinite numbers (its training "
                          "diverged); use an earlier checkpoint-N of the run, or retrain with a lower learning rate")
+    return load_bundled(pipe, lora, bundled, family) if bundled else {}
+
+
+def load_bundled(pipe, lora, bundled, family):
+    """A LoRA file's bundled embeddings ({bundle_emb.<name>.<key>: rows}) into the pipeline: <name> is the word
+    prompts use (A1111's convention), its rows become new tokens as our own embeddings files' do. The keys are
+    the family's own (emb_params, clip_l, clip_g) or A1111's string_to_param.* for a one-encoder model."""
+    mapping, states = {}, {}
+    for key, rows in bundled.items():
+        _, name, part = key.split(".", 2)
+        part = family.embedding_file_keys[0] if part.startswith("string_to_param") else part
+        if part not in family.embedding_file_keys:
+            raise UsageError(f"--lora {lora}: its bundled embedding {name} has rows for {part}, which {family.name} "
+                             f"has no text encoder for ({', '.join(family.embedding_file_keys)}); give --base the "
+                             "model it was trained on")
+        states.setdefault(name, {})[part] = rows.reshape(-1, rows.shape[-1])
+    for name, state in states.items():
+        count = next(iter(state.values())).shape[0]
+        try:
+            mapping.update(pivotal.load_state_into_pipeline(pipe, {name: [f"<{name}_{i}>" for i in range(count)]},
+                                                            state))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UsageError(f"--lora {lora}: its bundled embedding {name} does not fit --base ({first_line(e)}); "
+                             "give --base the model it was trained on") from e
+    return mapping
 
 
 def load_embeddings(pipe, lora):

@@ -342,12 +342,16 @@ def load_into_pipeline(pipe, path):
     encoder (SDXL: clip_l into text_encoder/tokenizer, clip_g into text_encoder_2/tokenizer_2); returns the
     word -> tokens map to rewrite prompts with."""
     from safetensors.torch import load_file
-    from .families import family_of_pipeline
     mapping = read_token_map(path)
-    tokens = token_list(mapping)
-    if not tokens:
+    if not token_list(mapping):
         raise UsageError(f"{path}: no token map in its metadata; it was not written by this trainer")
-    state = load_file(path)
+    return load_state_into_pipeline(pipe, mapping, load_file(path))
+
+
+def load_state_into_pipeline(pipe, mapping, state):
+    """load_into_pipeline for rows already read: {family key (emb_params, clip_l...): rows [tokens, width]}."""
+    from .families import family_of_pipeline
+    tokens = token_list(mapping)
     family = family_of_pipeline(pipe)
     # Every run names its tokens <s0><s1>...: a second pivotal LoRA (or a base that has such tokens) gets the next
     # free names instead, so stacked runs keep their own rows; the map returned says which names prompts use.

@@ -78,10 +78,10 @@ def score_lora(pipe, lora, num_images, seed=0, base_images=None):
     its trained tokens (prompts rewritten to use them); both unloaded again, so one pipeline scores many runs."""
     mapping = {}
     if lora:  # as infer.py loads it: one line for a file that is no LoRA or not for this base
-        load_lora(pipe, lora, "lora", getattr(pipe, "name_or_path", None) or "the base", "demo_grids.py")
+        mapping = load_lora(pipe, lora, "lora", getattr(pipe, "name_or_path", None) or "the base", "demo_grids.py")
     try:
         if lora:  # found as infer.py finds them: in the run's folder, or <name>_emb beside a <name> LoRA file
-            mapping = load_embeddings(pipe, lora)
+            mapping.update(load_embeddings(pipe, lora))
         images = sample_all(pipe, num_images, seed, lambda p: pivotal.rewrite(p, mapping))
     finally:
         if mapping:
