@@ -80,6 +80,9 @@ def check(args):
         raise UsageError(f"--num_prompts {args.num_prompts}: must be 1-25 (the paper has 25 prompts)")
     if not args.identifier.strip() or not args.class_name.strip():
         raise UsageError("--identifier and --class_name must not be empty")
+    if args.class_prompt is not None and not args.class_prompt.strip():
+        raise UsageError(f"--class_prompt is empty; leave it out for 'a {args.class_name}', or give the class "
+                         "prompt the run was trained with")
     if not os.path.isdir(args.real_dir):
         raise UsageError(f"--real_dir {args.real_dir}: no such folder; point it at the real photos of the subject")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
@@ -91,6 +94,10 @@ def check(args):
 
 
 def main(argv=None):
+    return run_cli("evaluate.py", _main, argv)
+
+
+def _main(argv):
     args = build_parser().parse_args(argv)
     check(args)
     args.device = pick_device(args.device, "--device")
@@ -107,4 +114,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli("evaluate.py", main))
+    sys.exit(main())

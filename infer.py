@@ -266,6 +266,9 @@ def _main(argv):
     steps = args.steps or default_steps
     guidance = default_guidance if args.guidance_scale is None else args.guidance_scale
     check_sampling(args, pipe, family, steps)
+    problem = family.sampling_flag_problem(pipe, args.negative_prompt, args.guidance_scale, guidance)
+    if problem:
+        raise UsageError(problem)
     names, token_map = [], {}
     for i, lora in enumerate(args.lora):
         names.append(f"lora{i}")

@@ -300,6 +300,10 @@ def check_loras(args, targets):
     for _, lora, _ in targets:
         if lora is None:
             continue
+        if os.path.isdir(lora) and not any(n.endswith(".safetensors") and not n.endswith(pivotal.EMB_SUFFIX)
+                                           for n in os.listdir(lora)):
+            raise UsageError(f"--lora {lora}: folder has no LoRA .safetensors file; give a training output folder, "
+                             "a checkpoint-N folder or a .safetensors LoRA")
         if os.path.isfile(lora) and pivotal.is_embeddings_file(lora):
             raise UsageError(f"--lora {lora} is the new tokens' embeddings file of a pivotal-tuning run, not a LoRA; "
                              "give the run's folder or its LoRA file, which bring this file with them")
@@ -430,6 +434,9 @@ def evaluate(args, log=print):
                          f"{(resolution // multiple + 1) * multiple}")
     steps, guidance = family.inference_defaults(pipe)
     args.steps = args.steps or steps  # what ran, for metrics.json
+    problem = family.sampling_flag_problem(pipe, None, args.guidance_scale, guidance)
+    if problem:
+        raise UsageError(problem)
     args.guidance_scale = guidance if args.guidance_scale is None else args.guidance_scale
     limit = pipe.scheduler.config.get("num_train_timesteps") or 1000
     if args.steps > limit:

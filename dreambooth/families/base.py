@@ -355,6 +355,15 @@ class ModelFamily:
         return getattr(pipe, cls.denoiser_name).config.sample_size * pipe.vae_scale_factor
 
     @classmethod
+    def sampling_flag_problem(cls, pipe, negative_prompt, guidance_given, guidance):
+        """A sampling flag the family's pipeline would ignore without a word, as one line (None when every one
+        applies): a negative prompt is read only by classifier-free guidance, which runs above 1."""
+        if negative_prompt is not None and guidance <= 1:
+            return (f"--negative_prompt is not used at --guidance_scale {guidance:g} (classifier-free guidance, which "
+                    "reads it, runs only above 1); raise --guidance_scale or leave --negative_prompt out")
+        return None
+
+    @classmethod
     def sampling_size_multiple(cls, pipe):
         """What a loaded pipeline's image sides must be a multiple of: the VAE's downsampling (a UNet takes any
         latent size); the flow families add their 2x2 patches. Their pipelines refuse other sizes deep inside

@@ -105,6 +105,17 @@ class Flux(FlowFamily):
     def sampling_size_multiple(cls, pipe):
         return pipe.vae_scale_factor * 2
 
+    @classmethod
+    def sampling_flag_problem(cls, pipe, negative_prompt, guidance_given, guidance):
+        """FluxPipeline ignores a negative prompt (without its true_cfg_scale), and schnell any guidance."""
+        if negative_prompt is not None:
+            return ("--negative_prompt: Flux.1 takes no negative prompt (its guidance is distilled into the model, "
+                    "and FluxPipeline ignores one); leave it out")
+        if guidance_given and not pipe.transformer.config.guidance_embeds:
+            return (f"--guidance_scale {guidance_given:g}: Flux.1-schnell takes no guidance (it was distilled to sample "
+                    "without it, and its pipeline ignores the value); leave --guidance_scale out")
+        return None
+
     def encode(self, tokens, use_attention_mask=False):
         """As FluxPipeline.encode_prompt: CLIP's pooled output, T5's last hidden state (--max_sequence_length)."""
         (clip_tokens, t5_tokens), (clip, t5) = tokens, self.text_encoders
