@@ -35,7 +35,9 @@ def build_parser():
     p.add_argument("--with_base", action="store_true", help="Also score the base model (a row for comparison).")
     p.add_argument("--real_dir", required=True, help="Folder of real photos of the subject (the training photos).")
     p.add_argument("--class_name", required=True, help="Class noun, as in the class prompt: dog, backpack, circle.")
-    p.add_argument("--identifier", default="sks", help="The identifier word of the instance prompt.")
+    p.add_argument("--identifier", default="sks",
+                   help="The identifier word of the instance prompt (a pivotal-tuning run's --token_abstraction word, "
+                        "e.g. TOK: its trained tokens are loaded with the LoRA and put in its place).")
     p.add_argument("--prompt_set", default="auto", choices=["auto", "object", "live"],
                    help="The paper's object or live-subject prompt list; auto: live for animals and people.")
     p.add_argument("--class_prompt", default=None, help="Prompt of the PRES images (default: 'a <class_name>').")

@@ -20,8 +20,8 @@ from dreambooth.config import OneLineParser, UsageError, finite_float, missing_m
 from dreambooth.devices import check_device_name, out_of_memory, pick_device  # noqa: E402
 from dreambooth.errors import first_line, run_cli  # noqa: E402
 from dreambooth import pivotal  # noqa: E402
-from dreambooth.lora_loading import (LORA_MARKERS, load_embeddings, load_lora, lora_weight_file,  # noqa: E402
-                                     safetensors_shapes)
+from dreambooth.lora_loading import (LORA_MARKERS, check_lora_file, load_embeddings, load_lora,  # noqa: E402
+                                     lora_weight_file, safetensors_shapes)
 from dreambooth.pivotal import EMB_SUFFIX  # noqa: E402
 
 SCHEDULERS = {"dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
@@ -98,9 +98,7 @@ def check(args):
         if os.path.isdir(lora) and not any(n.endswith(".safetensors") and not n.endswith(EMB_SUFFIX)
                                            for n in os.listdir(lora)):
             raise UsageError(f"--lora {lora}: folder has no .safetensors file")
-        if os.path.isfile(lora) and pivotal.is_embeddings_file(lora):
-            raise UsageError(f"--lora {lora} is the new tokens' embeddings file of a pivotal-tuning run, not a LoRA; "
-                             "give the run's folder or its LoRA file, which bring this file with them")
+        check_lora_file(lora)
     clash = pivotal.word_clash(args.lora)  # also refuses a LoRA whose embeddings file is missing
     if clash:
         raise UsageError(clash)

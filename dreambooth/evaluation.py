@@ -297,6 +297,7 @@ def check_loras(args, targets):
     without its embeddings file (pivotal.lora_embeddings), and a pivotal run's subject word, which the prompts
     must use as the identifier, or the trained tokens would never be asked for."""
     from . import pivotal
+    from .lora_loading import check_lora_file
     for _, lora, _ in targets:
         if lora is None:
             continue
@@ -304,9 +305,7 @@ def check_loras(args, targets):
                                            for n in os.listdir(lora)):
             raise UsageError(f"--lora {lora}: folder has no LoRA .safetensors file; give a training output folder, "
                              "a checkpoint-N folder or a .safetensors LoRA")
-        if os.path.isfile(lora) and pivotal.is_embeddings_file(lora):
-            raise UsageError(f"--lora {lora} is the new tokens' embeddings file of a pivotal-tuning run, not a LoRA; "
-                             "give the run's folder or its LoRA file, which bring this file with them")
+        check_lora_file(lora)
         path = pivotal.lora_embeddings(lora, "--lora")
         words = list(pivotal.read_token_map(path)) if path else []
         if words and args.identifier not in words:

@@ -29,6 +29,19 @@ def safetensors_shapes(flag, path):
                          f"{first_line(e)}); download or copy it again") from e
 
 
+def check_lora_file(lora, flag="--lora"):
+    """A --lora file that is no LoRA the loaders read, refused before any model loads: a pivotal run's embeddings
+    file given instead of its LoRA, or a pickle (.bin/.pt/.ckpt), which this project never unpickles."""
+    if not os.path.isfile(lora):
+        return
+    if pivotal.is_embeddings_file(lora):
+        raise UsageError(f"{flag} {lora} is the new tokens' embeddings file of a pivotal-tuning run, not a LoRA; "
+                         "give the run's folder or its LoRA file, which bring this file with them")
+    if not lora.endswith(".safetensors"):
+        raise UsageError(f"{flag} {lora}: not a .safetensors file; LoRAs are read only as .safetensors (a .bin, .pt "
+                         "or .ckpt pickle can run code when loaded): give the .safetensors version")
+
+
 def lora_weight_file(path):
     """A folder may hold our diffusers file, a kohya file, or both: prefer the diffusers one."""
     if not os.path.isdir(path):

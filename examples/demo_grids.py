@@ -29,7 +29,7 @@ import toy_world as world  # noqa: E402
 from dreambooth import pivotal  # noqa: E402
 from dreambooth.config import OneLineParser  # noqa: E402
 from dreambooth.errors import UsageError, run_cli  # noqa: E402
-from dreambooth.lora_loading import load_embeddings, load_lora  # noqa: E402
+from dreambooth.lora_loading import check_lora_file, load_embeddings, load_lora  # noqa: E402
 
 IDENTIFIER = "sks"
 INSTANCE = world.prompt(world.SUBJECT_SHAPE, identifier=IDENTIFIER)  # "a sks circle"
@@ -134,9 +134,7 @@ def check(args):
                                             for n in os.listdir(args.lora)):
         raise UsageError(f"--lora {args.lora}: folder has no LoRA .safetensors file; give a finished run's "
                          "--output_dir or one of its checkpoint-N folders")
-    if os.path.isfile(args.lora) and pivotal.is_embeddings_file(args.lora):
-        raise UsageError(f"--lora {args.lora} is the new tokens' embeddings file of a pivotal-tuning run, not a LoRA; "
-                         "give the run's folder or its LoRA file, which bring this file with them")
+    check_lora_file(args.lora)
     pivotal.lora_embeddings(args.lora, "--lora")  # a pivotal LoRA without its embeddings file: one line, now
     if args.num_images < 1:
         raise UsageError(f"--num_images {args.num_images}: must be at least 1")

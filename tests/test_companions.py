@@ -149,6 +149,22 @@ def test_the_embeddings_file_given_as_the_lora_is_one_line(runs, tmp_path, capsy
     assert one_line(capsys, "demo_grids.py") == line
 
 
+def test_a_pickled_lora_is_refused_before_loading(runs, tmp_path, capsys):
+    """diffusers' old pytorch_lora_weights.bin: was 'not a readable .safetensors file (truncated or corrupt...);
+    download or copy it again', a wrong diagnosis."""
+    (tmp_path / "pytorch_lora_weights.bin").write_bytes(b"PK\x03\x04")
+    lora = str(tmp_path / "pytorch_lora_weights.bin")
+    line = (f"--lora {lora}: not a .safetensors file; LoRAs are read only as .safetensors (a .bin, .pt or .ckpt "
+            "pickle can run code when loaded): give the .safetensors version")
+    assert infer.main(["--base", runs["base"], "--lora", lora, "--prompt", "p", *COMMON,
+                       "--output", str(tmp_path / "out")]) == 2
+    assert one_line(capsys, "infer.py") == line
+    assert evaluate.main(["--base", runs["base"], "--lora", lora, "--real_dir", str(tmp_path), "--class_name", "dog",
+                          "--output", str(tmp_path / "out")]) == 2
+    assert one_line(capsys, "evaluate.py") == line
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_two_loras_with_one_word_or_one_lora_twice_are_one_line(runs, tmp_path, capsys):
     dog, final = str(runs["dog"] / "checkpoint-1"), str(runs["dog"])
     assert infer.main(["--base", runs["base"], "--lora", final, "--lora", dog, "--prompt", "p", *COMMON,
@@ -414,6 +430,8 @@ def test_demo_grids_mistakes_are_one_line(tmp_path, capsys):
     import demo_grids
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "lora.safetensors").write_text("x")
     for args, line in (
             (["--lora", "/nonexistent/run"], "--lora /nonexistent/run: no such file or folder; give the training "
              "--output_dir of a toy run (make demo writes work_dirs/toy-demo)"),
@@ -421,11 +439,14 @@ def test_demo_grids_mistakes_are_one_line(tmp_path, capsys):
              "give a finished run's --output_dir or one of its checkpoint-N folders"),
             (["--lora", str(tmp_path), "--base", str(tmp_path)], f"--base {tmp_path}: not a diffusers model folder (no "
              "model_index.json); leave --base out for the shipped toy base, examples/toy-base"),
-            (["--lora", str(tmp_path / "file"), "--num_images", "0"], "--num_images 0: must be at least 1"),
-            (["--lora", str(tmp_path / "file"), "--num_images", "x"], "argument --num_images: invalid int value: 'x'")):
+            (["--lora", str(tmp_path / "run"), "--num_images", "0"], "--num_images 0: must be at least 1"),
+            (["--lora", str(tmp_path / "run"), "--num_images", "x"], "argument --num_images: invalid int value: 'x'"),
+            (["--lora", str(tmp_path / "file")], f"--lora {tmp_path / 'file'}: not a .safetensors file; LoRAs are "
+             "read only as .safetensors (a .bin, .pt or .ckpt pickle can run code when loaded): give the .safetensors "
+             "version")):
         assert demo_grids.main([*args, "--out", str(tmp_path / "out")]) == 2
         assert one_line(capsys, "demo_grids.py") == line
-    assert demo_grids.main(["--lora", str(tmp_path / "file"), "--out", str(tmp_path / "file")]) == 2
+    assert demo_grids.main(["--lora", str(tmp_path / "run"), "--out", str(tmp_path / "file")]) == 2
     assert one_line(capsys, "demo_grids.py") == f"--out {tmp_path / 'file'}: {tmp_path / 'file'} is a file; give a folder"
     assert not os.path.exists(tmp_path / "out")
 
