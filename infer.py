@@ -10,7 +10,6 @@ example:
 grid.png, only once every image is generated: a failed run leaves no partial files behind.
 """
 import argparse
-import contextlib
 import os
 import re
 import sys
@@ -18,16 +17,19 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # stdlib-only imports: --help and flag errors stay instant
 from dreambooth.config import OneLineParser, UsageError, finite_float, missing_model_path, seed_int  # noqa: E402
+from dreambooth.devices import check_device_name, out_of_memory, pick_device  # noqa: E402
 from dreambooth.errors import first_line, run_cli  # noqa: E402
+from dreambooth import pivotal  # noqa: E402
+from dreambooth.lora_loading import (LORA_MARKERS, check_lora_file, load_embeddings, load_lora,  # noqa: E402
+                                     lora_weight_file, safetensors_shapes)
 from dreambooth.pivotal import EMB_SUFFIX  # noqa: E402
 
 SCHEDULERS = {"dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
               "euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler",
               "unipc": "UniPCMultistepScheduler", "default": None}
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-LORA_MARKERS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up")
-# the text-conditioning width a UNet's cross-attention reads tells the UNet families apart
-FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+# --lora_scale's range: ComfyUI's and A1111's strength sliders centre on -2..2; past 10 the LoRA's change
+# outweighs the base tenfold, and a huge scale overflows to NaN, which diffusers saves as a black image
+MAX_LORA_SCALE = 10.0
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -47,7 +49,8 @@ def build_parser():
     p.add_argument("--lora", action="append", default=[],
                    help="LoRA folder or .safetensors file; repeat to stack several (default: none, the base alone).")
     p.add_argument("--lora_scale", action="append", type=finite_float, default=[],
-                   help="Strength of each --lora, in the same order (default: 1.0 each).")
+                   help=f"Strength of each --lora, in the same order, from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g} "
+                        "(default: 1.0 each; 0 turns it off, negative inverts it).")
     p.add_argument("--prompt", action="append", required=True, help="Prompt; repeat for several.")
     p.add_argument("--negative_prompt", default=None, help="Negative prompt for every image (default: none).")
     p.add_argument("--num_images", type=int, default=4, help="Images per prompt.")
@@ -85,19 +88,27 @@ def check(args):
         raise UsageError(f"--base {base}: no such file or folder, and not a hub id")
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
         raise UsageError(f"--lora_scale given {len(args.lora_scale)} times for {len(args.lora)} --lora; give one each")
+    for scale in args.lora_scale:
+        if abs(scale) > MAX_LORA_SCALE:
+            raise UsageError(f"--lora_scale {scale:g}: out of range; give a strength from -{MAX_LORA_SCALE:g} to "
+                             f"{MAX_LORA_SCALE:g} (1 is the LoRA as trained, 0 turns it off)")
     for lora in args.lora:
         if not os.path.exists(lora):
             raise UsageError(f"--lora {lora}: no such file or folder")
         if os.path.isdir(lora) and not any(n.endswith(".safetensors") and not n.endswith(EMB_SUFFIX)
                                            for n in os.listdir(lora)):
             raise UsageError(f"--lora {lora}: folder has no .safetensors file")
+        check_lora_file(lora)
+    clash = pivotal.word_clash(args.lora)  # also refuses a LoRA whose embeddings file is missing
+    if clash:
+        raise UsageError(clash)
     if args.num_images < 1 or (args.steps is not None and args.steps < 1):
         raise UsageError("--num_images and --steps must be >= 1")
     for flag in ("height", "width"):
-        if getattr(args, flag) is not None and getattr(args, flag) % 8:
-            raise UsageError(f"--{flag} must be a multiple of 8")
-    if not DEVICE.match(args.device):
-        raise UsageError(f"--device {args.device}: unknown device; use auto, cpu, cuda, cuda:N or mps")
+        if getattr(args, flag) is not None and (getattr(args, flag) < 8 or getattr(args, flag) % 8):
+            raise UsageError(f"--{flag} must be a multiple of 8, at least 8 (got {getattr(args, flag)}); leave it "
+                             "out for the model's own size")
+    check_device_name("--device", args.device)
     if os.path.isfile(args.output):
         raise UsageError(f"--output {args.output} is a file; give a folder")
     parent = os.path.abspath(args.output)
@@ -105,35 +116,6 @@ def check(args):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise UsageError(f"--output {args.output}: cannot create it, {parent} is not a writable folder")
-
-
-def pick_device(name):
-    """The device to run on, refused before any model loads if this machine lacks it."""
-    import torch
-    mps = torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}); "
-                         "use --device cpu or auto")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    if name == "mps" and not mps:
-        raise UsageError("--device mps: torch sees no Apple MPS device here; use --device cpu or auto")
-    return name
-
-
-def safetensors_shapes(flag, path):
-    """Every tensor's name and shape from the header alone: a truncated or non-safetensors file is named
-    here, before diffusers turns it into a paragraph about something else."""
-    from safetensors import safe_open
-    try:
-        with safe_open(path, "pt") as f:
-            return {k: f.get_slice(k).get_shape() for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error type, or OSError, for unreadable files
-        raise UsageError(f"{flag} {path}: not a readable .safetensors file (truncated or corrupt: "
-                         f"{first_line(e)}); download or copy it again") from e
 
 
 def load_base(base, dtype):
@@ -184,15 +166,6 @@ def load_base(base, dtype):
         raise UsageError(f"--base {base}: {msg}") from e
 
 
-def lora_weight_file(path):
-    """A folder may hold our diffusers file, a kohya file, or both: prefer the diffusers one."""
-    if not os.path.isdir(path):
-        return path
-    names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors") and not n.endswith(EMB_SUFFIX))
-    return os.path.join(path, "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in names
-                        else names[0])
-
-
 def trigger_phrase(lora):
     """The phrase a LoRA was trained with, from the header of its file or, for a folder, of any LoRA file in it
     (our diffusers file does not carry it; the kohya file beside it does)."""
@@ -226,119 +199,34 @@ def trigger_notes(loras, prompts):
     return notes
 
 
-@contextlib.contextmanager
-def diffusers_log():
-    """Collects what diffusers logs instead of printing it: it reports LoRA keys that fit no layer only as a
-    warning (and a failed load as an error paragraph before raising), and we decide what the user sees."""
-    import logging
-    import warnings
-    logger, records = logging.getLogger("diffusers"), []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    saved = logger.handlers, logger.level
-    logger.handlers = [handler]  # diffusers' library logger does not propagate: nothing else prints it
-    logger.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():  # peft's note on stacking a second adapter, which is what we mean to do
-            warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
-            yield records
-    finally:
-        logger.handlers = saved[0]
-        logger.setLevel(saved[1])
+def check_sampling(args, pipe, family, steps):
+    """The flags that depend on the loaded model: image sides its pipeline takes, steps its sampler has."""
+    multiple = family.sampling_size_multiple(pipe)
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and value % multiple:
+            raise UsageError(f"--{flag} {value}: {family.name} makes images whose sides are multiples of {multiple}; "
+                             f"give {value // multiple * multiple or multiple} or {(value // multiple + 1) * multiple}")
+    limit = pipe.scheduler.config.get("num_train_timesteps") or 1000
+    if steps > limit:
+        raise UsageError(f"--steps {steps}: more than the {limit} noise levels the model was trained on; give at most "
+                         f"{limit} (the family's default, {family.inference_defaults(pipe)[0]}, is usually enough)")
 
 
-def family_mismatch(lora, shapes, base, pipe):
-    """A LoRA made for another kind of denoiser (a UNet LoRA on SD 3, an SD 3 LoRA on SDXL), named in one line
-    before diffusers loads nothing or fails deep inside: which family's names its keys carry, against the base's."""
-    from dreambooth.families import FAMILIES, family_of_pipeline, with_article
-    have = family_of_pipeline(pipe)
-    made = [f for f in FAMILIES if f.made_lora(shapes)]
-    if not made or have in made:
-        return None
-    kinds = " or ".join(f.name for f in made)
-    return (f"--lora {lora} was trained for {with_article(kinds)} base ({made[0].denoiser_name} LoRA); --base {base} is "
-            f"{have.name}; give --base the model it was trained on")
-
-
-def width_mismatch(lora, shapes, base, pipe):
-    """'trained for another base' in the words users know: the cross-attention width (the text encoder's
-    output size) that an attn2.to_k down/lora_A weight reads, against the base's."""
-    widths = [s[1] for k, s in shapes.items() if re.search(r"attn2[._]to_k", k)
-              and any(m in k for m in ("lora_A", "lora_down", "lora.down")) and len(s) == 2]
-    from dreambooth.families import family_of_pipeline
-    have = getattr(pipe, family_of_pipeline(pipe).denoiser_name).config.get("cross_attention_dim")
-    if have is None:  # a transformer: family_mismatch and diffusers' own error say it
-        return None
-    if not widths or widths[0] == have:
-        return None
-    need, have = (f"{w} ({FAMILIES[w]})" if w in FAMILIES else str(w) for w in (widths[0], have))
-    return (f"--lora {lora} was trained for a base with cross-attention width {need}; --base {base} has {have}; "
-            "give --base the model it was trained on")
-
-
-def load_lora(pipe, lora, adapter_name, base):
-    """Adds one LoRA as adapter_name, or fails with one line if it is unreadable, not a LoRA, or not for this base."""
-    import torch
-    path = lora_weight_file(lora)
-    shapes = safetensors_shapes("--lora", path)
-    if not any(m in k for k in shapes for m in LORA_MARKERS):
-        raise UsageError(f"--lora {path}: not a LoRA file (no lora_A/lora_down/... keys)")
-    mismatch = family_mismatch(lora, shapes, base, pipe)
-    if mismatch:
-        raise UsageError(mismatch)
-    if any(k.endswith(".dora_scale") for k in shapes):  # diffusers' kohya loader filters them out, with a warning
-        print(f"infer.py: warning: --lora {path} is a DoRA LoRA in the kohya layout, whose magnitudes diffusers "
-              "ignores; give the folder's pytorch_lora_weights.safetensors for the exact weights", file=sys.stderr)
-    from dreambooth.families import family_of_pipeline
-    family = family_of_pipeline(pipe)
-    source = {"pretrained_model_name_or_path_or_dict": os.path.dirname(os.path.abspath(path)),
-              "weight_name": os.path.basename(path)}
-    if any(k.endswith(".lora_down.weight") for k in shapes):
-        from safetensors.torch import load_file  # a UI file the family's loader does not read as it is (SD 3,
-        converted = family.diffusers_state_from_ui(load_file(path))  # Flux: alpha folded in)
-        if converted is not None:
-            source = {"pretrained_model_name_or_path_or_dict": converted}
-    with diffusers_log() as log:
-        try:
-            pipe.load_lora_weights(**source, adapter_name=adapter_name)
-        except (ValueError, RuntimeError, KeyError, OSError) as e:  # size mismatch, unknown layers, bad layout
-            size = re.search(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from "
-                             r"checkpoint, the shape in current model is torch.Size\((\[.*?\])\)", str(e))
-            detail = (f"layer {size[1]} is {size[2]} in the LoRA, {size[3]} in the base" if size
-                      else first_line(e))
-            raise UsageError(width_mismatch(lora, shapes, base, pipe)
-                             or f"--lora {lora} does not fit --base {base} ({detail}); give --base the model "
-                             "it was trained on") from e
-    # diffusers loads a LoRA whose layers the base lacks without raising: nothing created, or keys left over
-    layers = sum(1 for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()
-                 if adapter_name in (getattr(m, "lora_A", None) or {}))
-    unmatched = [k for r in log if "unexpected keys" in r or "missing keys" in r
-                 for k in re.findall(r"[\w.]+\.lora_[\w.]*\w", r)]
-    if not layers:
-        raise UsageError(f"--lora {lora}: none of its layers exists in --base {base}, so it would change nothing; "
-                         "it was made for another kind of model")
-    if unmatched:
-        raise UsageError(f"--lora {lora}: {len(unmatched)} of its weights fit no layer of --base {base} (e.g. "
-                         f"{unmatched[0]}); it was made for another kind of model")
-
-
-def load_embeddings(pipe, lora):
-    """A pivotal-tuning run's new tokens (its *_emb.safetensors, in the --lora folder or beside the --lora file),
-    loaded into the pipeline's tokenizers and text encoders; returns the word -> tokens map ({} when none)."""
-    from dreambooth import pivotal
-    if os.path.isdir(lora):
-        path = pivotal.find_embedding_file(lora)
-    else:
-        path = os.path.splitext(lora)[0] + EMB_SUFFIX
-        path = path if os.path.isfile(path) else None
-    if path is None:
-        return {}
-    safetensors_shapes("--lora", path)  # a truncated file is named, not a traceback
-    try:
-        return pivotal.load_into_pipeline(pipe, path)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise UsageError(f"--lora {lora}: its embeddings {os.path.basename(path)} do not fit --base ({first_line(e)}); "
-                         "give --base the model it was trained on") from e
+def nan_cause(args, dtype, guidance):
+    """The flag most likely to have made the images NaN, and its fix: the half-precision range, then the strengths
+    that multiply the model's change, then the model itself."""
+    if abs(guidance) > 30:
+        return f"--guidance_scale {guidance:g} amplifies the prompt's push past the number range; use 1-15"
+    if dtype == "fp16":
+        return "--dtype fp16 overflowed (some models do in half precision); use --dtype bf16 or fp32"
+    scales = args.lora_scale or [1.0] * len(args.lora)
+    if any(abs(s) > 2 for s in scales):
+        return f"--lora_scale {max(scales, key=abs):g} pushes the LoRA past the number range; use -2 to 2"
+    if args.lora:
+        return ("a --lora overflows this base (compare with --lora_scale 0, which turns it off); lower --lora_scale, "
+                "or use an earlier checkpoint-N of its run")
+    return "--base gives non-finite numbers (a corrupt or badly converted copy?); download or convert it again"
 
 
 def main(argv=None):
@@ -352,6 +240,7 @@ def _main(argv):
     from dreambooth.quiet import quiet_libraries
     quiet_libraries()  # first: some notices are printed at import time
     import diffusers
+    import numpy as np
     import torch
 
     from dreambooth.validation import image_grid, save_png
@@ -374,10 +263,14 @@ def _main(argv):
     default_steps, default_guidance = family.inference_defaults(pipe)
     steps = args.steps or default_steps
     guidance = default_guidance if args.guidance_scale is None else args.guidance_scale
+    check_sampling(args, pipe, family, steps)
+    problem = family.sampling_flag_problem(pipe, args.negative_prompt, args.guidance_scale, guidance)
+    if problem:
+        raise UsageError(problem)
     names, token_map = [], {}
     for i, lora in enumerate(args.lora):
         names.append(f"lora{i}")
-        load_lora(pipe, lora, names[-1], args.base)
+        token_map.update(load_lora(pipe, lora, names[-1], args.base))  # embeddings bundled in the file, if any
         token_map.update(load_embeddings(pipe, lora))
     if token_map:
         words = ", ".join(f"{w} -> {''.join(t)}" for w, t in token_map.items())
@@ -393,9 +286,22 @@ def _main(argv):
     files = {}  # generated in full before anything is written: a failure or Ctrl-C leaves no partial output
     for p, prompt in enumerate(args.prompt):
         generators = [torch.Generator("cpu").manual_seed(args.seed + k) for k in range(args.num_images)]
-        batch = pipe(rewrite(prompt, token_map), negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-                     num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                     height=args.height, width=args.width).images
+        try:  # as numbers first: diffusers turns NaN into black pixels without a word
+            batch = pipe(rewrite(prompt, token_map), negative_prompt=args.negative_prompt,
+                         num_images_per_prompt=args.num_images, num_inference_steps=steps, guidance_scale=guidance,
+                         generator=generators, height=args.height, width=args.width, output_type="np").images
+        except Exception as e:
+            if out_of_memory(e):
+                size = f"{args.height or family.default_size(pipe)}x{args.width or family.default_size(pipe)}"
+                raise UsageError(f"out of memory on {device} making {args.num_images} image(s) of {size} at once; "
+                                 "lower --num_images (one batch per prompt) or --height/--width, or use --dtype fp16 "
+                                 "on a GPU") from e
+            raise
+        if not np.isfinite(batch).all():
+            raise UsageError(f"--prompt \"{prompt}\": the images came out as NaN (not-a-number pixels, which "
+                             f"diffusers would save as black squares); {nan_cause(args, dtype, guidance)}; nothing "
+                             "was written")
+        batch = pipe.image_processor.numpy_to_pil(batch)
         slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:40]
         files.update({f"{p:02d}-{k:02d}-{slug}.png": image for k, image in enumerate(batch)})
     files["grid.png"] = image_grid(list(files.values()))

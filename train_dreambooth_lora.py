@@ -638,7 +638,8 @@ class DreamBoothRecipe:
             denoiser = accelerator.unwrap_model(self.denoiser)
             text_encoders = [accelerator.unwrap_model(e) for e in self.family.text_encoders]
             check_free_space(a.output_dir, self.lora_bytes, "the LoRA weights")
-            lora_io.save_diffusers_lora(a.output_dir, self.family, denoiser, text_encoders)
+            lora_io.save_diffusers_lora(a.output_dir, self.family, denoiser, text_encoders,
+                                        self.pivotal.lora_metadata(self._embedding_name()) if self.pivotal else None)
             if self.pivotal:
                 self.pivotal.save(os.path.join(a.output_dir, self._embedding_name()))
             kohya_file = self._save_kohya(a.output_dir) if a.output_format in ("kohya", "both") else None

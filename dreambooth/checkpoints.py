@@ -66,9 +66,10 @@ def _flag_text(flag, value):
     return f"--{flag} {value}"
 
 
-def checkpoint_problem(path):
+def checkpoint_problem(path, embeddings=False):
     """Why a checkpoint folder cannot be resumed from (missing, empty or truncated files), or None. Reads file
-    headers and zip directories only: cheap enough to run before the model loads."""
+    headers and zip directories only: cheap enough to run before the model loads. embeddings: a pivotal run's
+    checkpoint, which holds its new tokens' rows too (*_emb.safetensors)."""
     for name in STATE_FILES + (LORA_WEIGHT_NAME,):
         file = os.path.join(path, name)
         if not os.path.isfile(file):
@@ -85,6 +86,14 @@ def checkpoint_problem(path):
     for name in ("optimizer.bin", "scheduler.bin"):  # torch.save writes zip archives: a cut file has no directory
         if not zipfile.is_zipfile(os.path.join(path, name)):
             return f"{name} is truncated or not a torch file"
+    if embeddings:
+        from .pivotal import find_embedding_file
+        found = find_embedding_file(path)
+        if found is None:
+            return "the new tokens' embeddings file, *_emb.safetensors, is missing"
+        problem = sniff_weights_file(found)
+        if problem:
+            return f"{os.path.basename(found)} {problem}"
     return None
 
 
@@ -137,10 +146,10 @@ def apply_flag_settings(optimizer, lr_scheduler, settings):
     return changed
 
 
-def previous_checkpoint_offer(path):
+def previous_checkpoint_offer(path, embeddings=False):
     """The fix to print with a checkpoint that cannot be resumed: the latest usable one before it, if any."""
     earlier = [p for p in list_checkpoints(os.path.dirname(os.path.abspath(path)))
-               if checkpoint_step(p) < checkpoint_step(path) and not checkpoint_problem(p)]
+               if checkpoint_step(p) < checkpoint_step(path) and not checkpoint_problem(p, embeddings)]
     return (f"resume from the previous one: --resume_from_checkpoint {earlier[-1]}" if earlier else
             "no earlier checkpoint is usable; start again without --resume_from_checkpoint")
 
@@ -176,13 +185,16 @@ def check_resume(args):
                          f"{output_dir}); use 'latest', a checkpoint-N name or an output_dir/checkpoint-N path")
     if not CHECKPOINT.match(os.path.basename(os.path.normpath(path))):
         raise UsageError(f"--resume_from_checkpoint {value}: not a checkpoint-N folder")
-    problem = checkpoint_problem(path)
+    settings_file = os.path.join(path, SETTINGS_NAME)
+    saved = _read_json(settings_file) if os.path.isfile(settings_file) else None
+    # a pivotal run resumes its new tokens' rows too; a checkpoint saved without them is told apart below
+    embeddings = (bool(getattr(args, "train_text_encoder_ti", False))
+                  and (saved or {}).get("train_text_encoder_ti", True))
+    problem = checkpoint_problem(path, embeddings)
     if problem:
         raise UsageError(f"--resume_from_checkpoint {path} is corrupt or incomplete ({problem}); "
-                         f"{previous_checkpoint_offer(path)}")
-    settings_file = os.path.join(path, SETTINGS_NAME)
+                         f"{previous_checkpoint_offer(path, embeddings)}")
     if os.path.isfile(settings_file):
-        saved = _read_json(settings_file)
         ours = lora_settings(args)
         differ = [k for k in ours if k in saved and saved[k] != ours[k]]
         if differ:
@@ -269,7 +281,8 @@ def register_lora_state_hooks(accelerator, family, denoiser, text_encoders=(), s
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             save_diffusers_lora(output_dir, family, accelerator.unwrap_model(denoiser),
-                                [accelerator.unwrap_model(e) for e in text_encoders])
+                                [accelerator.unwrap_model(e) for e in text_encoders],
+                                pivotal.lora_metadata(embedding_name) if pivotal is not None else None)
             if save_kohya:
                 save_kohya(output_dir)
             if pivotal is not None:

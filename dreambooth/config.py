@@ -12,7 +12,7 @@ import re
 import shutil
 import sys
 
-from .errors import UsageError  # noqa: F401  (re-exported: callers import it from here too)
+from .errors import UsageError, first_line  # noqa: F401  (UsageError re-exported: callers import it from here too)
 from .images import IMAGE_EXTENSIONS, check_captions, check_images, list_images, list_instance_images
 from .files import sniff_weights_file, writable_folder_problem
 from .lora_io import LORA_WEIGHT_NAME
@@ -559,11 +559,21 @@ def dataset_to_folder(name, image_column, caption_column, config_name=None, cach
     folder = tempfile.mkdtemp(prefix="dreambooth-dataset-")
     atexit.register(shutil.rmtree, folder, True)
     images = []
+    from PIL import Image
+    from .images import to_rgb
     for i, row in enumerate(split):
         image = row[image_column]
-        if isinstance(image, str):
-            from PIL import Image
-            image = Image.open(image)
+        try:
+            if isinstance(image, str):
+                image = Image.open(image)
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"it holds {type(image).__name__}, not an image")
+            # as 8-bit RGB now, as images.load_rgb reads files: PNG cannot hold CMYK or float pixels, and a
+            # 16-bit one would be read back white
+            image = to_rgb(image)
+        except Exception as e:
+            raise UsageError(f"--image_column {image_column}: row {i} of {name} is not a readable image "
+                             f"({first_line(e)}); give the column that holds the images")
         path = os.path.join(folder, f"{i:05d}.png")
         image.save(path)
         images.append(path)

@@ -90,7 +90,9 @@ def find_checkpoints(run_dir):
 
 
 def real_images(folder):
-    from PIL import Image, ImageOps
+    """The subject's photos as 8-bit RGB, read as the trainer reads its instance photos (images.load_rgb: 16-bit,
+    float, transparent, CMYK and 1-bit files too, which a plain convert('RGB') turns white, black or negative)."""
+    from .images import load_rgb
 
     if not os.path.isdir(folder):
         raise UsageError(f"--real_dir {folder}: no such folder; point it at the real photos of the subject")
@@ -100,8 +102,7 @@ def real_images(folder):
     out = []
     for p in paths:
         try:
-            with Image.open(p) as im:
-                out.append(ImageOps.exif_transpose(im).convert("RGB"))
+            out.append(load_rgb(p))
         except Exception as e:
             raise UsageError(f"--real_dir: {p} is not a readable image ({type(e).__name__}); remove or replace it") from e
     return out
@@ -252,18 +253,64 @@ def make_pipeline(base, device, dtype):
     return pipe.to(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def generate(pipe, prompts, seeds, steps, guidance, resolution, batch_size, progress=None):
+def generate(pipe, prompts, seeds, steps, guidance, resolution, batch_size, progress=None, nan_cause=None):
     """One image per (prompt, seed); each image has its own generator, so an image depends only on its prompt
-    and seed, not on the batch it fell in: two LoRAs (or checkpoints) are compared on the same noise."""
+    and seed, not on the batch it fell in: two LoRAs (or checkpoints) are compared on the same noise. Made as
+    numbers first: diffusers saves NaN pixels as black without a word, and black images would be scored as real
+    ones; nan_cause says which flag to blame."""
+    import numpy as np
     import torch
+    from .devices import out_of_memory
     images = []
     for i in range(0, len(prompts), batch_size):
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
-        images += pipe(list(prompts[i:i + batch_size]), generator=gens, num_inference_steps=steps,
-                       guidance_scale=guidance, height=resolution, width=resolution).images
+        try:
+            batch = pipe(list(prompts[i:i + batch_size]), generator=gens, num_inference_steps=steps,
+                         guidance_scale=guidance, height=resolution, width=resolution, output_type="np").images
+        except Exception as e:
+            if out_of_memory(e):
+                raise UsageError(f"out of memory making {len(gens)} images of {resolution}x{resolution} at once; lower "
+                                 "--batch_size or --resolution, or use --dtype fp16 on a GPU") from e
+            raise
+        if not np.isfinite(batch).all():
+            raise UsageError(f"the images of \"{prompts[i]}\" came out as NaN (not-a-number pixels, which diffusers "
+                             f"would save as black squares); {nan_cause or 'the model overflows'}; nothing was written")
+        images += pipe.image_processor.numpy_to_pil(batch)
         if progress is not None:
             progress.update(len(gens))
     return images
+
+
+def nan_cause(args, lora):
+    """The flag most likely to have made a model's images NaN, and its fix."""
+    if abs(args.guidance_scale) > 30:
+        return f"--guidance_scale {args.guidance_scale:g} amplifies the prompt's push past the number range; use 1-15"
+    if args.dtype == "fp16":
+        return "--dtype fp16 overflowed (some models do in half precision); use --dtype bf16 or fp32"
+    if lora:
+        return f"--lora {lora} overflows this base (a diverged run?); score an earlier checkpoint-N of it"
+    return "--base gives non-finite numbers (a corrupt or badly converted copy?); download or convert it again"
+
+
+def check_loras(args, targets):
+    """The LoRAs to score, checked before any model loads: an embeddings file given as the LoRA, a pivotal LoRA
+    without its embeddings file (pivotal.lora_embeddings), and a pivotal run's subject word, which the prompts
+    must use as the identifier, or the trained tokens would never be asked for."""
+    from . import pivotal
+    from .lora_loading import check_lora_file
+    for _, lora, _ in targets:
+        if lora is None:
+            continue
+        if os.path.isdir(lora) and not any(n.endswith(".safetensors") and not n.endswith(pivotal.EMB_SUFFIX)
+                                           for n in os.listdir(lora)):
+            raise UsageError(f"--lora {lora}: folder has no LoRA .safetensors file; give a training output folder, "
+                             "a checkpoint-N folder or a .safetensors LoRA")
+        check_lora_file(lora)
+        path = pivotal.lora_embeddings(lora, "--lora")
+        words = list(pivotal.read_token_map(path)) if path else []
+        if words and args.identifier not in words:
+            raise UsageError(f"--identifier {args.identifier}: --lora {lora} was trained with pivotal tuning, and its "
+                             f"subject's word is {' or '.join(words)}; give --identifier {words[0]}")
 
 
 # ---------------------------------------------------------------- metrics
@@ -317,7 +364,15 @@ def format_table(rows):
 
 
 def contact_sheet(rows, path, thumb=96, label=12):
-    """rows: [(caption, [images])]; one row of thumbnails per caption, the caption written under it."""
+    """rows: [(caption, [images])]; one row of thumbnails per caption, the caption written under it; saved to path
+    (atomically: a reader never sees half a sheet)."""
+    from .files import atomic_write
+    sheet = contact_sheet_image(rows, thumb, label)
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
+    return path
+
+
+def contact_sheet_image(rows, thumb=96, label=12):
     from PIL import Image, ImageDraw
 
     cols = max(1, max(len(ims) for _, ims in rows))
@@ -328,8 +383,7 @@ def contact_sheet(rows, path, thumb=96, label=12):
         for c, im in enumerate(ims):
             sheet.paste(im.convert("RGB").resize((thumb, thumb), Image.BICUBIC), (c * thumb, y))
         draw.text((2, y + thumb), caption[: cols * thumb // 6], fill=(0, 0, 0))
-    sheet.save(path)
-    return path
+    return sheet
 
 
 def evaluate(args, log=print):
@@ -337,6 +391,8 @@ def evaluate(args, log=print):
     import torch
     from tqdm.auto import tqdm
 
+    from . import pivotal
+    from .lora_loading import load_embeddings, load_lora
     if args.checkpoints:
         if not args.lora or not os.path.isdir(args.lora):
             raise UsageError("--checkpoints needs --lora to be a training output folder (the one holding checkpoint-N)")
@@ -353,11 +409,12 @@ def evaluate(args, log=print):
         targets = []
     if args.with_base or not targets:
         targets = [("base", None, None)] + targets
+    check_loras(args, targets)
     real = real_images(args.real_dir)
     prompts = paper_prompts(args.identifier, args.class_name, args.prompt_set)[: args.num_prompts or None]
     class_prompt = args.class_prompt or f"a {args.class_name}"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    from .files import writable_folder_problem, write_text
+    from .files import atomic_write, writable_folder_problem, write_text
     problem = writable_folder_problem(args.output)
     if problem or os.path.isfile(args.output):
         raise UsageError(f"--output {args.output}: {problem or 'is a file'}; choose another folder")
@@ -366,13 +423,24 @@ def evaluate(args, log=print):
     clip = Clip(args.clip_model, args.eval_device)
     real_emb = {"dino": dino.images(real, args.batch_size), "clip": clip.images(real, args.batch_size)}
     pipe = make_pipeline(args.base, args.device, dtype)
-    os.makedirs(args.output, exist_ok=True)  # only once every model loaded: a bad --base or judge leaves nothing
     from .families import family_of_pipeline
     family = family_of_pipeline(pipe)
     resolution = args.resolution or family.default_size(pipe)
+    multiple = family.sampling_size_multiple(pipe)
+    if resolution % multiple:
+        raise UsageError(f"--resolution {resolution}: {family.name} makes images whose sides are multiples of "
+                         f"{multiple}; give {resolution // multiple * multiple or multiple} or "
+                         f"{(resolution // multiple + 1) * multiple}")
     steps, guidance = family.inference_defaults(pipe)
     args.steps = args.steps or steps  # what ran, for metrics.json
+    problem = family.sampling_flag_problem(pipe, None, args.guidance_scale, guidance)
+    if problem:
+        raise UsageError(problem)
     args.guidance_scale = guidance if args.guidance_scale is None else args.guidance_scale
+    limit = pipe.scheduler.config.get("num_train_timesteps") or 1000
+    if args.steps > limit:
+        raise UsageError(f"--steps {args.steps}: more than the {limit} noise levels the model was trained on; give at "
+                         f"most {limit} (the family's default, {steps}, is usually enough)")
 
     gen_prompts = [p for p in prompts for _ in range(args.num_images)]
     gen_seeds = [args.seed + k for _ in prompts for k in range(args.num_images)]
@@ -381,14 +449,18 @@ def evaluate(args, log=print):
     results = [{"name": "real images", "DINO": mean_pairwise(real_emb["dino"]), "CLIP-I": mean_pairwise(real_emb["clip"]),
                 "CLIP-T": None, "PRES": None, "DIV": None}]
     total = len(targets) * (len(gen_prompts) + len(cls_prompts))
+    sheets = []
     with tqdm(total=total, desc="images", unit="img", disable=args.no_progress) as bar:
         for name, lora, step in targets:
-            if lora is not None:
-                _load("--lora", lora, lambda: pipe.load_lora_weights(lora))
-            images = generate(pipe, gen_prompts, gen_seeds, args.steps, args.guidance_scale, resolution,
-                              args.batch_size, bar)
+            mapping = {}
+            if lora is not None:  # as infer.py loads it: one line for a LoRA that is unreadable or for another base
+                mapping = load_lora(pipe, lora, "lora", args.base, "evaluate.py")  # and embeddings bundled in it
+                mapping.update(load_embeddings(pipe, lora))  # its trained tokens, under names no earlier target took
+            cause = nan_cause(args, lora)
+            images = generate(pipe, [pivotal.rewrite(p, mapping) for p in gen_prompts], gen_seeds, args.steps,
+                              args.guidance_scale, resolution, args.batch_size, bar, cause)
             class_images = generate(pipe, cls_prompts, cls_seeds, args.steps, args.guidance_scale, resolution,
-                                    args.batch_size, bar) if cls_prompts else []
+                                    args.batch_size, bar, cause) if cls_prompts else []
             if lora is not None:
                 pipe.unload_lora_weights()
             row = metrics(dino, clip, real_emb, images, prompts, class_images, args.num_images, args.identifier,
@@ -396,8 +468,13 @@ def evaluate(args, log=print):
             n = args.num_images
             sheet_rows = [(p, images[k * n:(k + 1) * n]) for k, p in enumerate(prompts)]
             sheet_rows += [(class_prompt, class_images[i:i + n]) for i in range(0, len(class_images), n)]
-            sheet = contact_sheet(sheet_rows, os.path.join(args.output, f"contact_sheet_{name}.png"))
+            sheet = os.path.join(args.output, f"contact_sheet_{name}.png")
+            sheets.append((contact_sheet_image(sheet_rows), sheet))  # thumbnails only are kept
             results.append({"name": name, "lora": lora, "step": step, **row, "contact_sheet": sheet})
+    # written only now, every model scored: a bad LoRA or NaN images halfway leave an earlier evaluation's files
+    # in --output as they were, not half replaced
+    for image, sheet in sheets:
+        atomic_write(sheet, lambda tmp: image.save(tmp, format="PNG"))
     table = format_table(results)
     settings = {k: getattr(args, k) for k in ("base", "lora", "checkpoints", "real_dir", "identifier", "class_name",
                                               "class_prompt", "prompt_set", "num_images", "num_class_images",

@@ -88,6 +88,44 @@ def sniff_weights_file(path):
     return None
 
 
+def safetensors_header(path):
+    """A .safetensors file's JSON header ({tensor name: dtype, shape, offsets}, and "__metadata__"), read without
+    torch or the tensors; None when the file is missing or not a readable safetensors file (sniff_weights_file
+    says why)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(os.path.getsize(path) - 8, 100 * 2**20):
+                return None
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def safetensors_metadata(path):
+    """The file's string metadata ({} when it has none or cannot be read)."""
+    meta = (safetensors_header(path) or {}).get("__metadata__")
+    return meta if isinstance(meta, dict) else {}
+
+
+def add_safetensors_metadata(source, target, extra):
+    """Copies a .safetensors file with more string metadata in its header. The tensors are copied as bytes:
+    their offsets count from the end of the header, so a longer header moves nothing."""
+    with open(source, "rb") as src:
+        (header_len,) = struct.unpack("<Q", src.read(8))
+        header = json.loads(src.read(header_len))
+        header["__metadata__"] = {**header.get("__metadata__", {}), **extra}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
+        with open(target, "wb") as dst:
+            dst.write(struct.pack("<Q", len(raw)) + raw)
+            shutil.copyfileobj(src, dst, 2**20)
+
+
 def check_free_space(folder, needed_bytes, what):
     """Fail early with the numbers instead of dying mid-save with a half-written file."""
     probe = folder

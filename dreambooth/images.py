@@ -85,6 +85,11 @@ def _decode(im):
     return im.convert("RGB")
 
 
+def to_rgb(im):
+    """An open PIL image as the trainer reads it: 8-bit RGB, upright, transparency flattened on white."""
+    return _decode(im)
+
+
 def is_animated(im):
     return bool(getattr(im, "is_animated", False)) or getattr(im, "n_frames", 1) > 1
 

@@ -7,7 +7,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from . import __version__
-from .files import atomic_write
+from .files import add_safetensors_metadata, atomic_write
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -61,14 +61,18 @@ def diffusers_lora_layers(family, denoiser, text_encoders=()):
     return out
 
 
-def save_diffusers_lora(folder, family, denoiser, text_encoders=()):
-    """folder/pytorch_lora_weights.safetensors, loadable by the family's pipe.load_lora_weights(folder)."""
+def save_diffusers_lora(folder, family, denoiser, text_encoders=(), metadata=None):
+    """folder/pytorch_lora_weights.safetensors, loadable by the family's pipe.load_lora_weights(folder); `metadata`:
+    more header entries (a pivotal run's: which embeddings file the LoRA needs, so the file says so on its own)."""
     layers = diffusers_lora_layers(family, denoiser, text_encoders)
 
     def write(tmp):
         with tempfile.TemporaryDirectory(dir=os.path.dirname(tmp)) as staging:
             family.pipeline_class().save_lora_weights(staging, **layers)
-            shutil.move(os.path.join(staging, LORA_WEIGHT_NAME), tmp)
+            if metadata:
+                add_safetensors_metadata(os.path.join(staging, LORA_WEIGHT_NAME), tmp, metadata)
+            else:
+                shutil.move(os.path.join(staging, LORA_WEIGHT_NAME), tmp)
 
     atomic_write(os.path.join(folder, LORA_WEIGHT_NAME), write)
     return layers

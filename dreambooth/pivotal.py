@@ -14,6 +14,7 @@ maps each abstraction word to its tokens, which infer.py reads to load them and 
 
 Stdlib at import: the flag checks use it before torch loads.
 """
+import itertools
 import json
 import os
 import re
@@ -21,7 +22,12 @@ import re
 from .errors import UsageError
 
 EMB_SUFFIX = "_emb.safetensors"
-TOKENS_METADATA = "dreambooth_token_map"
+TOKENS_METADATA = "dreambooth_token_map"  # in the embeddings file, and in the run's diffusers LoRA file
+# the embeddings file a pivotal run's LoRA file needs, named in its header: the diffusers file's (ours) and the
+# kohya file's (report.training_metadata writes ss_embeddings and ss_token_map), so a LoRA file found without its
+# companion says what is missing instead of loading without the tokens and sending the word literally
+EMBEDDINGS_METADATA = "dreambooth_embeddings"
+UI_EMBEDDINGS_METADATA, UI_TOKENS_METADATA = "ss_embeddings", "ss_token_map"
 
 
 # ---- words, tokens, prompts ----------------------------------------------------------------------------------
@@ -249,6 +255,10 @@ class PivotalTokens:
             with __import__("torch").no_grad():
                 module.new.copy_(state[key])
 
+    def lora_metadata(self, embedding_name):
+        """The header entries of the run's diffusers LoRA file that name its embeddings file and its words."""
+        return {EMBEDDINGS_METADATA: embedding_name, TOKENS_METADATA: json.dumps(self.mapping)}
+
     def prompt_example(self, instance_prompt):
         return rewrite(instance_prompt, self.mapping)
 
@@ -265,10 +275,82 @@ def find_embedding_file(folder):
     return os.path.join(folder, found[0]) if found else None
 
 
+def _json_map(text):
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def read_token_map(path):
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        return json.loads((f.metadata() or {}).get(TOKENS_METADATA, "{}"))
+    """The word -> tokens map in an embeddings file's header (stdlib: flag checks read it before torch loads)."""
+    from .files import safetensors_metadata
+    return _json_map(safetensors_metadata(path).get(TOKENS_METADATA))
+
+
+def is_embeddings_file(path):
+    """True for a pivotal run's embeddings file (a token map, no LoRA weights): given where a LoRA is wanted."""
+    from .files import safetensors_header
+    header = safetensors_header(path) or {}
+    return TOKENS_METADATA in (header.get("__metadata__") or {}) and not any(".lora" in k for k in header)
+
+
+def needed_embeddings(lora_file):
+    """(embeddings file name, word -> tokens map) that a LoRA file's header says it needs; (None, {}) for a LoRA
+    trained without pivotal tuning, or written before our diffusers files named their companion."""
+    from .files import safetensors_metadata
+    meta = safetensors_metadata(lora_file)
+    name = meta.get(EMBEDDINGS_METADATA) or meta.get(UI_EMBEDDINGS_METADATA)
+    mapping = _json_map(meta.get(TOKENS_METADATA) or meta.get(UI_TOKENS_METADATA))
+    return (os.path.basename(name), mapping) if isinstance(name, str) and name else (None, {})
+
+
+def lora_embeddings(lora, flag="--lora"):
+    """The embeddings file that comes with a LoRA (a training output or checkpoint-N folder, or a LoRA file of one):
+    its path, or None for a LoRA trained without pivotal tuning. The file the LoRA's header names, beside it; for
+    LoRA files that name none, <name>_emb beside <name>, or the run folder's own beside pytorch_lora_weights. A
+    LoRA that names a file that is not there is refused in one line: loaded alone it would draw nothing of the
+    subject, its word sent to the text encoder as plain text."""
+    folder = lora if os.path.isdir(lora) else os.path.dirname(os.path.abspath(lora))
+    files = ([os.path.join(lora, n) for n in sorted(os.listdir(lora))
+              if n.endswith(".safetensors") and not n.endswith(EMB_SUFFIX)] if os.path.isdir(lora) else [lora])
+    for path in files:
+        name, mapping = needed_embeddings(path)
+        if name is None:
+            continue
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+        words = ", ".join(f"{w} -> {''.join(t)}" for w, t in mapping.items()) or "its trigger word"
+        raise UsageError(f"{flag} {lora}: its new tokens ({words}, from pivotal tuning) are in {name}, which is not "
+                         f"in {folder}; copy that file there from the same training output or checkpoint-N folder, "
+                         f"or give {flag} that folder")
+    if os.path.isdir(lora):
+        return find_embedding_file(lora)
+    beside = os.path.splitext(lora)[0] + EMB_SUFFIX
+    if os.path.isfile(beside):
+        return beside
+    if os.path.basename(lora) == "pytorch_lora_weights.safetensors":  # a run's own folder, from before the file
+        return find_embedding_file(folder)                             # named its companion
+    return None
+
+
+def word_clash(loras, flag="--lora"):
+    """Several pivotal LoRAs stacked: each one's tokens load under names of their own (load_into_pipeline), but one
+    word (TOK) trained by two cannot say which subject a prompt means; the one line for that, or None."""
+    owners = {}
+    for lora in loras:
+        path = lora_embeddings(lora, flag)
+        for word in read_token_map(path) if path else {}:
+            if word in owners:
+                other = owners[word]
+                if os.path.realpath(other) == os.path.realpath(lora):
+                    return f"{flag} {lora} is given twice; give it once (--lora_scale sets its strength)"
+                return (f"{flag} {lora} and {flag} {other} both trained new tokens for the word {word}, so a prompt "
+                        f"cannot say which subject it means; stack LoRAs trained with different --token_abstraction "
+                        f"words (retrain one, e.g. with --token_abstraction {word}2)")
+            owners[word] = lora
+    return None
 
 
 def load_into_pipeline(pipe, path):
@@ -276,13 +358,27 @@ def load_into_pipeline(pipe, path):
     encoder (SDXL: clip_l into text_encoder/tokenizer, clip_g into text_encoder_2/tokenizer_2); returns the
     word -> tokens map to rewrite prompts with."""
     from safetensors.torch import load_file
-    from .families import family_of_pipeline
     mapping = read_token_map(path)
-    tokens = token_list(mapping)
-    if not tokens:
+    if not token_list(mapping):
         raise UsageError(f"{path}: no token map in its metadata; it was not written by this trainer")
-    state = load_file(path)
+    return load_state_into_pipeline(pipe, mapping, load_file(path))
+
+
+def load_state_into_pipeline(pipe, mapping, state):
+    """load_into_pipeline for rows already read: {family key (emb_params, clip_l...): rows [tokens, width]}."""
+    from .families import family_of_pipeline
+    tokens = token_list(mapping)
     family = family_of_pipeline(pipe)
+    # Every run names its tokens <s0><s1>...: a second pivotal LoRA (or a base that has such tokens) gets the next
+    # free names instead, so stacked runs keep their own rows; the map returned says which names prompts use.
+    used = {t for name in family.tokenizer_names if getattr(pipe, name, None) is not None
+            for t in getattr(pipe, name).get_vocab()}
+    rename, free = {}, (f"<s{n}>" for n in itertools.count())
+    for token in tokens:
+        rename[token] = token if token not in used else next(t for t in free if t not in used and t not in tokens)
+        used.add(rename[token])
+    mapping = {word: [rename[t] for t in ts] for word, ts in mapping.items()}
+    tokens = token_list(mapping)
     for key, encoder_name, tokenizer_name in zip(family.embedding_file_keys, family.text_encoder_names,
                                                  family.tokenizer_names):
         if key not in state:  # an encoder the run did not give new tokens (SD 3's T5)

@@ -274,7 +274,7 @@ def add_rows(rows, token, text_encoder, tokenizer):  # new tokens and their embe
     tokenizer.add_tokens(token)
     text_encoder.resize_token_embeddings(len(tokenizer))
     ids = tokenizer.convert_tokens_to_ids(token)
-    text_encoder.get_input_embeddings().weight.data[ids] = rows.to(text_encoder.dtype)
+    text_encoder.get_input_embeddings().weight.data[ids] = rows.to(text_encoder.device, text_encoder.dtype)
 
 """
 
@@ -439,8 +439,11 @@ steps ({seconds / 60:.1f} min) on {datetime.date.today().isoformat()}.
 ## Use it with diffusers
 
 ```python
+import torch
 {pivotal.imports if pivotal else ""}from diffusers import {pipeline}
-pipe = {pipeline}.from_pretrained("{hub_id or model}")
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.{family.card_gpu_dtype if family else "float16"} if device == "cuda" else torch.float32  # one dtype for every part
+pipe = {pipeline}.from_pretrained("{hub_id or model}", torch_dtype=dtype).to(device)
 pipe.load_lora_weights("{where}")
 {pivotal.load_code if pivotal else ""}image = pipe("{pivotal.prompt if pivotal else args.instance_prompt} in a bucket").images[0]
 ```

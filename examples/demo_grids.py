@@ -26,7 +26,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 import toy_world as world  # noqa: E402
-from infer import load_embeddings  # noqa: E402
+from dreambooth import pivotal  # noqa: E402
+from dreambooth.config import OneLineParser  # noqa: E402
+from dreambooth.errors import UsageError, run_cli  # noqa: E402
+from dreambooth.lora_loading import check_lora_file, load_embeddings, load_lora  # noqa: E402
 
 IDENTIFIER = "sks"
 INSTANCE = world.prompt(world.SUBJECT_SHAPE, identifier=IDENTIFIER)  # "a sks circle"
@@ -73,13 +76,12 @@ def numbers(images, base_images=None):
 def score_lora(pipe, lora, num_images, seed=0, base_images=None):
     """Numbers and images for the base (lora None) or a run loaded onto it: its LoRA and, after pivotal tuning,
     its trained tokens (prompts rewritten to use them); both unloaded again, so one pipeline scores many runs."""
-    from dreambooth import pivotal
     mapping = {}
-    if lora:
-        pipe.load_lora_weights(lora)
+    if lora:  # as infer.py loads it: one line for a file that is no LoRA or not for this base
+        mapping = load_lora(pipe, lora, "lora", getattr(pipe, "name_or_path", None) or "the base", "demo_grids.py")
     try:
         if lora:  # found as infer.py finds them: in the run's folder, or <name>_emb beside a <name> LoRA file
-            mapping = load_embeddings(pipe, lora)
+            mapping.update(load_embeddings(pipe, lora))
         images = sample_all(pipe, num_images, seed, lambda p: pivotal.rewrite(p, mapping))
     finally:
         if mapping:
@@ -120,13 +122,42 @@ def fmt(n):
     return " ".join(f"{k} {v:.2f}" for k, v in n.items())
 
 
+def check(args):
+    """Every check that needs no model: a wrong path costs a second, and one line."""
+    if not os.path.isfile(os.path.join(args.base, "model_index.json")):
+        raise UsageError(f"--base {args.base}: not a diffusers model folder (no model_index.json); leave --base out "
+                         "for the shipped toy base, examples/toy-base")
+    if not os.path.exists(args.lora):
+        raise UsageError(f"--lora {args.lora}: no such file or folder; give the training --output_dir of a toy run "
+                         "(make demo writes work_dirs/toy-demo)")
+    if os.path.isdir(args.lora) and not any(n.endswith(".safetensors") and not n.endswith(pivotal.EMB_SUFFIX)
+                                            for n in os.listdir(args.lora)):
+        raise UsageError(f"--lora {args.lora}: folder has no LoRA .safetensors file; give a finished run's "
+                         "--output_dir or one of its checkpoint-N folders")
+    check_lora_file(args.lora)
+    pivotal.lora_embeddings(args.lora, "--lora")  # a pivotal LoRA without its embeddings file: one line, now
+    if args.num_images < 1:
+        raise UsageError(f"--num_images {args.num_images}: must be at least 1")
+    from dreambooth.files import writable_folder_problem
+    problem = writable_folder_problem(args.out)
+    if problem or os.path.isfile(args.out):
+        raise UsageError(f"--out {args.out}: {problem or 'is a file'}; give a folder")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run_cli("demo_grids.py", _main, argv)
+
+
+def _main(argv):
+    parser = OneLineParser(prog="demo_grids.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=os.path.join(HERE, "toy-base"), help="The toy base model folder.")
     parser.add_argument("--lora", required=True, help="Training output folder (or LoRA file) to compare with the base.")
     parser.add_argument("--out", required=True, help="Folder for the grids and numbers.json.")
     parser.add_argument("--num_images", type=int, default=8, help="Seeds per prompt (0..N-1), in grids and numbers.")
+    parser.add_argument("--debug", action="store_true", help="Full traceback on errors (for bug reports).")
     args = parser.parse_args(argv)
+    check(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from dreambooth.quiet import quiet_libraries
     quiet_libraries()
@@ -147,7 +178,8 @@ def main(argv=None):
     print(f"base: {fmt(base_n)}")
     print(f"LoRA: {fmt(lora_n)}")
     print(f"wrote {os.path.join(args.out, 'demo.png')} (all prompts) and one PNG per prompt")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

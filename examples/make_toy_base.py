@@ -14,8 +14,9 @@ so the trainer, infer.py and evaluate.py load it exactly as they load SD 1.5. Th
      toy_world.HELD_OUT), scaling factor set so they have unit variance, as SD's 0.18215 does;
   3. UNet and text encoder together on the denoising loss (the text encoder has to learn what "red" means;
      CLIP's pretraining is not available offline), with an EMA of the weights, which is what gets saved.
-Then: fp16 safetensors to --out, a sample grid and REPORT.md (share of held-out prompts whose images show the
-asked shape, colour and background, read by toy_world's pixel scorer).
+Then: safetensors to --out (UNet and VAE fp16, text encoder fp32: see the save), a sample grid and REPORT.md
+(share of held-out prompts whose images show the asked shape, colour and background, read by toy_world's pixel
+scorer).
 
     nice -n 19 python examples/make_toy_base.py --out examples/toy-base      # ~30 min on 2 CPU cores
 """
@@ -306,7 +307,12 @@ def main(argv=None):
                                noise_offset=args.noise_offset)
     t_total = time.time() - t0
     os.makedirs(args.out, exist_ok=True)
-    pipe.to(torch.float16).save_pretrained(args.out, safe_serialization=True)
+    # UNet and VAE in fp16 (diffusers loads them in fp32 unless asked otherwise), the text encoder in fp32: transformers
+    # 5 loads a text encoder in the dtype it was saved in, so an fp16 one beside fp32 UNet and VAE makes a plain
+    # StableDiffusionPipeline.from_pretrained(base) fail on its first prompt (mat1 and mat2 ... Half and Float)
+    pipe.to(torch.float16)
+    pipe.text_encoder.to(torch.float32)
+    pipe.save_pretrained(args.out, safe_serialization=True)
     pipe.to(torch.float32)
     stats = {"seed": args.seed, "vae_steps": args.vae_steps, "vae_final_mse": round(vae_loss, 5),
              "unet_steps": args.unet_steps, "unet_batch": args.unet_batch, "unet_final_loss": round(unet_loss, 4),

@@ -142,6 +142,7 @@ class ModelFamily:
     flag_defaults = {}             # their defaults here
     common_defaults = {}           # defaults of flags every family takes that differ by family (diffusers' scripts)
     card_tags = ()                 # the model card's family tags
+    card_gpu_dtype = "float16"     # the model card snippet's half precision on a GPU (fp32 on a CPU)
     ui_base = "the same"           # "load ___ base checkpoint" in the model card's A1111 section
     a1111 = True                   # AUTOMATIC1111 runs this family (the card tells how to load the LoRA there)
 
@@ -380,6 +381,22 @@ class ModelFamily:
     def default_size(cls, pipe):
         """The image side a loaded pipeline of this family makes by default."""
         return getattr(pipe, cls.denoiser_name).config.sample_size * pipe.vae_scale_factor
+
+    @classmethod
+    def sampling_flag_problem(cls, pipe, negative_prompt, guidance_given, guidance):
+        """A sampling flag the family's pipeline would ignore without a word, as one line (None when every one
+        applies): a negative prompt is read only by classifier-free guidance, which runs above 1."""
+        if negative_prompt is not None and guidance <= 1:
+            return (f"--negative_prompt is not used at --guidance_scale {guidance:g} (classifier-free guidance, which "
+                    "reads it, runs only above 1); raise --guidance_scale or leave --negative_prompt out")
+        return None
+
+    @classmethod
+    def sampling_size_multiple(cls, pipe):
+        """What a loaded pipeline's image sides must be a multiple of: the VAE's downsampling (a UNet takes any
+        latent size); the flow families add their 2x2 patches. Their pipelines refuse other sizes deep inside
+        (SD 3) or round them silently (Flux); infer.py and evaluate.py refuse them in one line first."""
+        return pipe.vae_scale_factor
 
     def sampling_pipeline(self, denoiser=None, text_encoders=None):
         """The family's pipeline over the modules already loaded (no second model load). denoiser/text_encoders:

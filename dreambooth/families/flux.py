@@ -63,6 +63,7 @@ class Flux(FlowFamily):
     common_defaults = {"learning_rate": 1e-4, "text_encoder_lr": 5e-6, "adam_weight_decay": 1e-4,  # diffusers'
                        "adam_weight_decay_text_encoder": 1e-3}                                    # Flux script
     card_tags = ("flux", "flux-diffusers")
+    card_gpu_dtype = "bfloat16"  # Flux.1 overflows fp16 (black images); BFL and diffusers run it in bf16
 
     @classmethod
     def defaults(cls, args):
@@ -99,6 +100,21 @@ class Flux(FlowFamily):
     def size_multiple(self):
         """The VAE's downsampling times the 2x2 packing (Flux: 8 x 2 = 16)."""
         return self.vae_scale() * 2
+
+    @classmethod
+    def sampling_size_multiple(cls, pipe):
+        return pipe.vae_scale_factor * 2
+
+    @classmethod
+    def sampling_flag_problem(cls, pipe, negative_prompt, guidance_given, guidance):
+        """FluxPipeline ignores a negative prompt (without its true_cfg_scale), and schnell any guidance."""
+        if negative_prompt is not None:
+            return ("--negative_prompt: Flux.1 takes no negative prompt (its guidance is distilled into the model, "
+                    "and FluxPipeline ignores one); leave it out")
+        if guidance_given and not pipe.transformer.config.guidance_embeds:
+            return (f"--guidance_scale {guidance_given:g}: Flux.1-schnell takes no guidance (it was distilled to sample "
+                    "without it, and its pipeline ignores the value); leave --guidance_scale out")
+        return None
 
     def encode(self, tokens, use_attention_mask=False):
         """As FluxPipeline.encode_prompt: CLIP's pooled output, T5's last hidden state (--max_sequence_length)."""

@@ -61,6 +61,10 @@ class StableDiffusion3(FlowFamily):
         """The VAE's downsampling times the transformer's patch size (SD 3: 8 x 2 = 16)."""
         return self.vae_scale() * self.denoiser.config.patch_size
 
+    @classmethod
+    def sampling_size_multiple(cls, pipe):
+        return pipe.vae_scale_factor * pipe.transformer.config.patch_size
+
     def encode(self, tokens, use_attention_mask=False):
         """As StableDiffusion3Pipeline.encode_prompt (clip_skip None): each CLIP's penultimate hidden state, side by
         side and zero-padded to T5's width, then T5's last hidden state after them on the token axis (zeros of
