@@ -280,6 +280,11 @@ def _main(argv):
         pipe.set_adapters(names, adapter_weights=args.lora_scale or [1.0] * len(names))
     for note in trigger_notes(args.lora, args.prompt):
         print(note, file=sys.stderr)
+    from dreambooth.prompt_lengths import check_inference_prompts
+    notes = []  # the pipeline cuts prompts at its tokenizers' lengths (diffusers' own warning is quieted)
+    check_inference_prompts(pipe, family, args.prompt, token_map, notes)
+    for note in notes:
+        print(f"infer.py: {note}", file=sys.stderr)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 

@@ -129,3 +129,15 @@ def test_the_class_image_cache_key_includes_the_vae_revision_and_variant():
     keys = {priors.prior_settings("m", "a photo of dog", 25, 0, 64, "float32", extra)[1]
             for extra in ({"vae": "sd-vae-ft-mse"}, {"vae": "other-vae"}, {"revision": "fp16"}, {"variant": "fp16"})}
     assert len(keys) == 4 and plain[1] not in keys
+
+
+def test_infer_says_where_a_long_prompt_is_cut(tiny_model, tmp_path, capsys):
+    """diffusers cuts at 77 tokens with a logged warning that quiet logging hides: infer.py says it in one note."""
+    import infer
+    prompt = "a photo of sks dog " + "and more words " * 40
+    assert infer.main(["--base", tiny_model["eps"], "--prompt", prompt, "--num_images", "1", "--steps", "1",
+                       "--output", str(tmp_path / "out")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "longer than" in line]
+    assert len(notes) == 1 and notes[0].startswith(
+        "infer.py: note: 1 prompt(s) are longer than the 77 tokens the text encoder reads; the words after '")
+    assert notes[0].endswith(f"' are ignored (e.g. --prompt '{prompt}'); shorten them")
