@@ -665,14 +665,15 @@ class DreamBoothRecipe:
                 print(f"stopped by signal after the last step: the LoRA files are complete in {a.output_dir}{skipped}"
                       f"{upload}", file=sys.stderr)
             return 128 + stop.requested
-        stop.then = "finishing the Hub upload, then stopping"
+        stop.then = "finishing the Hub upload (everything else is written), then exiting"
         if a.push_to_hub and accelerator.is_main_process:
             from dreambooth.hub import upload_run
             uploaded, message = upload_run(a.output_dir, a._hub_repo_id, a.hub_token, extra_ignore=extra)
             print(message, file=sys.stdout if uploaded else sys.stderr)
             if not uploaded:
                 return 4  # trained and saved, but the asked-for upload did not happen: scripts should notice
-        return 128 + stop.requested if stop.requested else 0
+        stop.then = "the run is complete; exiting"  # a signal from here on has nothing left to stop
+        return 0
 
     def _save_kohya(self, folder, intermediate=False):
         """The kohya-layout file for ComfyUI/A1111: <output_dir name>.safetensors, and in a checkpoint folder

@@ -521,6 +521,8 @@ def _instance_folder_images(folder):
     if not folder:
         raise UsageError("--instance_data_dir is required: a folder with 3-20 photos of the subject "
                          "(or --dataset_name)")
+    if os.path.isfile(folder):
+        raise UsageError(f"--instance_data_dir {folder} is a file; give the folder that holds the photos")
     if not os.path.isdir(folder):
         raise UsageError(f"--instance_data_dir {folder}: folder does not exist")
     images, skipped, captions = list_instance_images(folder)
@@ -653,6 +655,17 @@ def _check_numbers(args, notes):
                  "tokenizer_max_length"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
+    # counts past these are typing slips, and some would overflow (a step count past 2**63) or fill the memory (a
+    # list of photo indices a billion long) before the first step
+    at_most = {"max_train_steps": 10**9, "num_train_epochs": 10**9, "checkpointing_steps": 10**9,
+               "validation_steps": 10**9, "validation_epochs": 10**9, "lr_warmup_steps": 10**9, "logging_steps": 10**9,
+               "repeats": 10**4, "rank": 4096, "num_class_images": 10**6, "train_batch_size": 10**4,
+               "gradient_accumulation_steps": 10**6, "num_validation_images": 1000}
+    for flag, limit in at_most.items():
+        value = getattr(args, flag, None)
+        if value is not None and value > limit:
+            raise UsageError(f"--{flag} {value} is more than {limit:,}, the most this trainer takes; "
+                             f"use a smaller value")
     if args.learning_rate is not None and args.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be > 0 (got {args.learning_rate}); 1e-4 is a good start")
     positive = {"text_encoder_lr": args.text_encoder_lr, "lora_alpha": args.lora_alpha, "snr_gamma": args.snr_gamma,
@@ -759,10 +772,18 @@ def _check_output(args):
     if problem:
         raise UsageError(f"--output_dir {args.output_dir}: {problem}; choose another folder or fix its permissions")
     finished = os.path.join(args.output_dir, LORA_WEIGHT_NAME)
-    if os.path.isfile(finished) and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+    if outputs.is_ours(args.output_dir, LORA_WEIGHT_NAME) and not args.overwrite_output_dir and \
+            not args.resume_from_checkpoint:
         raise UsageError(f"--output_dir {args.output_dir} already holds a finished run ({LORA_WEIGHT_NAME}); "
                          "choose another folder, add --overwrite_output_dir to replace it, or continue it with "
                          "--resume_from_checkpoint latest and a higher --max_train_steps")
+    unfinished = [os.path.basename(p) for p in outputs.list_checkpoints(args.output_dir)
+                  if outputs.is_our_checkpoint(p)] if not os.path.isfile(finished) else []
+    if unfinished and not args.overwrite_output_dir and not args.resume_from_checkpoint:
+        # a fresh run would write its checkpoints over these, and 'latest' would later pick the old run's last one
+        raise UsageError(f"--output_dir {args.output_dir} holds the checkpoints of an unfinished run (up to "
+                         f"{unfinished[-1]}); continue it with --resume_from_checkpoint latest, add "
+                         "--overwrite_output_dir to start again, or choose another folder")
     outputs.check_foreign_files(args)  # nothing the run did not write is replaced or deleted, with or without
     outputs.check_folders(args)        # --overwrite_output_dir; and it never writes among the training photos
     if args.with_prior_preservation and args.class_data_dir:
@@ -801,6 +822,18 @@ def _check_vae(args):
     by config.json where both are local folders; otherwise when the VAE loads (families/base.py)."""
     from .families.base import check_vae, vae_config_file
     vae, model = args.pretrained_vae_model_name_or_path, args.pretrained_model_name_or_path
+    if vae is not None and not vae.strip():
+        raise UsageError("--pretrained_vae_model_name_or_path is empty; give a VAE folder or hub id, or leave the flag "
+                         "out to use the base's own VAE")
+    if vae and missing_model_path(vae):
+        raise UsageError(f"--pretrained_vae_model_name_or_path {vae}: folder does not exist; give a VAE folder (with "
+                         "config.json, or a model folder with vae/) or a hub id such as madebyollin/sdxl-vae-fp16-fix")
+    if vae and os.path.isfile(vae):
+        raise UsageError(f"--pretrained_vae_model_name_or_path {vae} is a file; give a VAE folder (with config.json, "
+                         "or a model folder with vae/) or a hub id")
+    if vae and os.path.isdir(vae) and vae_config_file(vae) is None:
+        raise UsageError(f"--pretrained_vae_model_name_or_path {vae} is not a VAE folder (no config.json, no vae/); "
+                         "give the folder that holds the VAE's config.json and weights")
     if not vae or not os.path.isdir(vae) or not os.path.isdir(model):
         return
     files = vae_config_file(vae), os.path.join(model, "vae", "config.json")

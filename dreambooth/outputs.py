@@ -16,9 +16,9 @@ import re
 import shutil
 import struct
 
-from .checkpoints import CHECKPOINT, is_our_checkpoint
+from .checkpoints import CHECKPOINT, is_our_checkpoint, list_checkpoints  # noqa: F401  (config asks here)
 from .errors import UsageError
-from .files import writable_folder_problem
+from .files import sniff_weights_file, writable_folder_problem
 from .lora_io import LORA_WEIGHT_NAME
 from .pivotal import EMB_SUFFIX, TOKENS_METADATA
 
@@ -112,8 +112,8 @@ def is_ours(folder, name):
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         return False
-    if name == LORA_WEIGHT_NAME:
-        return True
+    if name == LORA_WEIGHT_NAME:  # any real LoRA file there (another trainer's too) is a finished run to replace;
+        return sniff_weights_file(path) is None  # a file that is not safetensors at all is not one
     if name == CARD:
         return CARD_MARKER in _head(path)
     if name == RECIPE:

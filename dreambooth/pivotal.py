@@ -86,8 +86,13 @@ def check_flags(args, notes):
         raise UsageError(f"--train_text_encoder_frac must be in (0, 1] (got {args.train_text_encoder_frac}): the "
                          "share of the steps the text encoder's LoRA trains")
     if not args.train_text_encoder_ti:
-        if args.initializer_concept:
-            notes.append("warning: --initializer_concept is ignored without --train_text_encoder_ti")
+        given = [f"--{flag}" for flag, default in (("initializer_concept", None), ("token_abstraction", "TOK"),
+                                                   ("num_new_tokens_per_abstraction", 2),
+                                                   ("train_text_encoder_ti_frac", 0.5))
+                 if getattr(args, flag) != default]
+        if given:
+            notes.append(f"warning: {' and '.join(given)} {'is' if len(given) == 1 else 'are'} ignored without "
+                         "--train_text_encoder_ti (pivotal tuning); add it, or drop them")
         return
     if not 0 < args.train_text_encoder_ti_frac <= 1:
         raise UsageError(f"--train_text_encoder_ti_frac must be in (0, 1] (got {args.train_text_encoder_ti_frac}): "
@@ -124,6 +129,12 @@ def check_words_used(args, images, notes):
             if where.startswith(("caption", "--instance"))]
     for word in abstractions(args.token_abstraction):
         if any(_word(word).search(t) for _, t in used):
+            lacking = [where.removeprefix("caption file ") for where, t in used if not _word(word).search(t)]
+            if lacking:  # those photos train the LoRA without the new tokens: a subject split in two
+                notes.append(f"warning: --token_abstraction {word}: {len(lacking)} prompt(s) that train lack the "
+                             f"word ({', '.join(os.path.basename(w) if os.sep in w else w for w in lacking[:3])}"
+                             f"{', …' if len(lacking) > 3 else ''}), so those photos train without its new tokens; "
+                             f"name the subject with {word} in each")
             continue
         if _word(word).search(args.instance_prompt or ""):  # there, but every photo has a caption that replaces it
             notes.append(f"warning: --token_abstraction {word}: every photo has a caption file and none has the "

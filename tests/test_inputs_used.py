@@ -62,9 +62,11 @@ def test_pivotal_trigger_only_in_the_unused_instance_prompt_is_said(captioned, t
     assert ("warning: --token_abstraction TOK: every photo has a caption file and none has the word "
             "(--instance_prompt, which has it, is used only for photos without one), so its new tokens will not "
             "train (the LoRA still does); put TOK in the captions") in notes
-    write("dog2.txt", "a photo of TOK dog")  # one caption names it: its rows train
-    assert not [n for n in _notes(tiny_model, "eps", "--instance_data_dir", folder, "--train_text_encoder_ti",
-                                  "--instance_prompt", "a photo of TOK dog") if "TOK" in n]
+    write("dog2.txt", "a photo of TOK dog")  # one caption names it: its rows train, the other photos' do not
+    assert [n for n in _notes(tiny_model, "eps", "--instance_data_dir", folder, "--train_text_encoder_ti",
+                              "--instance_prompt", "a photo of TOK dog") if "TOK" in n] == [
+        "warning: --token_abstraction TOK: 2 prompt(s) that train lack the word (dog0.txt, dog1.txt), so those photos "
+        "train without its new tokens; name the subject with TOK in each"]
 
 
 def test_a_trigger_past_the_77_token_cut_is_refused(captioned, fails, tiny_model):
@@ -141,3 +143,68 @@ def test_infer_says_where_a_long_prompt_is_cut(tiny_model, tmp_path, capsys):
     assert len(notes) == 1 and notes[0].startswith(
         "infer.py: note: 1 prompt(s) are longer than the 77 tokens the text encoder reads; the words after '")
     assert notes[0].endswith(f"' are ignored (e.g. --prompt '{prompt}'); shorten them")
+
+
+@pytest.mark.parametrize("flags,line", [
+    (["--max_train_steps", "99999999999999999999"],
+     "--max_train_steps 99999999999999999999 is more than 1,000,000,000, the most this trainer takes; use a smaller "
+     "value"),
+    (["--repeats", "1000000000"], "--repeats 1000000000 is more than 10,000, the most this trainer takes; use a "
+                                  "smaller value"),
+    (["--rank", "100000"], "--rank 100000 is more than 4,096, the most this trainer takes; use a smaller value"),
+    (["--pretrained_vae_model_name_or_path", "/nonexistent/vae"],
+     "--pretrained_vae_model_name_or_path /nonexistent/vae: folder does not exist; give a VAE folder (with "
+     "config.json, or a model folder with vae/) or a hub id such as madebyollin/sdxl-vae-fp16-fix"),
+])
+def test_counts_and_paths_no_run_can_use(fails, flags, line):
+    """Before: an OverflowError reported as a bug, memory filling for minutes, the kernel's OOM kill with no
+    line, and an offline-cache hint for a folder that does not exist."""
+    assert fails("eps", *flags) == line
+
+
+def test_photos_given_as_a_file_and_a_vae_that_is_not_one(fails, instance_dir, tmp_path):
+    photo = f"{instance_dir}/dog0.png"
+    assert fails("eps", "--instance_data_dir", photo) == (
+        f"--instance_data_dir {photo} is a file; give the folder that holds the photos")
+    assert fails("eps", "--pretrained_vae_model_name_or_path", instance_dir) == (
+        f"--pretrained_vae_model_name_or_path {instance_dir} is not a VAE folder (no config.json, no vae/); give the "
+        "folder that holds the VAE's config.json and weights")
+
+
+def test_pivotal_flags_without_pivotal_tuning_and_captions_without_the_trigger_are_said(captioned, tiny_model):
+    folder, write = captioned
+    write("dog0.txt", "a photo of TOK dog on grass")
+    write("dog1.caption", "a photo of TOK dog")
+    write("dog2.TXT", "a photo of a dog")
+    notes = _notes(tiny_model, "eps", "--instance_data_dir", folder, "--train_text_encoder_ti")
+    assert ("warning: --token_abstraction TOK: 1 prompt(s) that train lack the word (dog2.TXT), so those photos train "
+            "without its new tokens; name the subject with TOK in each") in notes
+    notes = _notes(tiny_model, "eps", "--instance_data_dir", folder, "--token_abstraction", "OBJ",
+                   "--num_new_tokens_per_abstraction", "3")
+    assert ("warning: --token_abstraction and --num_new_tokens_per_abstraction are ignored without "
+            "--train_text_encoder_ti (pivotal tuning); add it, or drop them") in notes
+
+
+def test_a_fresh_run_into_an_unfinished_runs_checkpoints_is_refused(tiny_model, instance_dir, tmp_path, capsys):
+    """Before: the new run wrote its checkpoints over the killed run's, kept its later ones, and a later 'latest'
+    resumed the old run's state on top of the new one. A file that is not a LoRA at our file's name is not 'a
+    finished run' to replace: it is refused as foreign."""
+    import train_dreambooth_lora
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / "lora_settings.json").write_text("{}")
+    argv = ["--pretrained_model_name_or_path", tiny_model["eps"], "--instance_data_dir", instance_dir,
+            "--instance_prompt", "a photo of sks dog", "--output_dir", str(out), "--resolution", "64"]
+    assert train_dreambooth_lora.main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"train_dreambooth_lora.py: error: --output_dir {out} holds the checkpoints of an unfinished run (up to "
+        "checkpoint-3); continue it with --resume_from_checkpoint latest, add --overwrite_output_dir to start again, "
+        "or choose another folder")
+    shutil.rmtree(out / "checkpoint-3")
+    (out / "pytorch_lora_weights.safetensors").write_text("notours")
+    assert train_dreambooth_lora.main(argv + ["--overwrite_output_dir"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"train_dreambooth_lora.py: error: --output_dir {out} holds pytorch_lora_weights.safetensors, not written by "
+        "this trainer, which the run would replace with its own LoRA weights; move it out of the folder or choose "
+        "another --output_dir")
+    assert (out / "pytorch_lora_weights.safetensors").read_text() == "notours"
