@@ -772,8 +772,7 @@ def _check_output(args):
     if problem:
         raise UsageError(f"--output_dir {args.output_dir}: {problem}; choose another folder or fix its permissions")
     finished = os.path.join(args.output_dir, LORA_WEIGHT_NAME)
-    if outputs.is_ours(args.output_dir, LORA_WEIGHT_NAME) and not args.overwrite_output_dir and \
-            not args.resume_from_checkpoint:
+    if os.path.isfile(finished) and not args.overwrite_output_dir and not args.resume_from_checkpoint:
         raise UsageError(f"--output_dir {args.output_dir} already holds a finished run ({LORA_WEIGHT_NAME}); "
                          "choose another folder, add --overwrite_output_dir to replace it, or continue it with "
                          "--resume_from_checkpoint latest and a higher --max_train_steps")

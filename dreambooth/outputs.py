@@ -112,8 +112,10 @@ def is_ours(folder, name):
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         return False
-    if name == LORA_WEIGHT_NAME:  # any real LoRA file there (another trainer's too) is a finished run to replace;
-        return sniff_weights_file(path) is None  # a file that is not safetensors at all is not one
+    if name == LORA_WEIGHT_NAME:  # any real LoRA file there (another trainer's too) is a finished run to replace,
+        # and so is whatever sits beside our run's own stats or card; a lone file that is not safetensors is not one
+        return (sniff_weights_file(path) is None or _our_stats(os.path.join(folder, STATS))
+                or CARD_MARKER in _head(os.path.join(folder, CARD)))
     if name == CARD:
         return CARD_MARKER in _head(path)
     if name == RECIPE:
