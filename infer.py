@@ -27,8 +27,9 @@ from dreambooth.pivotal import EMB_SUFFIX  # noqa: E402
 SCHEDULERS = {"dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
               "euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler",
               "unipc": "UniPCMultistepScheduler", "default": None}
-# --lora_scale's range: ComfyUI's and A1111's strength sliders centre on -2..2; past 10 the LoRA's change
-# outweighs the base tenfold, and a huge scale overflows to NaN, which diffusers saves as a black image
+# --lora_scale's range: a LoRA is trained at 1, and about -2..2 is where it still draws its subject (or, negative,
+# the opposite); past 10 its change outweighs the base's weights tenfold, and a huge scale overflows to NaN, which
+# diffusers would save as black images
 MAX_LORA_SCALE = 10.0
 
 
