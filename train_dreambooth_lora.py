@@ -69,8 +69,8 @@ def train(args, instance_images, stats):
             raise
         good = checkpoints.latest_good(args.output_dir)
         if good and checkpoints.checkpoint_step(good) == getattr(recipe, "max_train_steps", None):
-            line += (f"; the trained weights are safe in {good} (its {os.path.basename(checkpoints.LORA_WEIGHT_NAME)} "
-                     "loads as the final file would)")
+            line += (f"; the trained weights are safe in {good} (its {checkpoints.LORA_WEIGHT_NAME} loads as the final "
+                     "file would)")
         elif good:
             line += f" with --resume_from_checkpoint {good}"
         raise UsageError(line) from e
@@ -199,9 +199,8 @@ class DreamBoothRecipe:
         if os.path.isfile(source.path):  # a folder's tokenizers were checked before the load (config.validate)
             from dreambooth import prompt_lengths
             notes = []
-            prompt_lengths.check_all(family, a, self.instance_images,
-                                     [getattr(e.config, prompt_lengths.POSITION_KEY, None) for e in family.text_encoders],
-                                     notes)
+            limits = [getattr(e.config, prompt_lengths.POSITION_KEY, None) for e in family.text_encoders]
+            prompt_lengths.check_all(family, a, self.instance_images, limits, notes)
             for note in notes:
                 log_main(note)
         self.stats.set(model_weights_fp32_mb=sum(p.numel() for m in family.frozen_modules()
@@ -658,10 +657,12 @@ class DreamBoothRecipe:
             extra += outputs.upload_excludes(a, ignored=list(hub.IGNORE) + extra)  # never what the run did not write
         if stop.requested:
             if accelerator.is_main_process:
-                from dreambooth import hub
-                skipped = " (final validation images skipped)" if a.validation_prompt and not a.skip_final_inference else ""
-                upload = (f"; the Hub upload was skipped, to do it: {hub.retry_command(a.output_dir, a._hub_repo_id, a.hub_token, (*hub.IGNORE, *extra))}"
-                          if a.push_to_hub else "")
+                skipped = (" (final validation images skipped)" if a.validation_prompt and not a.skip_final_inference
+                           else "")
+                upload = ""
+                if a.push_to_hub:  # hub was imported above for the excludes
+                    retry = hub.retry_command(a.output_dir, a._hub_repo_id, a.hub_token, (*hub.IGNORE, *extra))
+                    upload = f"; the Hub upload was skipped, to do it: {retry}"
                 print(f"stopped by signal after the last step: the LoRA files are complete in {a.output_dir}{skipped}"
                       f"{upload}", file=sys.stderr)
             return 128 + stop.requested

@@ -67,8 +67,9 @@ def _flag_text(flag, value):
 
 
 def checkpoint_problem(path, embeddings=False):
-    """Why a checkpoint folder cannot be resumed from (missing, empty or truncated files), or None. Reads file
-    headers and zip directories only: cheap enough to run before the model loads. embeddings: a pivotal run's
+    """Why a checkpoint folder cannot be resumed from (missing, empty or truncated files, non-finite LoRA weights),
+    or None. Reads file headers, zip directories and the LoRA file (megabytes): cheap enough to run before the model
+    loads. embeddings: a pivotal run's
     checkpoint, which holds its new tokens' rows too (*_emb.safetensors)."""
     for name in STATE_FILES + (LORA_WEIGHT_NAME,):
         file = os.path.join(path, name)

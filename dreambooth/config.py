@@ -505,7 +505,6 @@ def recipe(args):
 
 def recipe_yaml(args):
     """config.yaml: the recipe, headed by how to replay it and what this run decided for the values left open."""
-    import json
     import yaml
     asked, used = recipe(args), effective_config(args)
     decided = [f"#   {k}: {json.dumps(used[k])}" for k in used if used[k] != asked[k]]
@@ -776,8 +775,9 @@ def _check_output(args):
         raise UsageError(f"--output_dir {args.output_dir} already holds a finished run ({LORA_WEIGHT_NAME}); "
                          "choose another folder, add --overwrite_output_dir to replace it, or continue it with "
                          "--resume_from_checkpoint latest and a higher --max_train_steps")
-    unfinished = [os.path.basename(p) for p in outputs.list_checkpoints(args.output_dir)
-                  if outputs.is_our_checkpoint(p)] if not os.path.isfile(finished) else []
+    from .checkpoints import is_our_checkpoint, list_checkpoints
+    unfinished = [os.path.basename(p) for p in list_checkpoints(args.output_dir)
+                  if is_our_checkpoint(p)] if not os.path.isfile(finished) else []
     if unfinished and not args.overwrite_output_dir and not args.resume_from_checkpoint:
         # a fresh run would write its checkpoints over these, and 'latest' would later pick the old run's last one
         raise UsageError(f"--output_dir {args.output_dir} holds the checkpoints of an unfinished run (up to "

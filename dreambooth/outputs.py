@@ -14,11 +14,10 @@ import json
 import os
 import re
 import shutil
-import struct
 
-from .checkpoints import CHECKPOINT, is_our_checkpoint, list_checkpoints  # noqa: F401  (config asks here)
+from .checkpoints import CHECKPOINT, is_our_checkpoint
 from .errors import UsageError
-from .files import sniff_weights_file, writable_folder_problem
+from .files import safetensors_metadata, sniff_weights_file, writable_folder_problem
 from .lora_io import LORA_WEIGHT_NAME
 from .pivotal import EMB_SUFFIX, TOKENS_METADATA
 
@@ -60,20 +59,6 @@ def _head(path, size=1 << 20):
             return f.read(size).decode("utf-8", "replace")
     except OSError:
         return ""
-
-
-def _safetensors_metadata(path):
-    """The __metadata__ of a safetensors file's header ({} when it has none or is no safetensors file)."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100 * 2**20:
-                return {}
-            header = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error):
-        return {}
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta if isinstance(meta, dict) else {}
 
 
 def _our_recipe(path):
@@ -123,9 +108,9 @@ def is_ours(folder, name):
     if name == STATS:
         return _our_stats(path)
     if name.endswith(EMB_SUFFIX):
-        return TOKENS_METADATA in _safetensors_metadata(path)
+        return TOKENS_METADATA in safetensors_metadata(path)
     if name.endswith(".safetensors"):
-        return KOHYA_MARKER in _safetensors_metadata(path)
+        return KOHYA_MARKER in safetensors_metadata(path)
     if name == LOSS_PLOT:
         return holds_our_run(folder)
     return False

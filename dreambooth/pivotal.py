@@ -64,7 +64,8 @@ def token_list(mapping):
 
 def embedding_file_name(output_dir):
     """<output_dir name>_emb.safetensors, beside the kohya file <output_dir name>.safetensors."""
-    return (os.path.basename(os.path.normpath(os.path.abspath(output_dir))) or "lora") + EMB_SUFFIX
+    from .outputs import run_name  # outputs imports this module: asked at call time
+    return run_name(output_dir) + EMB_SUFFIX
 
 
 # CLIP's 77 positions less the start and end tokens: every family's pivotal encoders are CLIP ones
