@@ -117,3 +117,28 @@ def fails(tiny_model, instance_dir, tmp_path, capsys):
         assert code == 2 and len(err) == 1 and not out.exists(), err
         return err[0].removeprefix("train_dreambooth_lora.py: error: ").replace(path, "MODEL")
     return run
+
+
+def flag_argv(base, *extra, **overrides):
+    """{flag: value} (True: a bare switch; None: left out), overridden per call, then extra words: a command line."""
+    args = []
+    for k, v in {**base, **overrides}.items():
+        if v is not None:
+            args += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    return args + [str(e) for e in extra]
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """main() in this process: faster than a subprocess for runs that stop right after loading. accelerate keeps
+    its state per process and main() installs signal handlers, so both are put back afterwards."""
+    import signal
+
+    import train_dreambooth_lora
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    yield train_dreambooth_lora.main
+    signal.signal(signal.SIGINT, handlers[0])
+    signal.signal(signal.SIGTERM, handlers[1])
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)

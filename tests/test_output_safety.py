@@ -5,7 +5,6 @@ two tiny runs (one step) cover what only a finished run shows."""
 import fcntl
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import train_dreambooth_lora
-from conftest import draw_subject
+from conftest import draw_subject, flag_argv
 from dreambooth import outputs, redaction
 from dreambooth.config import parse_args, recipe_yaml, validate
 
@@ -44,12 +43,7 @@ def world(tmp_path, tiny_model, monkeypatch):
         base = {"pretrained_model_name_or_path": tiny_model["eps"], "instance_data_dir": str(dog),
                 "instance_prompt": "a photo of sks dog", "output_dir": str(out), "resolution": "64",
                 "report_to": "none"}
-        base.update(overrides)
-        args = []
-        for k, v in base.items():
-            if v is not None:
-                args += [f"--{k}"] if v is True else [f"--{k}", str(v)]
-        return args + [str(e) for e in extra]
+        return flag_argv(base, *extra, **overrides)
     return tmp_path, dog, out, argv
 
 
@@ -62,19 +56,6 @@ def fails_with(world, capsys, line, *extra, **overrides):
     assert code == 2, err
     assert err == [P + line.format(t=tmp_path)]
     assert snapshot(out) == before
-
-
-@pytest.fixture
-def in_process(monkeypatch):
-    """main() for a real (tiny) run in this process: accelerate's per-process state and the signal handlers main()
-    installs are put back afterwards."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    yield train_dreambooth_lora.main
-    signal.signal(signal.SIGINT, handlers[0])
-    signal.signal(signal.SIGTERM, handlers[1])
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def every_file(folder):

@@ -8,7 +8,6 @@ import signal
 import types
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 import train_dreambooth_lora
@@ -101,19 +100,11 @@ def test_weights_that_overflow_are_never_checkpointed(tiny_model, instance_dir, 
     assert not list(out.glob("checkpoint-*")) and not (out / LORA).exists()
 
 
-@pytest.fixture
-def own_signals():
-    """The run installs its SIGINT/SIGTERM handlers in this process: put pytest's back afterwards."""
-    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGINT, old[0])
-    signal.signal(signal.SIGTERM, old[1])
-
-
 def test_ctrl_c_after_the_last_step_is_acknowledged_and_honoured(tiny_model, instance_dir, tmp_path, capsys,
-                                                                  monkeypatch, own_signals):
+                                                                  monkeypatch, in_process):
     """Before: 'finishing this step and saving a checkpoint' was printed, then the final validation ran on and the
-    run exited 0. Now the LoRA files are completed, the final validation is skipped, and the exit says so."""
+    run exited 0. Now the LoRA files are completed, the final validation is skipped, and the exit says so.
+    (in_process puts the run's signal handlers back afterwards.)"""
     from dreambooth import lora_io
     save = lora_io.save_diffusers_lora
 

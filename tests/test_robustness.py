@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import train_dreambooth_lora
-from conftest import draw_subject
+from conftest import draw_subject, flag_argv
 
 P = "train_dreambooth_lora.py: error: "
 
@@ -51,12 +51,7 @@ def world(tmp_path, tiny_model):
     def argv(*extra, **overrides):
         base = {"pretrained_model_name_or_path": tiny_model["eps"], "instance_data_dir": str(dog),
                 "instance_prompt": "a photo of sks dog", "output_dir": str(out), "resolution": "64"}
-        base.update(overrides)
-        args = []
-        for k, v in base.items():
-            if v is not None:
-                args += [f"--{k}"] if v is True else [f"--{k}", str(v)]
-        return args + [str(e) for e in extra]
+        return flag_argv(base, *extra, **overrides)
     return tmp_path, dog, out, argv
 
 

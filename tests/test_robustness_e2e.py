@@ -9,24 +9,10 @@ import time
 
 import pytest
 
-import train_dreambooth_lora
 from conftest import ROOT, run_script, train_args
 
 pytestmark = pytest.mark.slow
 P = "train_dreambooth_lora.py: error: "
-
-
-@pytest.fixture
-def in_process(monkeypatch):
-    """main() in this process: faster than a subprocess for runs that stop right after loading. accelerate keeps
-    its state per process and main() installs signal handlers, so both are put back afterwards."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    yield train_dreambooth_lora.main
-    signal.signal(signal.SIGINT, handlers[0])
-    signal.signal(signal.SIGTERM, handlers[1])
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def one_line(capsys):
