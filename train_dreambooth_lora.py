@@ -18,7 +18,7 @@ import sys
 import time
 
 from dreambooth import __version__
-from dreambooth.config import effective_config, parse_args, validate
+from dreambooth.config import parse_args, validate
 from dreambooth.errors import run_cli
 from dreambooth.files import check_free_space
 
@@ -46,16 +46,19 @@ def _main(argv):
     stats = RunStats()
     args = parse_args(argv)
     from dreambooth.outputs import FolderLock
+    from dreambooth.run_config import RunRecord
     with FolderLock(args.output_dir, main_process=os.environ.get("RANK", "0") == "0"):  # one run per folder
-        instance_images = validate(args, warn=log_main)
-        if args.push_to_hub and os.environ.get("RANK", "0") == "0":  # as diffusers: the repo exists before training
+        run = validate(args, warn=log_main)  # the flags' last use: from here on, the typed settings
+        record = RunRecord()
+        if run.hub.push_to_hub and os.environ.get("RANK", "0") == "0":  # as diffusers: the repo exists before training
             from dreambooth.hub import prepare_repo
-            args._hub_repo_id = prepare_repo(args.hub_model_id, args.output_dir, args.hub_token)
-        return train(args, instance_images, stats)
+            record.hub_repo_id = prepare_repo(run.hub.hub_model_id, run.outputs.output_dir, run.hub.hub_token)
+        return train(run, record, stats)
 
 
-def train(args, instance_images, stats):
-    recipe = DreamBoothRecipe(args, instance_images, stats)
+def train(run, record, stats):
+    """Set up, train and write the outputs of one checked run (run_config.RunConfig); returns the exit code."""
+    recipe = DreamBoothRecipe(run, record, stats)
     try:
         recipe.setup()
         code = recipe.train()
@@ -67,7 +70,7 @@ def train(args, instance_images, stats):
         line = os_error_line(e)
         if line is None:
             raise
-        good = checkpoints.latest_good(args.output_dir)
+        good = checkpoints.latest_good(run.outputs.output_dir)
         if good and checkpoints.checkpoint_step(good) == getattr(recipe, "max_train_steps", None):
             line += (f"; the trained weights are safe in {good} (its {checkpoints.LORA_WEIGHT_NAME} loads as the final "
                      "file would)")
@@ -80,16 +83,18 @@ def train(args, instance_images, stats):
 
 
 class DreamBoothRecipe:
-    """One run. setup() in named steps, each given only what it needs; train() the loop; finish() the outputs."""
+    """One run. setup() in named steps, each given only its own settings group(s); train() the loop; finish() the
+    outputs. `run` is the checked, typed settings (never changed); `record` what the run decides as it goes."""
 
-    def __init__(self, args, instance_images, stats):
-        self.args, self.instance_images, self.stats = args, instance_images, stats
+    def __init__(self, run, record, stats):
+        self.run, self.record, self.stats = run, record, stats
+        self.instance_images = list(run.instance_images)
         self.accelerator = None
         self.started_at = time.time()  # unix time, for the kohya file's ss_training_started_at
 
     # ---- setup ----------------------------------------------------------------------------------------------
     def setup(self):
-        a = self.args
+        run = self.run
         from dreambooth.quiet import quiet_libraries
         quiet_libraries()  # before the imports below: some notices are printed at import time
         import torch
@@ -100,86 +105,78 @@ class DreamBoothRecipe:
         self.torch = torch
 
         # SDXL reads text encoder 1's penultimate layer: LoRA on its last layer gets no gradient, which DDP must know
-        unused = bool(a.train_text_encoder and a._family and a._family.unused_text_encoder_layers)
-        self._setup_accelerator(a.output_dir, a.logging_dir, a.report_to, a.mixed_precision,
-                                a.gradient_accumulation_steps, a.ddp_timeout, a.seed, a.allow_tf32, unused)
-        from dreambooth import quantize
-        self.quantization = quantize.settings(a)
-        self.family = self._setup_model(families.ModelSource.from_args(a), a.lora_target_modules, a.resolution,
-                                        a.bucket_reso_steps if a.enable_bucket else None,
-                                        {flag: getattr(a, flag) for flag in a._family.flags}, self.quantization,
-                                        a.quantize_text_encoders)
-        self.objective = self.family.objective(a.noise_offset, a.snr_gamma)
+        unused = bool(run.lora.train_text_encoder and run.family.unused_text_encoder_layers)
+        self._setup_accelerator(run.training, run.outputs.output_dir, run.validation, unused)
+        self.quantization = run.quantization
+        self.family = self._setup_model(families.ModelSource.from_args(run.model), run.memory, run.lora,
+                                        run.data.resolution, run.data.bucket_reso_steps if run.data.enable_bucket
+                                        else None)
+        self.objective = self.family.objective(run.training.noise_offset, run.training.snr_gamma)
         self.accelerator.print(f"{self.objective.describe()} scheduler={type(self.family.noise_scheduler).__name__} "
                           f"{self.family.denoiser_name}_params={sum(p.numel() for p in self.family.denoiser.parameters())}")
         # image-based prior preservation generates class images now; base_output needs none (its targets are the
         # base model's own outputs, computed each step)
-        self.class_images = self._setup_class_priors(
-            a.class_prompt, a.class_data_dir or os.path.join(a.output_dir, "class_images"), a.num_class_images,
-            a.class_generation_steps, a.sample_batch_size, a.prior_generation_precision,
-        ) if a.with_prior_preservation and a.prior_preservation_mode == "images" else []
-        self._setup_lora(models.LoraSettings.from_args(a), a.enable_xformers_memory_efficient_attention,
-                         a.gradient_checkpointing, a.dynamo_backend if a.torch_compile else None)
-        self._setup_data(a.instance_prompt, a.class_prompt, a.resolution, a.center_crop, a.random_flip, a.repeats,
-                         a.image_interpolation_mode, a.seed,
-                         (a.min_bucket_reso, a.max_bucket_reso, a.bucket_reso_steps) if a.enable_bucket else None,
-                         a.tokenizer_max_length, a.text_encoder_use_attention_mask, a.pre_compute_text_embeddings,
-                         a.cache_latents, a.sample_batch_size, a.train_batch_size, a.dataloader_num_workers)
-        self._setup_optimizer(a.learning_rate, a.text_encoder_lr, a.scale_lr, a.train_batch_size,
-                              a.gradient_accumulation_steps)
-        self._setup_schedule(a.max_train_steps, a.num_train_epochs, a.gradient_accumulation_steps, a.lr_scheduler,
-                             a.lr_warmup_steps, a.lr_num_cycles, a.lr_power)
-        self._setup_resume(a.resume_from_checkpoint, a.output_dir, a.overwrite_output_dir)
+        self.class_images = self._setup_class_priors(run.prior, run.model, run.memory, run.data.resolution,
+                                                     run.training.seed, run.outputs.output_dir) \
+            if run.prior.class_images else []
+        self._setup_lora(models.LoraSettings.from_args(run.lora), run.lora, run.training)
+        self._setup_data(run.data, run.prior, run.memory, run.validation.validation_prompt, run.training.seed,
+                         run.training.train_batch_size)
+        self._setup_optimizer(run.optimizer, run.lora, run.training)
+        self._setup_schedule(run.training, run.optimizer, run.outputs)
+        self._setup_resume(run.outputs, run.optimizer.ema_decay)
 
-    def _setup_accelerator(self, output_dir, logging_dir, report_to, mixed_precision, accumulation, ddp_timeout,
-                           seed, allow_tf32, find_unused_parameters=False):
-        """Devices, mixed precision, accumulation, trackers: accelerate's job."""
+    def _setup_accelerator(self, training, output_dir, logging, find_unused_parameters=False):
+        """Devices, mixed precision, accumulation, trackers: accelerate's job. training: the loop's group;
+        logging: the trackers' (validation and logging)."""
         import datetime
         from accelerate import Accelerator
         from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs,
                                       ProjectConfiguration, set_seed)
         from dreambooth import report
         torch = self.torch
-        trackers = report.available_trackers(report_to, warn=log_main)
+        trackers = report.available_trackers(logging.report_to, warn=log_main)
         # torchrun on a machine without GPUs: accelerate only picks gloo multi-CPU when told it is on CPU.
         cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(
-            cpu=cpu_ddp, gradient_accumulation_steps=accumulation, mixed_precision=mixed_precision,
-            log_with=trackers or None,
+            cpu=cpu_ddp, gradient_accumulation_steps=training.gradient_accumulation_steps,
+            mixed_precision=training.mixed_precision, log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=output_dir,
-                                                logging_dir=os.path.join(output_dir, logging_dir)),
+                                                logging_dir=os.path.join(output_dir, logging.logging_dir)),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=ddp_timeout)),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=training.ddp_timeout)),
                              DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
-        if seed is not None:
-            set_seed(seed)
-        if allow_tf32 and torch.cuda.is_available():
+        if training.seed is not None:
+            set_seed(training.seed)
+        if training.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
-        self.args.mixed_precision = self.accelerator.mixed_precision  # what ran, for config.yaml and the card
+        self.record.mixed_precision = self.accelerator.mixed_precision  # what ran, for config.yaml and the card
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision,
                                                                                 torch.float32)
         check_free_space(output_dir, 50 * 2**20, "LoRA weights and checkpoints")
 
-    def _setup_model(self, source, lora_target_modules, resolution, bucket_steps, family_options, quantization=None,
-                     quantize_text_encoders=False):
+    def _setup_model(self, source, memory, lora, resolution, bucket_steps):
         """The base model, frozen, in the weight dtype (the denoiser, and the text encoders that do not train, in
         4 or 8 bits when asked), given its family's own flags; everything checked that needs it, before any
-        output."""
-        from dreambooth import families, models
-        a, accelerator = self.args, self.accelerator
-        family_class = self.args._family or families.detect(source)
+        output. memory: the quantization group; lora: which encoders train (they are never quantized)."""
+        from dreambooth import models
+        run, accelerator = self.run, self.accelerator
+        family_class, family_options, quantization = run.family, dict(run.family_options), run.quantization
+        training = run.training
         accelerator.print(
             f"dreambooth-lora {__version__} | model={source.path} family={family_class.name} "
             f"images={len(self.instance_images)} "
             f"prior={self._prior_text()} "
-            f"res={resolution} batch={a.train_batch_size}x{a.gradient_accumulation_steps}x{accelerator.num_processes} "
-            f"lr={a.learning_rate} rank={a.rank} text_encoder={'lora' if a.train_text_encoder else 'frozen'} "
-            f"precision={accelerator.mixed_precision} device={accelerator.device} out={a.output_dir}")
+            f"res={resolution} batch={training.train_batch_size}x{training.gradient_accumulation_steps}x"
+            f"{accelerator.num_processes} lr={run.optimizer.learning_rate} rank={lora.rank} "
+            f"text_encoder={'lora' if lora.train_text_encoder else 'frozen'} "
+            f"precision={accelerator.mixed_precision} device={accelerator.device} out={run.outputs.output_dir}")
         # the encoders nothing trains: no LoRA from --train_text_encoder, no new rows from pivotal tuning
-        rows = set(family_class.pivotal_text_encoders(family_options)) if a.train_text_encoder_ti else set()
+        rows = set(family_class.pivotal_text_encoders(family_options)) if lora.train_text_encoder_ti else set()
         frozen_encoders = [n for i, (n, t) in enumerate(zip(family_class.text_encoder_names,
                                                             family_class.text_encoder_lora_targets))
-                           if not (a.train_text_encoder and t) and i not in rows] if quantize_text_encoders else []
+                           if not (lora.train_text_encoder and t) and i not in rows] \
+            if memory.quantize_text_encoders else []
         family = family_class.load(source, self.weight_dtype, quantization, accelerator.device,
                                    frozen_encoders).configure(**family_options)
         self.stats.phase("load")
@@ -193,14 +190,14 @@ class DreamBoothRecipe:
             accelerator.print(f"quantized base: {quantize.describe(quantization)} ({', '.join(quantized)}); "
                               f"{self.stats.phase_line('load')}{cpu}")
         family.freeze()
-        models.check_lora_targets(family.denoiser, lora_target_modules, family.default_lora_targets,
-                                  a._lora_targets_flag)
+        models.check_lora_targets(family.denoiser, lora.lora_target_modules, family.default_lora_targets,
+                                  run.lora_targets_flag)
         models.check_resolution(family.size_multiple(), resolution, bucket_steps)
         if os.path.isfile(source.path):  # a folder's tokenizers were checked before the load (config.validate)
             from dreambooth import prompt_lengths
             notes = []
             limits = [getattr(e.config, prompt_lengths.POSITION_KEY, None) for e in family.text_encoders]
-            prompt_lengths.check_all(family, a, self.instance_images, limits, notes)
+            prompt_lengths.check_all(family, run.as_flags(), self.instance_images, limits, notes)
             for note in notes:
                 log_main(note)
         self.stats.set(model_weights_fp32_mb=sum(p.numel() for m in family.frozen_modules()
@@ -208,30 +205,33 @@ class DreamBoothRecipe:
         return family
 
     def _prior_text(self):
-        a = self.args
-        if not a.with_prior_preservation:
+        prior = self.run.prior
+        if not prior.with_prior_preservation:
             return "off"
-        return "base_output" if a.prior_preservation_mode == "base_output" else f"on ({a.num_class_images})"
+        return "base_output" if prior.base_output else f"on ({prior.num_class_images})"
 
-    def _setup_class_priors(self, prompt, class_dir, count, steps, batch_size, precision):
-        """Class images generated with the components just loaded, before LoRA is attached; cached by settings."""
+    def _setup_class_priors(self, prior, model, memory, resolution, seed, output_dir):
+        """Class images generated with the components just loaded, before LoRA is attached; cached by settings
+        (the model's, the prompt, steps, seed, resolution and precision)."""
         from dreambooth import priors
         torch, accelerator, family = self.torch, self.accelerator, self.family
+        class_dir = prior.class_data_dir or os.path.join(output_dir, "class_images")
         gen_dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-            precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")]
+            prior.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")]
         from dreambooth import quantize
-        full = self.args.sample_with_full_base or not self.quantization
+        full = memory.sample_with_full_base or not self.quantization
         precision_name = str(gen_dtype).replace("torch.", "") + ("" if full else "+" + quantize.describe(self.quantization))
-        a = self.args
-        settings, key = priors.prior_settings(a.pretrained_model_name_or_path, prompt, steps, a.seed, a.resolution,
-                                              precision_name, {"vae": a.pretrained_vae_model_name_or_path,
-                                                               "revision": a.revision, "variant": a.variant})
+        settings, key = priors.prior_settings(model.pretrained_model_name_or_path, prior.class_prompt,
+                                              prior.class_generation_steps, seed, resolution, precision_name,
+                                              {"vae": model.pretrained_vae_model_name_or_path,
+                                               "revision": model.revision, "variant": model.variant})
+        count, batch_size = prior.num_class_images, prior.sample_batch_size
 
         def sampler():
             sampling = family
             if self.quantization and full:  # --sample_with_full_base: the unquantized base, for this alone (freed
                 from dreambooth import families  # with the pipeline when generation ends)
-                sampling = type(family).load(families.ModelSource.from_args(self.args), self.weight_dtype)
+                sampling = type(family).load(families.ModelSource.from_args(model), self.weight_dtype)
                 sampling.configure(**family.options)
             precision_context = priors.generation_precision(sampling.castable_modules(), accelerator.device,
                                                             self.weight_dtype, gen_dtype)
@@ -252,29 +252,31 @@ class DreamBoothRecipe:
         accelerator.print(f"class images: {len(images)} in {class_dir} ({generated} generated in {seconds:.1f}s)")
         return images
 
-    def _setup_lora(self, lora, xformers, gradient_checkpointing, compile_backend=None):
+    def _setup_lora(self, settings, lora, training):
         """LoRA on the denoiser (and the text encoders), after the frozen parts reach the device; then the denoiser
-        compiled, if asked, in place (Module.compile: parameter names, LoRA saving and checkpoints unchanged)."""
+        compiled, if asked, in place (Module.compile: parameter names, LoRA saving and checkpoints unchanged).
+        settings: the LoRA's shape (models.LoraSettings); lora: its group (pivotal tuning); training: attention,
+        checkpointing and compilation."""
         from dreambooth import models
         family = self.family
+        compile_backend = training.dynamo_backend if training.torch_compile else None
         family.place(self.accelerator.device, self.weight_dtype)
-        if xformers:
+        if training.enable_xformers_memory_efficient_attention:
             family.denoiser.enable_xformers_memory_efficient_attention()
-        models.add_lora(family.denoiser, family.text_encoders, lora, family.text_encoder_lora_targets)
+        models.add_lora(family.denoiser, family.text_encoders, settings, family.text_encoder_lora_targets)
         lora_encoders = [e for e in family.text_encoders if getattr(e, "peft_config", None)]
-        if gradient_checkpointing:
+        if training.gradient_checkpointing:
             family.denoiser.enable_gradient_checkpointing()
             for encoder in lora_encoders:  # transformers 5 renamed it; 4.x only has the old name
                 getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
         if compile_backend:
             family.denoiser.compile(backend=compile_backend)  # compiles on the first step; recompiles per bucket size
         self.pivotal = None
-        if self.args.train_text_encoder_ti:  # after LoRA: the new rows are a parameter of their own, kept fp32
+        if lora.train_text_encoder_ti:  # after LoRA: the new rows are a parameter of their own, kept fp32
             from dreambooth import pivotal
-            mapping = pivotal.token_map(pivotal.abstractions(self.args.token_abstraction),
-                                        self.args.num_new_tokens_per_abstraction)
-            self.pivotal = pivotal.PivotalTokens(family, mapping).install(self.args.initializer_concept,
-                                                                          self.args.seed)
+            mapping = pivotal.token_map(pivotal.abstractions(lora.token_abstraction),
+                                        lora.num_new_tokens_per_abstraction)
+            self.pivotal = pivotal.PivotalTokens(family, mapping).install(lora.initializer_concept, training.seed)
             words = ", ".join(f"{w} -> {''.join(t)}" for w, t in mapping.items())
             self.accelerator.print(f"pivotal tuning: {words} in {len(family.tokenizers)} tokenizer(s)")
         pivotal_encoders = self.pivotal.encoders() if self.pivotal else []
@@ -282,26 +284,27 @@ class DreamBoothRecipe:
         self.trained_text_encoders = [e for e in family.text_encoders
                                       if e in lora_encoders or any(e is p for p in pivotal_encoders)]
 
-    def _setup_data(self, instance_prompt, class_prompt, resolution, center_crop, random_flip, repeats,
-                    interpolation, seed, bucket_args, max_length, use_attention_mask, precompute_text, cache_latents,
-                    encode_batch_size, batch_size, num_workers):
+    def _setup_data(self, data_config, prior, memory, validation_prompt, seed, batch_size):
         """The dataset; prompts tokenized once; text embeddings and latents computed once whenever that is exact
-        (unless turned off), with the text encoders or the VAE then off the device. None = decide here."""
+        (unless turned off), with the text encoders or the VAE then off the device (unless memory says to keep
+        them). data_config.cache_latents / pre_compute_text_embeddings None = decide here."""
         from dreambooth import data
         from dreambooth.families import PromptEncoder
-        torch, family = self.torch, self.family
+        torch, family, d = self.torch, self.family, data_config
+        precompute_text, cache_latents = d.pre_compute_text_embeddings, d.cache_latents
+        class_prompt = prior.class_prompt
         self.dataset = data.DreamBoothDataset(
-            self.instance_images, instance_prompt, self.class_images, class_prompt, resolution, center_crop,
-            random_flip, repeats, interpolation, seed, bucket_args=bucket_args,
-            caption_dropout_rate=self.args.caption_dropout_rate)
+            self.instance_images, d.instance_prompt, self.class_images, class_prompt, d.resolution, d.center_crop,
+            d.random_flip, d.repeats, d.image_interpolation_mode, seed, bucket_args=d.buckets,
+            caption_dropout_rate=d.caption_dropout_rate)
         prompts = self.dataset.prompts
         if self.pivotal:  # TOK -> <s0><s1> in the instance prompt and every caption (the rows keep their order)
             prompts = [self.pivotal.prompt_example(p) for p in prompts]
         self.prior_prompt_id = None
-        if self.args.with_prior_preservation and self.args.prior_preservation_mode == "base_output":
+        if prior.base_output:
             prompts = prompts + [class_prompt]  # the prior rows' prompt: its own row of the table
             self.prior_prompt_id = len(prompts) - 1
-        self.prompts = PromptEncoder(family, prompts, max_length, use_attention_mask)
+        self.prompts = PromptEncoder(family, prompts, d.tokenizer_max_length, d.text_encoder_use_attention_mask)
         fixed_crops = self.dataset.crops_are_fixed()
         line = self._caching_line(precompute_text, cache_latents, fixed_crops)
         if precompute_text is None:  # exact whenever nothing that encodes the prompts trains (LoRA or new rows)
@@ -309,28 +312,29 @@ class DreamBoothRecipe:
         if cache_latents is None:
             cache_latents = fixed_crops
         self.precomputed_text, self.cached_latents = precompute_text, cache_latents
-        self.args.pre_compute_text_embeddings = precompute_text  # what ran, for config.yaml and the card
-        self.args.cache_latents = cache_latents
+        self.record.pre_compute_text_embeddings = precompute_text  # what ran, for config.yaml and the card
+        self.record.cache_latents = cache_latents
         self.validation_embeddings = None
         if precompute_text:
             self.prompts.precompute(self.weight_dtype)
-            if self.args.validation_prompt:  # encoded now, so validation never brings the text encoders back
+            if validation_prompt:  # encoded now, so validation never brings the text encoders back
                 with torch.no_grad():
                     self.validation_embeddings = family.sampling_embeddings(family.sampling_pipeline(),
-                                                                            self.args.validation_prompt)
-            for encoder in family.text_encoders if not self.args.keep_frozen_on_device else ():
+                                                                            validation_prompt)
+            for encoder in family.text_encoders if not memory.keep_frozen_on_device else ():
                 encoder.to("cpu")  # frees device memory; moved back only for validation
         if cache_latents:
             with torch.no_grad():
-                self.dataset.cache_latents(lambda px: family.latent_moments(px).cpu(), batch_size=encode_batch_size)
-            if not self.args.keep_frozen_on_device:
+                self.dataset.cache_latents(lambda px: family.latent_moments(px).cpu(),
+                                           batch_size=prior.sample_batch_size)
+            if not memory.keep_frozen_on_device:
                 family.vae.to("cpu")
         self.stats.phase("caching")
         self.accelerator.print(line)
         self.sampler = data.BucketBatchSampler(self.dataset, batch_size, seed)
         self.dataloader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, collate_fn=data.collate, num_workers=num_workers,
-            persistent_workers=num_workers > 0,
+            self.dataset, batch_sampler=self.sampler, collate_fn=data.collate, num_workers=d.dataloader_num_workers,
+            persistent_workers=d.dataloader_num_workers > 0,
             # Its own generator: iterator creation then draws no numbers from torch's global RNG, so a resumed
             # run's noise sequence matches the uninterrupted run's.
             generator=torch.Generator().manual_seed(seed or 0))
@@ -356,64 +360,68 @@ class DreamBoothRecipe:
                        "--enable_bucket lets latents be computed once")
         return f"cache: {text}; {latents}"
 
-    def _setup_optimizer(self, lr, text_encoder_lr, scale_lr, batch_size, accumulation):
+    def _setup_optimizer(self, opt, lora, training):
         """Parameter groups (denoiser LoRA; text-encoder LoRA; new token rows), each with its learning rate and
-        weight decay, the phases in which each trains, and the optimizer (dreambooth/optimizers.py)."""
+        weight decay, the phases in which each trains (lora's *_frac), and the optimizer (dreambooth/optimizers.py).
+        training: the batch, for --scale_lr."""
         from dreambooth import models, optimizers
-        a, accelerator = self.args, self.accelerator
-        scale = batch_size * accumulation * accelerator.num_processes if scale_lr else 1
-        text_decay = a.adam_weight_decay if a.adam_weight_decay_text_encoder is None else a.adam_weight_decay_text_encoder
+        accelerator = self.accelerator
+        scale = (training.train_batch_size * training.gradient_accumulation_steps * accelerator.num_processes
+                 if opt.scale_lr else 1)
+        lr, text_encoder_lr, text_decay = opt.learning_rate, opt.text_encoder_lr, opt.text_weight_decay
         denoiser_lora = models.trainable_parameters(self.family.denoiser)
         groups = [{"params": denoiser_lora, "lr": lr * scale}]
         # (last step, parameters): what trains only for the first share of the run (diffusers' *_frac flags)
-        self.phases = [("train_transformer_frac", a.train_transformer_frac, denoiser_lora)]
+        self.phases = [("train_transformer_frac", lora.train_transformer_frac, denoiser_lora)]
         text_lora = [p for e in self.trained_text_encoders for p in models.trainable_parameters(e)
                      if not self.pivotal or all(p is not q for q in self.pivotal.parameters())]
         if text_lora:  # --text_encoder_lr applies to every text encoder of the family
             groups.append({"params": text_lora, "lr": (text_encoder_lr or lr) * scale, "weight_decay": text_decay})
-            self.phases.append(("train_text_encoder_frac", a.train_text_encoder_frac, text_lora))
+            self.phases.append(("train_text_encoder_frac", lora.train_text_encoder_frac, text_lora))
         if self.pivotal:
             rows = self.pivotal.parameters()
             groups.append({"params": rows, "lr": (text_encoder_lr or lr) * scale, "weight_decay": text_decay})
-            self.phases.append(("train_text_encoder_ti_frac", a.train_text_encoder_ti_frac, rows))
+            self.phases.append(("train_text_encoder_ti_frac", lora.train_text_encoder_ti_frac, rows))
         self.lora_parameters = [p for group in groups for p in group["params"]]
         self.ema = None
-        if a.use_ema:  # an exponential moving average of every trained tensor; what is saved and validated
+        if opt.use_ema:  # an exponential moving average of every trained tensor; what is saved and validated
             from diffusers.training_utils import EMAModel
-            self.ema = EMAModel(self.lora_parameters, decay=a.ema_decay)
+            self.ema = EMAModel(self.lora_parameters, decay=opt.ema_decay)
         trained = sum(p.numel() for p in self.lora_parameters)
         self.lora_bytes = 4 * trained + 2**20  # fp32 file, for space checks
         # the weights plus the optimizer's state for them (Prodigy keeps twice AdamW's, 8-bit AdamW a quarter)
-        self.checkpoint_bytes = self.lora_bytes + optimizers.state_bytes(a.optimizer, trained)
+        self.checkpoint_bytes = self.lora_bytes + optimizers.state_bytes(opt.optimizer, trained)
         self.optimizer = optimizers.build_optimizer(
-            a.optimizer, groups, betas=(a.adam_beta1, a.adam_beta2), weight_decay=a.adam_weight_decay,
-            eps=a.adam_epsilon, device_type=accelerator.device.type, prodigy_beta3=a.prodigy_beta3,
-            prodigy_decouple=a.prodigy_decouple, prodigy_use_bias_correction=a.prodigy_use_bias_correction,
-            prodigy_safeguard_warmup=a.prodigy_safeguard_warmup)
+            opt.optimizer, groups, betas=(opt.adam_beta1, opt.adam_beta2), weight_decay=opt.adam_weight_decay,
+            eps=opt.adam_epsilon, device_type=accelerator.device.type, prodigy_beta3=opt.prodigy_beta3,
+            prodigy_decouple=opt.prodigy_decouple, prodigy_use_bias_correction=opt.prodigy_use_bias_correction,
+            prodigy_safeguard_warmup=opt.prodigy_safeguard_warmup)
 
     def _frozen_now(self, step):
         """Parameters whose share of the run is over at optimizer step `step` (0-based): their gradients are
         dropped, so no optimizer touches them (no update, no weight decay) while the graph stays the same."""
         return [p for _, end, params in self.phase_steps if step >= end for p in params]
 
-    def _setup_schedule(self, max_train_steps, epochs, accumulation, scheduler, warmup, cycles, power):
-        """Steps, epochs and the learning-rate schedule; then accelerate wraps what trains."""
+    def _setup_schedule(self, training, opt, outputs):
+        """Steps, epochs and the learning-rate schedule; then accelerate wraps what trains (and the checkpoint
+        hooks that write the LoRA files into each checkpoint: outputs' formats)."""
         import math
         from diffusers.optimization import get_scheduler
         from dreambooth import checkpoints
         accelerator = self.accelerator
-        steps_per_epoch = math.ceil(len(self.dataloader) / accelerator.num_processes / accumulation)
-        self.max_train_steps = max_train_steps or epochs * steps_per_epoch
+        steps_per_epoch = math.ceil(len(self.dataloader) / accelerator.num_processes
+                                    / training.gradient_accumulation_steps)
+        self.max_train_steps = training.max_train_steps or training.num_train_epochs * steps_per_epoch
         self.num_train_epochs = math.ceil(self.max_train_steps / steps_per_epoch)
         # diffusers' *_frac count epochs; steps are the same share, and exact for runs of a few epochs
         self.phase_steps = [(flag, math.ceil(frac * self.max_train_steps), params)
                             for flag, frac, params in self.phases]
-        if self.args.resume_from_checkpoint:  # when the total comes from epochs, it is known only now
-            checkpoints.check_resume_step(self.args.resume_from_checkpoint, self.max_train_steps)
-        self.lr_scheduler = get_scheduler(scheduler, optimizer=self.optimizer,
-                                          num_warmup_steps=warmup * accelerator.num_processes,
+        if outputs.resume_from_checkpoint:  # when the total comes from epochs, it is known only now
+            checkpoints.check_resume_step(outputs.resume_from_checkpoint, self.max_train_steps)
+        self.lr_scheduler = get_scheduler(opt.lr_scheduler, optimizer=self.optimizer,
+                                          num_warmup_steps=opt.lr_warmup_steps * accelerator.num_processes,
                                           num_training_steps=self.max_train_steps * accelerator.num_processes,
-                                          num_cycles=cycles, power=power)
+                                          num_cycles=opt.lr_num_cycles, power=opt.lr_power)
         trained = [self.family.denoiser, *self.trained_text_encoders]
         *trained, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
             *trained, self.optimizer, self.dataloader, self.lr_scheduler)
@@ -421,19 +429,22 @@ class DreamBoothRecipe:
         if self.text_encoders:  # prompts are encoded by the training ones
             wrapped = dict(zip(map(id, self.trained_text_encoders), self.text_encoders))
             self.family.text_encoders = [wrapped.get(id(e), e) for e in self.family.text_encoders]
-        kohya = self.args.output_format in ("kohya", "both")
         checkpoints.register_lora_state_hooks(accelerator, self.family, self.denoiser, self.family.text_encoders,
-                                              (lambda folder: self._save_kohya(folder, True)) if kohya else None,
+                                              (lambda folder: self._save_kohya(folder, True)) if outputs.kohya
+                                              else None,
                                               self.pivotal, self._embedding_name())
 
     def _embedding_name(self):
         from dreambooth import pivotal
-        return pivotal.embedding_file_name(self.args.output_dir) if self.pivotal else None
+        return pivotal.embedding_file_name(self.run.outputs.output_dir) if self.pivotal else None
 
-    def _setup_resume(self, resume_dir, output_dir, overwrite):
-        """Weights, optimizer, schedule, RNG states and the exact batch position; then the output folder exists."""
+    def _setup_resume(self, outputs, ema_decay):
+        """Weights, optimizer, schedule, RNG states and the exact batch position; then the output folder exists.
+        ema_decay: this command's, which replaces the checkpoint's."""
         from dreambooth import checkpoints
         accelerator = self.accelerator
+        resume_dir, output_dir, overwrite = (outputs.resume_from_checkpoint, outputs.output_dir,
+                                             outputs.overwrite_output_dir)
         self.position = checkpoints.RunPosition()
         accelerator.register_for_checkpointing(self.position)
         if self.ema is not None:  # its shadow weights resume with the rest (the checkpoint's LoRA file is the live one)
@@ -445,7 +456,7 @@ class DreamBoothRecipe:
             # command win, so "lower --learning_rate and resume" does what it says
             changed = checkpoints.apply_flag_settings(self.optimizer, self.lr_scheduler, ours)
             if self.ema is not None:
-                self.ema.decay = self.args.ema_decay
+                self.ema.decay = ema_decay
             now = "".join(sorted({f"; {'learning rate' if k == 'initial_lr' else k.replace('_', ' ')} now {new} "
                                   f"(the checkpoint's: {old})" for _, k, old, new in changed}))
             accelerator.print(f"resumed from {resume_dir} at step {self.position.step}{now}")
@@ -457,18 +468,21 @@ class DreamBoothRecipe:
                 note = outputs.kept_note(output_dir, outputs.clear_previous_run(output_dir))
                 if note:
                     print(note, file=sys.stderr, flush=True)
+            from dreambooth.config import run_settings
             from dreambooth.redaction import scrub_values
             accelerator.init_trackers("dreambooth-lora", config=scrub_values({
-                k: v for k, v in effective_config(self.args).items() if isinstance(v, (int, float, str, bool))}))
+                k: v for k, v in run_settings(self.run, self.record).items()
+                if isinstance(v, (int, float, str, bool))}))
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self):
         """Returns the exit code: 0, 3 (non-finite loss or gradient) or 128 + signal."""
         from tqdm.auto import tqdm
         from dreambooth import checkpoints, optimizers, training
-        a, accelerator, position, torch = self.args, self.accelerator, self.position, self.torch
+        run, accelerator, position, torch = self.run, self.accelerator, self.position, self.torch
+        allow_nan_steps, validation = run.training.allow_nan_steps, run.validation
         stopper = self.stopper = checkpoints.GracefulStop()
-        reader = training.StepReader(accelerator, a.logging_steps, checkpoints.agree)
+        reader = training.StepReader(accelerator, validation.logging_steps, checkpoints.agree)
         self.reader = reader
         self.progress = tqdm(range(self.max_train_steps), initial=position.step, desc="steps",
                              disable=not accelerator.is_local_main_process)
@@ -489,24 +503,24 @@ class DreamBoothRecipe:
                     position.batches += 1
                     with accelerator.accumulate(self.denoiser, *self.text_encoders):
                         loss = training.training_loss(self.family, self.denoiser, self.objective, self.prompts, batch,
-                                                      a.prior_loss_weight,
+                                                      run.prior.prior_loss_weight,
                                                       device=accelerator.device, weight_dtype=self.weight_dtype,
                                                       cached_latents=self.cached_latents,
                                                       with_class_images=bool(self.class_images),
                                                       prior_prompt_id=self.prior_prompt_id)
-                        if a.allow_nan_steps:  # skipping a bad step needs its loss before the update: a sync per step
+                        if allow_nan_steps:  # skipping a bad step needs its loss before the update: a sync per step
                             (value,), _ = checkpoints.agree(accelerator, [loss], False)
                             if value != value or value in (float("inf"), float("-inf")):
                                 nan_steps += 1
-                                if nan_steps > a.allow_nan_steps:
+                                if nan_steps > allow_nan_steps:
                                     raise training.NonFinite("loss", value, position.step + 1)
                                 self._say(f"warning: loss is {value} at step {position.step + 1}; step skipped "
-                                          f"({nan_steps}/{a.allow_nan_steps} allowed)")
+                                          f"({nan_steps}/{allow_nan_steps} allowed)")
                                 self.optimizer.zero_grad(set_to_none=True)
                                 micro_losses = []
                                 continue
                         grad_norm = training.optimizer_step(accelerator, loss, self.lora_parameters, self.optimizer,
-                                                            self.lr_scheduler, a.max_grad_norm,
+                                                            self.lr_scheduler, run.optimizer.max_grad_norm,
                                                             drop_grads=self._frozen_now(position.step))
                         micro_losses.append(loss.detach())
                     if not accelerator.sync_gradients:
@@ -528,7 +542,8 @@ class DreamBoothRecipe:
                         break
                 if position.step >= self.max_train_steps:
                     break
-                if a.validation_prompt and a.validation_epochs and epoch % a.validation_epochs == 0:  # as diffusers
+                if validation.validation_prompt and validation.validation_epochs and \
+                        epoch % validation.validation_epochs == 0:  # as diffusers
                     self._validate(position.step)
                     self.stats.pause_done()
         except training.NonFinite as bad:
@@ -539,9 +554,11 @@ class DreamBoothRecipe:
     def _between_steps(self, reader, stopper):
         """Everything that happens between two optimizer steps, in one place: the deferred loss read, NaN checks,
         checkpoints, validation and stop requests. Returns an exit code to stop with, or None to go on."""
-        a, accelerator, step, torch = self.args, self.accelerator, self.position.step, self.torch
-        checkpoint_due = step % a.checkpointing_steps == 0
-        validation_due = bool(a.validation_prompt and a.validation_steps and step % a.validation_steps == 0)
+        outputs, validation = self.run.outputs, self.run.validation
+        accelerator, step, torch = self.accelerator, self.position.step, self.torch
+        checkpoint_due = step % outputs.checkpointing_steps == 0
+        validation_due = bool(validation.validation_prompt and validation.validation_steps
+                              and step % validation.validation_steps == 0)
         single_stop = stopper.requested and accelerator.num_processes == 1  # several processes: agreed at reads
         if not reader.due(step, checkpoint_due or validation_due or step >= self.max_train_steps or single_stop):
             return None  # nothing read back this step: the GPU keeps its queue
@@ -553,8 +570,8 @@ class DreamBoothRecipe:
             # checkpoints only, so that a checkpoint is always one to resume from
             if not bool(torch.stack([p.detach().isfinite().all() for p in self.lora_parameters]).all()):
                 raise training.NonFinite("a LoRA weight", "not finite", step)
-            path = checkpoints.save_checkpoint(accelerator, a.output_dir, step, checkpoints.lora_settings(a),
-                                               a.checkpoints_total_limit, self.checkpoint_bytes)
+            path = checkpoints.save_checkpoint(accelerator, outputs.output_dir, step, dict(self.run.checkpoint_settings),
+                                               outputs.checkpoints_total_limit, self.checkpoint_bytes)
             if stop_now:
                 self._say(f"stopped by signal at step {step}; checkpoint saved to {path}\n"
                           f"resume with the same command plus --resume_from_checkpoint latest")
@@ -574,9 +591,9 @@ class DreamBoothRecipe:
         """A non-finite loss or gradient ruins the LoRA: stop, naming the step, the fix and the checkpoint to
         resume from (written only after its steps were read as finite)."""
         from dreambooth import checkpoints
-        good = checkpoints.latest_good(self.args.output_dir)  # finite weights, not only finite losses
+        good = checkpoints.latest_good(self.run.outputs.output_dir)  # finite weights, not only finite losses
         self._say(f"{PROG}: error: {bad.what} is {bad.value} at step {bad.step}; lower --learning_rate (now "
-                  f"{self.args.learning_rate}) or use --mixed_precision bf16. Last good checkpoint: "
+                  f"{self.run.optimizer.learning_rate}) or use --mixed_precision bf16. Last good checkpoint: "
                   + (f"{good} (add --resume_from_checkpoint {good} to the changed command)" if good else
                      "none (start again)")
                   + (" (--allow_nan_steps N skips a few such steps)" if bad.what == "loss" else ""))
@@ -600,7 +617,8 @@ class DreamBoothRecipe:
             return
         from diffusers.training_utils import offload_models
         from dreambooth import validation
-        a, accelerator, family, torch = self.args, self.accelerator, self.family, self.torch
+        run, accelerator, family, torch = self.run, self.accelerator, self.family, self.torch
+        prompt = run.validation.validation_prompt
         denoiser = accelerator.unwrap_model(self.denoiser)
         text_encoders = [accelerator.unwrap_model(e) for e in family.text_encoders]
         trained = [denoiser, *(text_encoders if self.text_encoders else [])]
@@ -613,11 +631,11 @@ class DreamBoothRecipe:
                 torch.autocast(accelerator.device.type, dtype=self.weight_dtype,
                                enabled=self.weight_dtype != torch.float32):
             pipe = family.sampling_pipeline(denoiser, text_encoders)
-            prompt = self.pivotal.prompt_example(a.validation_prompt) if self.pivotal else a.validation_prompt
+            prompt = self.pivotal.prompt_example(prompt) if self.pivotal else prompt
             validation.run_validation(lambda **kw: family.generate(pipe, **kw), accelerator.device,
                                       self.validation_embeddings or {"prompt": prompt},
-                                      a.num_validation_images, a.resolution, a.seed,
-                                      os.path.join(a.output_dir, "validation", f"step-{step:06d}.png"),
+                                      run.validation.num_validation_images, run.data.resolution, run.training.seed,
+                                      os.path.join(run.outputs.output_dir, "validation", f"step-{step:06d}.png"),
                                       accelerator, step)
         for model in trained:
             model.train()
@@ -626,50 +644,55 @@ class DreamBoothRecipe:
     def finish(self):
         """LoRA files, model card, effective config, last validation grid, plots; then the Hub upload."""
         from dreambooth import lora_io, report
-        a, accelerator, step = self.args, self.accelerator, self.position.step
+        run, record, accelerator, step = self.run, self.record, self.accelerator, self.position.step
+        output_dir, validation, hub_config = run.outputs.output_dir, run.validation, run.hub
         stop = self.stopper  # a signal from here on: the LoRA files are written, the long optional parts skipped
         stop.then = ("writing the final LoRA files, then stopping (the final validation images and the Hub upload "
                      "are skipped)")
         accelerator.wait_for_everyone()
         if self.ema is not None:  # the run's result is the average; the live weights are not needed after this
             self.ema.copy_to(self.lora_parameters)
+        final_validation = validation.validation_prompt and not validation.skip_final_inference
         if accelerator.is_main_process:
             denoiser = accelerator.unwrap_model(self.denoiser)
             text_encoders = [accelerator.unwrap_model(e) for e in self.family.text_encoders]
-            check_free_space(a.output_dir, self.lora_bytes, "the LoRA weights")
-            lora_io.save_diffusers_lora(a.output_dir, self.family, denoiser, text_encoders,
+            check_free_space(output_dir, self.lora_bytes, "the LoRA weights")
+            lora_io.save_diffusers_lora(output_dir, self.family, denoiser, text_encoders,
                                         self.pivotal.lora_metadata(self._embedding_name()) if self.pivotal else None)
             if self.pivotal:
-                self.pivotal.save(os.path.join(a.output_dir, self._embedding_name()))
-            kohya_file = self._save_kohya(a.output_dir) if a.output_format in ("kohya", "both") else None
-            if a.validation_prompt and not a.skip_final_inference and not stop.requested:
+                self.pivotal.save(os.path.join(output_dir, self._embedding_name()))
+            kohya_file = self._save_kohya(output_dir) if run.outputs.kohya else None
+            if final_validation and not stop.requested:
                 self._validate_now(step)  # the parameters hold the EMA weights already
-            report.plot_loss(self.reader.history, os.path.join(a.output_dir, "loss.png"))
+            report.plot_loss(self.reader.history, os.path.join(output_dir, "loss.png"))
             self.stats.set(final_step=step)  # also how a later --resume_from_checkpoint knows the run finished
-            self.stats.write(os.path.join(a.output_dir, "train_stats.json"))
-            report.write_run_files(a, step, self.progress.format_dict.get("elapsed", 0), self.family, kohya_file,
-                                   pivotal=report.pivotal_usage(a, self.pivotal, self._embedding_name()))
-            accelerator.print(f"done: {step} steps; LoRA weights in {a.output_dir}/{lora_io.LORA_WEIGHT_NAME}")
+            self.stats.write(os.path.join(output_dir, "train_stats.json"))
+            report.write_run_files(run, record, step, self.progress.format_dict.get("elapsed", 0), self.family,
+                                   kohya_file, pivotal=report.pivotal_usage(run, record, self.pivotal,
+                                                                            self._embedding_name()))
+            accelerator.print(f"done: {step} steps; LoRA weights in {output_dir}/{lora_io.LORA_WEIGHT_NAME}")
         accelerator.end_training()
-        extra = [a.logging_dir.rstrip("/") + "/"] if not os.path.isabs(a.logging_dir) else []
-        if a.push_to_hub and accelerator.is_main_process:
+        logging_dir = validation.logging_dir
+        extra = [logging_dir.rstrip("/") + "/"] if not os.path.isabs(logging_dir) else []
+        if hub_config.push_to_hub and accelerator.is_main_process:
             from dreambooth import hub, outputs
-            extra += outputs.upload_excludes(a, ignored=list(hub.IGNORE) + extra)  # never what the run did not write
+            extra += outputs.upload_excludes(output_dir, run.outputs.output_format, run.lora.train_text_encoder_ti,
+                                             ignored=list(hub.IGNORE) + extra)  # never what the run did not write
         if stop.requested:
             if accelerator.is_main_process:
-                skipped = (" (final validation images skipped)" if a.validation_prompt and not a.skip_final_inference
-                           else "")
+                skipped = " (final validation images skipped)" if final_validation else ""
                 upload = ""
-                if a.push_to_hub:  # hub was imported above for the excludes
-                    retry = hub.retry_command(a.output_dir, a._hub_repo_id, a.hub_token, (*hub.IGNORE, *extra))
+                if hub_config.push_to_hub:  # hub was imported above for the excludes
+                    retry = hub.retry_command(output_dir, record.hub_repo_id, hub_config.hub_token,
+                                              (*hub.IGNORE, *extra))
                     upload = f"; the Hub upload was skipped, to do it: {retry}"
-                print(f"stopped by signal after the last step: the LoRA files are complete in {a.output_dir}{skipped}"
+                print(f"stopped by signal after the last step: the LoRA files are complete in {output_dir}{skipped}"
                       f"{upload}", file=sys.stderr)
             return 128 + stop.requested
         stop.then = "finishing the Hub upload (everything else is written), then exiting"
-        if a.push_to_hub and accelerator.is_main_process:
+        if hub_config.push_to_hub and accelerator.is_main_process:
             from dreambooth.hub import upload_run
-            uploaded, message = upload_run(a.output_dir, a._hub_repo_id, a.hub_token, extra_ignore=extra)
+            uploaded, message = upload_run(output_dir, record.hub_repo_id, hub_config.hub_token, extra_ignore=extra)
             print(message, file=sys.stdout if uploaded else sys.stderr)
             if not uploaded:
                 return 4  # trained and saved, but the asked-for upload did not happen: scripts should notice
@@ -680,26 +703,30 @@ class DreamBoothRecipe:
         """The kohya-layout file for ComfyUI/A1111: <output_dir name>.safetensors, and in a checkpoint folder
         <name>-step00000N.safetensors as sd-scripts names intermediate saves (the UIs list both apart)."""
         from dreambooth import kohya_metadata, lora_io, optimizers, outputs, report
-        a, accelerator, step = self.args, self.accelerator, self.position.step
-        name = outputs.run_name(a.output_dir)
+        run, accelerator, step = self.run, self.accelerator, self.position.step
+        data, lora, opt, model = run.data, run.lora, run.optimizer, run.model
+        name = outputs.run_name(run.outputs.output_dir)
         output_name = f"{name}-step{step:08d}" if intermediate else name
         captions = [self.dataset.prompts[i] for i in self.dataset.instance_prompt_ids]
-        source = a.dataset_name or a.instance_data_dir
-        run = lora_io.KohyaRun(
-            output_name=output_name, base_model=str(a.pretrained_model_name_or_path),
-            instance_prompt=a.instance_prompt, rank=a.rank, alpha=a.lora_alpha or a.rank, steps=step,
-            max_train_steps=self.max_train_steps, resolution=a.resolution, learning_rate=a.learning_rate,
-            text_encoder_lr=a.text_encoder_lr or a.learning_rate, train_text_encoder=bool(a.train_text_encoder),
-            use_dora=bool(a.use_dora), lora_dropout=a.lora_dropout, optimizer=optimizers.describe(a.optimizer, self.optimizer),
-            lr_scheduler=a.lr_scheduler, seed=a.seed, mixed_precision=accelerator.mixed_precision,
-            num_train_images=len(self.instance_images) * a.repeats, num_reg_images=len(self.class_images),
-            prior_loss_weight=a.prior_loss_weight, repeats=a.repeats,
-            tag_frequency=kohya_metadata.tag_frequency(os.path.basename(os.path.normpath(source)), a.repeats, captions),
+        source = data.dataset_name or data.instance_data_dir
+        kohya_run = lora_io.KohyaRun(
+            output_name=output_name, base_model=str(model.pretrained_model_name_or_path),
+            instance_prompt=data.instance_prompt, rank=lora.rank, alpha=lora.lora_alpha or lora.rank, steps=step,
+            max_train_steps=self.max_train_steps, resolution=data.resolution, learning_rate=opt.learning_rate,
+            text_encoder_lr=opt.text_encoder_lr or opt.learning_rate, train_text_encoder=bool(lora.train_text_encoder),
+            use_dora=bool(lora.use_dora), lora_dropout=lora.lora_dropout,
+            optimizer=optimizers.describe(opt.optimizer, self.optimizer),
+            lr_scheduler=opt.lr_scheduler, seed=run.training.seed, mixed_precision=self.record.mixed_precision,
+            num_train_images=len(self.instance_images) * data.repeats, num_reg_images=len(self.class_images),
+            prior_loss_weight=run.prior.prior_loss_weight, repeats=data.repeats,
+            tag_frequency=kohya_metadata.tag_frequency(os.path.basename(os.path.normpath(source)), data.repeats,
+                                                       captions),
             started_at=self.started_at, finished_at=time.time(), session_id=int(self.started_at * 1000) % 2**31,
-            license=report.base_license(str(a.pretrained_model_name_or_path), self.family, a.cache_dir, a.revision)[0],
-            extra=report.training_metadata(a, self.pivotal, self._embedding_name()))
+            license=report.base_license(str(model.pretrained_model_name_or_path), self.family, model.cache_dir,
+                                        model.revision)[0],
+            extra=report.training_metadata(data.instance_prompt, self.pivotal, self._embedding_name()))
         return lora_io.save_kohya_lora(folder, output_name, self.family, accelerator.unwrap_model(self.denoiser),
-                                       [accelerator.unwrap_model(e) for e in self.family.text_encoders], run)
+                                       [accelerator.unwrap_model(e) for e in self.family.text_encoders], kohya_run)
 
     def cleanup(self):
         """After an error or interrupt: close the trackers, so their files are complete (a finished or stopped

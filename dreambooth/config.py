@@ -134,7 +134,7 @@ def build_parser():
     g.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
                    help="SD 1.x/2.x, SDXL: override the scheduler's prediction type (default: the base model's own).")
 
-    g = p.add_argument_group("data")
+    g = p.add_argument_group("data (photos, captions, prompts, caching)")
     g.add_argument("--instance_data_dir", type=path_arg, default=None,
                    help="Folder of subject photos (jpg/png/webp/bmp). 'photo.txt' beside 'photo.jpg' is its caption.")
     g.add_argument("--dataset_name", type=path_arg, default=None,
@@ -146,9 +146,6 @@ def build_parser():
     g.add_argument("--caption_column", default=None,
                    help="Dataset column holding per-image captions (default: --instance_prompt for all).")
     g.add_argument("--instance_prompt", default=None, help="Prompt naming the subject, e.g. 'a photo of sks dog'.")
-    g.add_argument("--class_data_dir", type=path_arg, default=None,
-                   help="Folder of class-prior images; missing ones are generated (default: output_dir/class_images).")
-    g.add_argument("--class_prompt", default=None, help="Prompt for the class, e.g. 'a photo of dog'.")
     g.add_argument("--resolution", type=int, default=None,
                    help="Training resolution in pixels (default: 512 for SD 1.x/2.x, 1024 for SDXL, as diffusers' "
                         "scripts): a multiple of what the model can take (checked once it loads: the VAE's scale "
@@ -178,6 +175,14 @@ def build_parser():
                         "the posterior's mean and std are kept, so each step still draws a fresh sample. Default: "
                         "on whenever the crops are fixed (--center_crop, --enable_bucket, or every image already "
                         "has the training shape); --no-cache_latents turns it off.")
+    g.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="Encode the fixed prompts once and free the text encoders during training. Default: on "
+                        "whenever that is exact (the text encoders do not train); --no-pre_compute_text_embeddings "
+                        "turns it off.")
+    g.add_argument("--tokenizer_max_length", type=int, default=None,
+                   help="Tokens per prompt (default: the tokenizer's own, 77 for CLIP); longer prompts are cut.")
+    g.add_argument("--text_encoder_use_attention_mask", action=argparse.BooleanOptionalAction, default=False,
+                   help="Pass the padding mask to the text encoder (SD's CLIP was trained without one).")
 
     g = p.add_argument_group("prior preservation")
     g.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=False,
@@ -188,6 +193,9 @@ def build_parser():
                         "each step the instance images' noisy latents under --class_prompt are scored against the "
                         "base model's own output there (LoRA off; ai-toolkit's differential output preservation): "
                         "one extra forward per step instead of the class images' generation.")
+    g.add_argument("--class_prompt", default=None, help="Prompt for the class, e.g. 'a photo of dog'.")
+    g.add_argument("--class_data_dir", type=path_arg, default=None,
+                   help="Folder of class-prior images; missing ones are generated (default: output_dir/class_images).")
     g.add_argument("--num_class_images", type=int, default=100,
                    help="How many class images to use; missing ones are generated with the base model.")
     g.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
@@ -227,10 +235,6 @@ def build_parser():
                         "pivotal tuning the new tokens can go on alone after it).")
     g.add_argument("--train_text_encoder_frac", type=finite_float, default=1.0,
                    help="Share of the steps in which the text encoder's LoRA (--train_text_encoder) trains.")
-    g.add_argument("--tokenizer_max_length", type=int, default=None,
-                   help="Tokens per prompt (default: the tokenizer's own, 77 for CLIP); longer prompts are cut.")
-    g.add_argument("--text_encoder_use_attention_mask", action=argparse.BooleanOptionalAction, default=False,
-                   help="Pass the padding mask to the text encoder (SD's CLIP was trained without one).")
 
     g = p.add_argument_group("memory (quantized base, offloading)")
     g.add_argument("--quantize_base", default=None, choices=["nf4", "int8"],
@@ -252,11 +256,6 @@ def build_parser():
                         "they leave it: validation brings back only what it needs).")
 
     g = p.add_argument_group("training")
-    g.add_argument("--output_dir", type=path_arg, default="lora-dreambooth-model", help="Where weights and checkpoints go.")
-    g.add_argument("--overwrite_output_dir", action=argparse.BooleanOptionalAction, default=False,
-                   help="Train into an --output_dir that already holds a finished run, replacing its files (only "
-                        "the previous run's own: other files in the folder stay); without it that is refused; "
-                        "--resume_from_checkpoint continues a run instead. Never saved in config.yaml.")
     g.add_argument("--seed", type=seed_int, default=None, help="Seed for reproducible training and class images.")
     g.add_argument("--train_batch_size", type=int, default=4, help="Instance images per device per step.")
     g.add_argument("--num_train_epochs", type=int, default=1, help="Epochs (ignored when max_train_steps is set).")
@@ -276,10 +275,6 @@ def build_parser():
     g.add_argument("--dynamo_backend", default="inductor", choices=DYNAMO_BACKENDS,
                    help="torch.compile backend for --torch_compile (kohya's flag); eager/aot_eager only check that "
                         "a model compiles.")
-    g.add_argument("--pre_compute_text_embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="Encode the fixed prompts once and free the text encoders during training. Default: on "
-                        "whenever that is exact (the text encoders do not train); --no-pre_compute_text_embeddings "
-                        "turns it off.")
     g.add_argument("--snr_gamma", type=finite_float, default=None,
                    help="SD 1.x/2.x, SDXL: min-SNR loss weighting gamma (5.0 is common).")
     g.add_argument("--noise_offset", type=finite_float, default=None,
@@ -343,7 +338,12 @@ def build_parser():
     g.add_argument("--ema_decay", type=finite_float, default=0.999,
                    help="EMA decay per step (EMAModel warms it up as (1 + step) / (10 + step) until it reaches this).")
 
-    g = p.add_argument_group("checkpoints")
+    g = p.add_argument_group("output and checkpoints")
+    g.add_argument("--output_dir", type=path_arg, default="lora-dreambooth-model", help="Where weights and checkpoints go.")
+    g.add_argument("--overwrite_output_dir", action=argparse.BooleanOptionalAction, default=False,
+                   help="Train into an --output_dir that already holds a finished run, replacing its files (only "
+                        "the previous run's own: other files in the folder stay); without it that is refused; "
+                        "--resume_from_checkpoint continues a run instead. Never saved in config.yaml.")
     g.add_argument("--checkpointing_steps", type=int, default=500,
                    help="Save output_dir/checkpoint-N (resumable state + loadable LoRA) every N steps.")
     g.add_argument("--output_kohya_format", action="store_true",
@@ -475,8 +475,6 @@ def parse_args(argv=None):
     # "decide"): config.yaml records this, so a replay decides again, for its own model and flags
     args._requested = {k: list(v) if isinstance(v, list) else v for k, v in vars(args).items()
                        if not k.startswith("_")}
-    args._family, args._hub_repo_id = None, None  # set by validate() and before training; never saved
-    args._lora_targets_flag = "--lora_target_modules"
     if args.local_rank == -1 and os.environ.get("LOCAL_RANK", "").isdigit():  # as diffusers: the launcher's env wins
         args.local_rank = int(os.environ["LOCAL_RANK"])
     return args
@@ -490,23 +488,30 @@ NOT_SAVED = ("config", "hub_token", "debug", "local_rank", "overwrite_output_dir
 
 
 def effective_config(args):
-    """The flags as the run used them, as a plain dict (the trackers' config; never the Hub token)."""
+    """The parsed flags as a plain dict, without what is not a recipe (the Hub token, per-launch facts)."""
     return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SAVED and not k.startswith("_")}
 
 
-def recipe(args):
+def run_settings(run, record=None):
+    """The settings as the run used them (resolved by validate(), then what the run decided: precision, caching),
+    as a plain dict: the trackers' config, config.yaml's comments. Never the Hub token."""
+    used = dict(run.settings(), **(record.decided() if record else {}))
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(used.items()) if k not in NOT_SAVED}
+
+
+def recipe(run, record=None):
     """The flags as asked (command line over --config file over defaults): what config.yaml saves. Values the
     family or the run decides (resolution, learning rate, LoRA targets, guidance, cache_latents,
     pre_compute_text_embeddings, mixed precision...) stay undecided, so a replay with another model or one flag
     changed decides them again instead of failing on a flag the user never gave."""
-    asked = getattr(args, "_requested", None) or {}
-    return {k: asked.get(k, v) for k, v in effective_config(args).items()}
+    asked = run.requested or {}
+    return {k: asked.get(k, v) for k, v in run_settings(run, record).items()}
 
 
-def recipe_yaml(args):
+def recipe_yaml(run, record=None):
     """config.yaml: the recipe, headed by how to replay it and what this run decided for the values left open."""
     import yaml
-    asked, used = recipe(args), effective_config(args)
+    asked, used = recipe(run, record), run_settings(run, record)
     decided = [f"#   {k}: {json.dumps(used[k])}" for k in used if used[k] != asked[k]]
     head = [outputs.RECIPE_MARKER + ": replay it with",  # the marker: how a later run knows the file is ours
             "#   accelerate launch train_dreambooth_lora.py --config <this file> --output_dir <a new folder>"]
@@ -864,9 +869,15 @@ def _check_prompt_lengths(args, images, notes):
 
 def validate(args, warn=print):
     """Every check that needs no model: one-line UsageError naming the flag and the fix. Warnings are
-    printed only once all checks pass, so a failing run prints exactly one line."""
-    from .checkpoints import check_resume
+    printed only once all checks pass, so a failing run prints exactly one line. Returns the run's settings,
+    resolved and typed (run_config.RunConfig); `args` itself is left as parsed (the checks work on a copy)."""
+    import copy
+    from .checkpoints import check_resume, lora_settings
     from .hub import check_hub_flags
+    from .run_config import RunConfig
+    from . import quantize
+    args = copy.deepcopy(args)  # the checks below fill in defaults; the caller's namespace stays as parsed
+    args._family, args._lora_targets_flag = None, "--lora_target_modules"
     notes = []
     _check_model(args)
     _check_prompts(args, notes)
@@ -883,4 +894,5 @@ def validate(args, warn=print):
     _check_prompt_lengths(args, images, notes)  # needs the captions (read above) and the tokenizers
     for note in notes:
         warn(note)
-    return images
+    return RunConfig.build(args, args._family, images, args._lora_targets_flag, quantize.settings(args),
+                           lora_settings(args))

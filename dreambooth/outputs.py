@@ -40,13 +40,14 @@ def run_name(output_dir):
     return os.path.basename(os.path.normpath(os.path.abspath(output_dir))) or "lora"
 
 
-def final_files(args):
-    """{name: what it is} for the files a run writes at the top of output_dir when it finishes."""
-    name = run_name(args.output_dir)
+def final_files(output_dir, output_format, embeddings):
+    """{name: what it is} for the files a run writes at the top of output_dir when it finishes (embeddings: a
+    pivotal run's token file)."""
+    name = run_name(output_dir)
     out = {LORA_WEIGHT_NAME: "LoRA weights"}
-    if args.output_format in ("kohya", "both"):
+    if output_format in ("kohya", "both"):
         out[name + ".safetensors"] = "kohya-format LoRA"
-    if getattr(args, "train_text_encoder_ti", False):
+    if embeddings:
         out[name + EMB_SUFFIX] = "token embeddings"
     out.update({LOSS_PLOT: "loss plot", STATS: "run statistics", RECIPE: "run recipe", CARD: "model card"})
     return out
@@ -124,7 +125,8 @@ def foreign_files(args):
         entries = os.listdir(folder)
     except OSError:  # none yet, or not readable: nothing there to replace
         return []
-    found = [(name, what) for name, what in final_files(args).items()
+    found = [(name, what) for name, what in final_files(folder, args.output_format,
+                                                        args.train_text_encoder_ti).items()
              if os.path.lexists(os.path.join(folder, name)) and not is_ours(folder, name)]
     found += [(name + "/", "checkpoints") for name in sorted(entries, key=_step_order)
               if CHECKPOINT.match(name) and os.path.isdir(os.path.join(folder, name))
@@ -154,12 +156,12 @@ def _and(words):
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def upload_excludes(args, ignored=()):
+def upload_excludes(folder, output_format, embeddings, ignored=()):
     """--push_to_hub uploads the run, not the folder: exclude patterns for every entry of output_dir the run did
     not write (another LoRA beside it in a UI's folder, the user's notes), beyond the `ignored` patterns."""
     import fnmatch
     import glob
-    folder, ours = args.output_dir, set(final_files(args))
+    ours = set(final_files(folder, output_format, embeddings))
     if not os.path.isdir(folder):
         return []
     entries = [n + "/" if os.path.isdir(os.path.join(folder, n)) else n for n in sorted(os.listdir(folder))

@@ -259,13 +259,13 @@ def base_license(model, family=None, cache_dir=None, revision=None):
     return (family.license(), f"the {family.name} family's licence") if family else ("other", "unknown")
 
 
-def training_metadata(args, pivotal=None, embedding_name=None):
+def training_metadata(instance_prompt, pivotal=None, embedding_name=None):
     """Extra kohya metadata with pivotal tuning: the embeddings file and the prompt that uses it (A1111/ComfyUI:
     the embedding's file name is its word). ss_optimizer comes with the rest (lora_io.KohyaRun.optimizer)."""
     if pivotal is None:
         return {}
     return {"ss_embeddings": embedding_name, "ss_token_map": json.dumps(pivotal.mapping),
-            "ss_embedding_prompt": pivotal.ui_prompt(args.instance_prompt, embedding_name)}
+            "ss_embedding_prompt": pivotal.ui_prompt(instance_prompt, embedding_name)}
 
 
 ADD_ROWS = """
@@ -284,14 +284,14 @@ class PivotalUsage:
     word), the UI prompt (the embedding file's name in place of it), the lines that load the embeddings, and the
     section about the tokens."""
 
-    def __init__(self, args, pivotal, embedding_name, where=None):
+    def __init__(self, instance_prompt, output_dir, pivotal, embedding_name, where=None):
         family = pivotal.family
         self.word = embedding_name.removesuffix(".safetensors")
-        self.prompt = pivotal.prompt_example(args.instance_prompt)
-        self.ui_prompt = pivotal.ui_prompt(args.instance_prompt, embedding_name)
+        self.prompt = pivotal.prompt_example(instance_prompt)
+        self.ui_prompt = pivotal.ui_prompt(instance_prompt, embedding_name)
         # A pushed run's card is read on the Hub: the file comes from the repo, not from the trainer's disk.
         source = (f'hf_hub_download("{where}", "{embedding_name}")' if where
-                  else json.dumps(os.path.join(args.output_dir, embedding_name)))
+                  else json.dumps(os.path.join(output_dir, embedding_name)))
         self.imports = ("from huggingface_hub import hf_hub_download\n" if where else "") + \
             "from safetensors.torch import load_file\n"
         loader = ("pipe.load_textual_inversion" if hasattr(family.pipeline_class(), "load_textual_inversion")
@@ -314,70 +314,69 @@ pivotal.mapping.items())}); load it with the LoRA. The prompt to use:
 """
 
 
-def pivotal_usage(args, pivotal, embedding_name):
+def pivotal_usage(run, record, pivotal, embedding_name):
     """PivotalUsage for the model card, or None without pivotal tuning."""
     if pivotal is None:
         return None
-    return PivotalUsage(args, pivotal, embedding_name, getattr(args, "_hub_repo_id", None))
+    return PivotalUsage(run.data.instance_prompt, run.outputs.output_dir, pivotal, embedding_name, record.hub_repo_id)
 
 
-def write_run_files(args, steps, seconds, family=None, kohya_file=None, pivotal=None):
+def write_run_files(run, record, steps, seconds, family=None, kohya_file=None, pivotal=None):
     """config.yaml to repeat the run, README.md model card: the Hub's YAML block (licence, base model, tags,
-    instance prompt, widget), how to use the LoRA in diffusers, ComfyUI and A1111, the settings and the command."""
-    write_text(os.path.join(args.output_dir, "config.yaml"), recipe_yaml(args))
-    argv = getattr(args, "_argv", None)
+    instance prompt, widget), how to use the LoRA in diffusers, ComfyUI and A1111, the settings and the command.
+    run: the checked settings (run_config.RunConfig); record: what the run decided (RunRecord)."""
+    output_dir = run.outputs.output_dir
+    write_text(os.path.join(output_dir, "config.yaml"), recipe_yaml(run, record))
     command = "accelerate launch train_dreambooth_lora.py " + " ".join(
-        shlex.quote(a) for a in redacted(sys.argv[1:] if argv is None else argv))
-    write_text(os.path.join(args.output_dir, "README.md"), model_card(args, steps, seconds, family, kohya_file, command,
-                                                                            pivotal))
+        shlex.quote(a) for a in redacted(sys.argv[1:] if run.argv is None else run.argv))
+    write_text(os.path.join(output_dir, "README.md"), model_card(run, record, steps, seconds, family, kohya_file,
+                                                                 command, pivotal))
 
 
-def prior_text(args):
-    if not args.with_prior_preservation:
+def prior_text(prior):
+    if not prior.with_prior_preservation:
         return "off"
-    if getattr(args, "prior_preservation_mode", "images") == "base_output":
-        return (f"`{args.class_prompt}`, the base model's own output as the target (no class images), weight "
-                f"{args.prior_loss_weight}")
-    return f"`{args.class_prompt}`, {args.num_class_images} images, weight {args.prior_loss_weight}"
+    if prior.base_output:
+        return (f"`{prior.class_prompt}`, the base model's own output as the target (no class images), weight "
+                f"{prior.prior_loss_weight}")
+    return f"`{prior.class_prompt}`, {prior.num_class_images} images, weight {prior.prior_loss_weight}"
 
 
-def base_weights_text(args):
+def base_weights_text(quantization, memory, mixed_precision):
     """What the frozen base was stored in while the LoRA trained (a quantized base samples class images and
     validation from the quantized weights too, unless --sample_with_full_base)."""
-    from .quantize import describe, settings
-    try:
-        fields = settings(args)
-    except Exception:  # a card is written for a run that passed these checks; never fail it here
-        fields = None
-    if fields is None:
-        return f"as loaded ({args.mixed_precision or 'fp32'})"
-    encoders = " and the frozen text encoders" if getattr(args, "quantize_text_encoders", False) else ""
+    from .quantize import describe
+    if quantization is None:
+        return f"as loaded ({mixed_precision or 'fp32'})"
+    encoders = " and the frozen text encoders" if memory.quantize_text_encoders else ""
     samples = ("class images from the full base, validation from the quantized one"
-               if getattr(args, "sample_with_full_base", False) else "class images and validation sampled from it")
-    return (f"{describe(fields)} (bitsandbytes) for the denoiser{encoders}; {samples}. The LoRA was trained in full "
-            "precision and loads on the unquantized base")
+               if memory.sample_with_full_base else "class images and validation sampled from it")
+    return (f"{describe(quantization)} (bitsandbytes) for the denoiser{encoders}; {samples}. The LoRA was trained in "
+            "full precision and loads on the unquantized base")
 
 
-def objective_text(args):
+def objective_text(family_options, training):
     """The training objective as the card's settings table states it (flow matching's flags, or DDPM's)."""
-    if getattr(args, "weighting_scheme", None):
-        return (f"flow matching, --weighting_scheme {args.weighting_scheme}"
-                + (", preconditioned outputs" if getattr(args, "precondition_outputs", 0) else ""))
-    extras = [f"min-SNR gamma {args.snr_gamma}" if args.snr_gamma else "",
-              f"noise offset {args.noise_offset}" if args.noise_offset else ""]
+    if family_options.get("weighting_scheme"):
+        return (f"flow matching, --weighting_scheme {family_options['weighting_scheme']}"
+                + (", preconditioned outputs" if family_options.get("precondition_outputs") else ""))
+    extras = [f"min-SNR gamma {training.snr_gamma}" if training.snr_gamma else "",
+              f"noise offset {training.noise_offset}" if training.noise_offset else ""]
     return ", ".join(["DDPM (the scheduler's prediction type)", *filter(None, extras)])
 
 
-def model_card(args, steps, seconds, family, kohya_file, command, pivotal=None):
+def model_card(run, record, steps, seconds, family, kohya_file, command, pivotal=None):
     """The README.md text; `pivotal` is a PivotalUsage when new tokens were trained (its prompt and loading lines
     replace the plain ones in the diffusers snippet)."""
     import yaml
-    model = str(args.pretrained_model_name_or_path)
+    data, lora, opt, training = run.data, run.lora, run.optimizer, run.training
+    output_dir = run.outputs.output_dir
+    model = str(run.model.pretrained_model_name_or_path)
     hub_id = base_hub_id(model)
-    license, license_source = base_license(model, family, args.cache_dir, args.revision)
-    validation = os.path.join(args.output_dir, "validation")
+    license, license_source = base_license(model, family, run.model.cache_dir, run.model.revision)
+    validation = os.path.join(output_dir, "validation")
     grids = sorted(os.listdir(validation)) if os.path.isdir(validation) else []
-    pushed = getattr(args, "_hub_repo_id", None)
+    pushed = record.hub_repo_id
     pipeline = family.pipeline_class_name if family else "StableDiffusionPipeline"
     family_tags = list(family.card_tags) if family else ["stable-diffusion", "stable-diffusion-diffusers"]
     meta = {"license": license}
@@ -385,15 +384,15 @@ def model_card(args, steps, seconds, family, kohya_file, command, pivotal=None):
         meta["base_model"] = hub_id
     meta.update({
         "library_name": "diffusers",
-        "instance_prompt": args.instance_prompt,
+        "instance_prompt": data.instance_prompt,
         "tags": ["text-to-image", "diffusers", "lora", "dreambooth", "diffusers-training", "template:sd-lora",
                  *family_tags],
     })
     if grids:
-        meta["widget"] = [{"text": args.validation_prompt or args.instance_prompt,
+        meta["widget"] = [{"text": run.validation.validation_prompt or data.instance_prompt,
                            "output": {"url": f"validation/{name}"}} for name in grids[-4:]]
     head = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
-    where = pushed or args.output_dir
+    where = pushed or output_dir
     base_text = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"`{model}` (a local model)"
     if hub_id and os.path.exists(model):
         base_text += f", loaded from `{model}`"
@@ -402,8 +401,8 @@ def model_card(args, steps, seconds, family, kohya_file, command, pivotal=None):
     lora_name = os.path.splitext(os.path.basename(kohya_file))[0] if kohya_file else None
     trigger = (f"`{pivotal.prompt}` in diffusers (after loading the trained tokens, below), "
                f"`{pivotal.ui_prompt}` in AUTOMATIC1111 / ComfyUI: the trained tokens stand for "
-               f"`{args.token_abstraction}` in `{args.instance_prompt}`." if pivotal
-               else f"Use `{args.instance_prompt}` in the prompt to get the subject.")
+               f"`{lora.token_abstraction}` in `{data.instance_prompt}`." if pivotal
+               else f"Use `{data.instance_prompt}` in the prompt to get the subject.")
     a1111 = (f"""## Use it in AUTOMATIC1111 / Forge
 
 Copy `{lora_name}.safetensors` into `stable-diffusion-webui/models/Lora/`, load {family.ui_base if family else 'the same'}
@@ -423,9 +422,9 @@ This run wrote the diffusers file only (`--output_format diffusers`); train with
 kohya-layout file the UIs load.
 """)
     body = f"""
-# DreamBooth LoRA: {args.instance_prompt}
+# DreamBooth LoRA: {data.instance_prompt}
 
-LoRA weights for {base_text}, trained with DreamBooth on `{args.dataset_name or args.instance_data_dir}` for {steps}
+LoRA weights for {base_text}, trained with DreamBooth on `{data.dataset_name or data.instance_data_dir}` for {steps}
 steps ({seconds / 60:.1f} min) on {datetime.date.today().isoformat()}.
 {sample}
 ## Trigger words
@@ -445,7 +444,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.{family.card_gpu_dtype if family else "float16"} if device == "cuda" else torch.float32  # one dtype for every part
 pipe = {pipeline}.from_pretrained("{hub_id or model}", torch_dtype=dtype).to(device)
 pipe.load_lora_weights("{where}")
-{pivotal.load_code if pivotal else ""}image = pipe("{pivotal.prompt if pivotal else args.instance_prompt} in a bucket").images[0]
+{pivotal.load_code if pivotal else ""}image = pipe("{pivotal.prompt if pivotal else data.instance_prompt} in a bucket").images[0]
 ```
 {pivotal.section if pivotal else ""}
 {ui}
@@ -453,28 +452,27 @@ pipe.load_lora_weights("{where}")
 
 | setting | value |
 | --- | --- |
-| instance prompt | `{args.instance_prompt}` |
-| prior preservation | {prior_text(args)} |
-| resolution | {args.resolution} |
-| rank / alpha | {args.rank} / {args.lora_alpha or args.rank}{' (DoRA)' if args.use_dora else ''} |
-| learning rate | {args.learning_rate} ({args.lr_scheduler}){f'; text encoder / new tokens {args.text_encoder_lr}'
-                                                        if args.text_encoder_lr else ''} |
-| optimizer | {getattr(args, 'optimizer', 'adamw')} |
-| pivotal tuning | {f'`{args.token_abstraction}` -> {args.num_new_tokens_per_abstraction} new token(s), embeddings trained for '
-                    f'{args.train_text_encoder_ti_frac:g} of the steps' if getattr(args, 'train_text_encoder_ti', False)
-                    else 'off'} |
-| text encoder | {'LoRA-trained' if args.train_text_encoder else 'frozen'} |
-| objective | {objective_text(args)} |
-| base weights | {base_weights_text(args)} |
-| batch | {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation |
-| mixed precision | {args.mixed_precision or 'accelerate default'} |
+| instance prompt | `{data.instance_prompt}` |
+| prior preservation | {prior_text(run.prior)} |
+| resolution | {data.resolution} |
+| rank / alpha | {lora.rank} / {lora.lora_alpha or lora.rank}{' (DoRA)' if lora.use_dora else ''} |
+| learning rate | {opt.learning_rate} ({opt.lr_scheduler}){f'; text encoder / new tokens {opt.text_encoder_lr}'
+                                                        if opt.text_encoder_lr else ''} |
+| optimizer | {opt.optimizer} |
+| pivotal tuning | {f'`{lora.token_abstraction}` -> {lora.num_new_tokens_per_abstraction} new token(s), embeddings trained for '
+                    f'{lora.train_text_encoder_ti_frac:g} of the steps' if lora.train_text_encoder_ti else 'off'} |
+| text encoder | {'LoRA-trained' if lora.train_text_encoder else 'frozen'} |
+| objective | {objective_text(run.family_options, training)} |
+| base weights | {base_weights_text(run.quantization, run.memory, record.mixed_precision)} |
+| batch | {training.train_batch_size} x {training.gradient_accumulation_steps} accumulation |
+| mixed precision | {record.mixed_precision or 'accelerate default'} |
 
 ## Reproduce
 
 ```
 {command}
 ```
-or `accelerate launch train_dreambooth_lora.py --config {os.path.join(args.output_dir, 'config.yaml')} --output_dir NEW_FOLDER`
+or `accelerate launch train_dreambooth_lora.py --config {os.path.join(output_dir, 'config.yaml')} --output_dir NEW_FOLDER`
 (the same folder is refused: it holds this run).
 """
     return f"---\n{head}---\n{body}"

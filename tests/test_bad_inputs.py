@@ -150,12 +150,12 @@ def test_warnings_do_not_stop(setup, capsys):
     tmp_path, dog, out, argv = setup
     args = parse_args(argv(class_prompt="a photo of dog", mixed_precision="fp16", prior_generation_precision="fp16"))
     messages = []
-    images = validate(args, warn=messages.append)
-    assert len(images) == 2
+    run = validate(args, warn=messages.append)
+    assert len(run.instance_images) == 2
     assert any("ignored without --with_prior_preservation" in m for m in messages)
     assert any("skipping 1 non-image" in m for m in messages)
-    assert any("falling back to fp32" in m for m in messages) and args.mixed_precision == "no"
-    assert any("generating class images in fp32" in m for m in messages) and args.prior_generation_precision == "fp32"
+    assert any("falling back to fp32" in m for m in messages) and run.training.mixed_precision == "no"
+    assert any("generating class images in fp32" in m for m in messages) and run.prior.prior_generation_precision == "fp32"
 
 
 @pytest.mark.slow

@@ -182,7 +182,7 @@ def test_flux_defaults_follow_diffusers_flux_script(tiny_model, instance_dir, tm
     for model, guidance, tokens in (("flux", 3.5, 512), ("flux_schnell", None, 256)):
         args = parse_args(["--pretrained_model_name_or_path", tiny_model[model], "--instance_data_dir", instance_dir,
                            "--instance_prompt", "a photo of sks dog", "--output_dir", str(tmp_path / "o")])
-        validate(args, warn=lambda note: None)
+        args = validate(args, warn=lambda note: None).as_flags()  # the settings as resolved
         assert (args.weighting_scheme, args.guidance_scale, args.max_sequence_length, args.learning_rate,
                 args.resolution) == ("none", guidance, tokens, 1e-4, 512)
         assert args.lora_target_modules.split(",")[:4] == ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"]

@@ -16,6 +16,7 @@ import train_dreambooth_lora
 from conftest import draw_subject, flag_argv
 from dreambooth import outputs, redaction
 from dreambooth.config import parse_args, recipe_yaml, validate
+from dreambooth.run_config import RunRecord
 
 P = "train_dreambooth_lora.py: error: "
 TOKENS = ("hf_ABBREVIATEDtoken1", "hf_EQUALSformTOKEN2", "hf_CONFIGfileTOKEN3", "hf_ENVIRONMENTtoken4")
@@ -171,7 +172,7 @@ def test_push_to_hub_uploads_the_run_not_the_folder(tmp_path):
     (folder / "validation" / "favourite.png").write_text("mine")
     (folder / "logs").mkdir()
     args = Namespace(output_dir=str(folder), output_format="both", train_text_encoder_ti=False)
-    assert outputs.upload_excludes(args, IGNORE) == ["[[]mine].png", "loras_emb.safetensors", "other.safetensors",
+    assert outputs.upload_excludes(args.output_dir, args.output_format, args.train_text_encoder_ti, IGNORE) == ["[[]mine].png", "loras_emb.safetensors", "other.safetensors",
                                                      "validation/favourite.png"]
 
 
@@ -262,10 +263,10 @@ def test_recipe_of_a_plain_run_replays_with_text_encoders_and_on_another_family(
     for model, others in (("eps", ("--train_text_encoder", "--train_text_encoder_ti")), ("flux", ("eps", "sd3"))):
         args = parse_args(["--pretrained_model_name_or_path", tiny_model[model], "--instance_data_dir", instance_dir,
                            "--instance_prompt", "a photo of TOK dog", "--output_dir", str(tmp_path / model)])
-        validate(args, warn=lambda note: None)
-        args.pre_compute_text_embeddings, args.cache_latents, args.mixed_precision = True, False, "no"  # as a run
+        run = validate(args, warn=lambda note: None)
+        as_run = RunRecord(pre_compute_text_embeddings=True, cache_latents=False, mixed_precision="no")
         saved = tmp_path / f"{model}.yaml"
-        saved.write_text(recipe_yaml(args))
+        saved.write_text(recipe_yaml(run, as_run))
         for other in others:
             change = [other] if other.startswith("--") else ["--pretrained_model_name_or_path", tiny_model[other]]
             replay = parse_args(["--config", str(saved), "--output_dir", str(tmp_path / "replay"), *change])

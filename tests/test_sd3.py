@@ -245,7 +245,7 @@ def test_sd3_defaults_follow_diffusers_sd3_script(tiny_model, instance_dir, tmp_
     from dreambooth.config import parse_args, validate
     args = parse_args(["--pretrained_model_name_or_path", tiny_model["sd3"], "--instance_data_dir", instance_dir,
                        "--instance_prompt", "a photo of sks dog", "--output_dir", str(tmp_path / "o")])
-    validate(args, warn=lambda note: None)
+    args = validate(args, warn=lambda note: None).as_flags()  # the settings as resolved
     assert (args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, args.precondition_outputs,
             args.max_sequence_length) == ("logit_normal", 0.0, 1.0, 1.29, 1, 77)
     assert (args.learning_rate, args.text_encoder_lr, args.adam_weight_decay, args.adam_weight_decay_text_encoder,
