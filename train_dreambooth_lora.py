@@ -108,7 +108,7 @@ class DreamBoothRecipe:
         unused = bool(run.lora.train_text_encoder and run.family.unused_text_encoder_layers)
         self._setup_accelerator(run.training, run.outputs.output_dir, run.validation, unused)
         self.quantization = run.quantization
-        self.family = self._setup_model(families.ModelSource.from_args(run.model), run.memory, run.lora,
+        self.family = self._setup_model(families.ModelSource.from_flags(run.model), run.memory, run.lora,
                                         run.data.resolution, run.data.bucket_reso_steps if run.data.enable_bucket
                                         else None)
         self.objective = self.family.objective(run.training.noise_offset, run.training.snr_gamma)
@@ -119,7 +119,7 @@ class DreamBoothRecipe:
         self.class_images = self._setup_class_priors(run.prior, run.model, run.memory, run.data.resolution,
                                                      run.training.seed, run.outputs.output_dir) \
             if run.prior.class_images else []
-        self._setup_lora(models.LoraSettings.from_args(run.lora), run.lora, run.training)
+        self._setup_lora(models.LoraSettings.from_flags(run.lora), run.lora, run.training)
         self._setup_data(run.data, run.prior, run.memory, run.validation.validation_prompt, run.training.seed,
                          run.training.train_batch_size)
         self._setup_optimizer(run.optimizer, run.lora, run.training)
@@ -231,7 +231,7 @@ class DreamBoothRecipe:
             sampling = family
             if self.quantization and full:  # --sample_with_full_base: the unquantized base, for this alone (freed
                 from dreambooth import families  # with the pipeline when generation ends)
-                sampling = type(family).load(families.ModelSource.from_args(model), self.weight_dtype)
+                sampling = type(family).load(families.ModelSource.from_flags(model), self.weight_dtype)
                 sampling.configure(**family.options)
             precision_context = priors.generation_precision(sampling.castable_modules(), accelerator.device,
                                                             self.weight_dtype, gen_dtype)

@@ -703,7 +703,7 @@ def _check_family_defaults(args):
     1024 SDXL, as diffusers' scripts)."""
     from .families import ModelSource, detect
     from .families import resolve_family_flags
-    args._family = detect(ModelSource.from_args(args))
+    args._family = detect(ModelSource.from_flags(args))
     if args.resolution is None:
         args.resolution = args._family.default_resolution
     resolve_family_flags(args, args._family)
@@ -859,7 +859,7 @@ def _check_prompt_lengths(args, images, notes):
     single file is checked once it has loaded)."""
     from . import prompt_lengths
     from .families import ModelSource
-    source = ModelSource.from_args(args)
+    source = ModelSource.from_flags(args)
     options = {flag: getattr(args, flag) for flag in args._family.flags}
     family = prompt_lengths.text_side(args._family, source, options)
     if family is not None:

@@ -21,15 +21,17 @@ class LoraSettings:
     train_text_encoder: bool = False
 
     @classmethod
-    def from_args(cls, args):
-        return cls(args.rank, args.lora_alpha, args.lora_dropout, args.use_dora, args.lora_target_modules,
-                   args.train_text_encoder)
+    def from_flags(cls, lora):
+        """From the LoRA flags' names (run_config.LoraConfig)."""
+        return cls(lora.rank, lora.lora_alpha, lora.lora_dropout, lora.use_dora, lora.lora_target_modules,
+                   lora.train_text_encoder)
 
 
-def lora_config(args, target_modules):
+def lora_config(settings, target_modules):
     from peft import LoraConfig
-    return LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, lora_dropout=args.lora_dropout,
-                      init_lora_weights="gaussian", target_modules=target_modules, use_dora=args.use_dora)
+    return LoraConfig(r=settings.rank, lora_alpha=settings.lora_alpha or settings.rank,
+                      lora_dropout=settings.lora_dropout, init_lora_weights="gaussian", target_modules=target_modules,
+                      use_dora=settings.use_dora)
 
 
 def check_lora_targets(denoiser, target_modules, default=TARGETS_DEFAULT_SD, flag="--lora_target_modules"):
@@ -67,19 +69,19 @@ def check_resolution(multiple, resolution, bucket_steps=None):
                          "step this model takes")
 
 
-def add_lora(denoiser, text_encoders, args, text_encoder_targets=None):
+def add_lora(denoiser, text_encoders, settings, text_encoder_targets=None):
     """LoRA on the denoiser (and, when asked, on the text encoders the family names targets for: CLIP's attention
     by default; SD 3's and Flux's T5 has none, it stays frozen as in diffusers' scripts); trainable parameters kept
     in fp32 so fp16 mixed precision never tries to unscale fp16 gradients."""
     import torch
     from diffusers.training_utils import cast_training_params
-    denoiser.add_adapter(lora_config(args, check_lora_targets(denoiser, args.lora_target_modules)))
+    denoiser.add_adapter(lora_config(settings, check_lora_targets(denoiser, settings.lora_target_modules)))
     trained = [denoiser]
-    if args.train_text_encoder:
+    if settings.train_text_encoder:
         targets = text_encoder_targets or [TEXT_ENCODER_TARGETS] * len(text_encoders)
         for encoder, names in zip(text_encoders, targets):
             if names:
-                encoder.add_adapter(lora_config(args, list(names)))
+                encoder.add_adapter(lora_config(settings, list(names)))
                 trained.append(encoder)
     cast_training_params(trained, dtype=torch.float32)
 

@@ -23,10 +23,11 @@ class ModelSource:
     cache_dir: str = None
 
     @classmethod
-    def from_args(cls, args):
-        return cls(args.pretrained_model_name_or_path, args.revision, args.variant, args.tokenizer_name,
-                   args.single_file_config, args.prediction_type, args.pretrained_vae_model_name_or_path,
-                   args.cache_dir)
+    def from_flags(cls, flags):
+        """From anything with the base-model flags' names: the parsed flags (validation) or run_config.ModelConfig."""
+        return cls(flags.pretrained_model_name_or_path, flags.revision, flags.variant, flags.tokenizer_name,
+                   flags.single_file_config, flags.prediction_type, flags.pretrained_vae_model_name_or_path,
+                   flags.cache_dir)
 
 
 def _causes(error):

@@ -15,7 +15,7 @@ def _has_guidance(args):
     a folder's transformer/config.json, a hub id's (a small download, as for model_index.json), or a single
     file's tensor names (BFL's guidance_in.*, or diffusers' guidance_embedder.*)."""
     from .base import ModelSource, loaded
-    source = ModelSource.from_args(args)
+    source = ModelSource.from_flags(args)
     if os.path.isfile(source.path):
         from . import _single_file_keys
         return any(k.startswith(("guidance_in.", "model.diffusion_model.guidance_in.")) or ".guidance_embedder." in k
