@@ -21,6 +21,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of the real scripts (subprocesses)")
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A training run in this process installs its SIGINT/SIGTERM handlers (finish the step, checkpoint); tests that
+    call main() directly would leave them to the rest of the session, which then ignores Ctrl-C and `kill`."""
+    import signal
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGINT, handlers[0])
+    signal.signal(signal.SIGTERM, handlers[1])
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     from make_tiny_model import main

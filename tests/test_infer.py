@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_script, train_args
+from conftest import train_args
 
 
 def grid(folder):
@@ -14,21 +14,24 @@ def grid(folder):
 
 
 @pytest.mark.slow
-def test_infer_scales_and_stacks_loras(tiny_model, instance_dir, tmp_path):
+def test_infer_scales_and_stacks_loras(tiny_model, instance_dir, tmp_path, in_process, capsys):
+    """The training run and the five infer.py runs in this process: each subprocess paid seconds of imports."""
+    import infer
     out = tmp_path / "lora"
-    r = run_script("train_dreambooth_lora.py", *train_args(tiny_model["eps"], instance_dir, out, "--max_train_steps",
-                                                            "3", "--learning_rate", "5e-2", "--output_format",
-                                                            "diffusers", "--checkpointing_steps", "3"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    code = in_process(train_args(tiny_model["eps"], instance_dir, str(out), "--max_train_steps", "3", "--learning_rate",
+                                 "5e-2", "--output_format", "diffusers", "--checkpointing_steps", "3"))
+    assert code == 0, capsys.readouterr().err[-3000:]
     common = ["--base", tiny_model["eps"], "--prompt", "a photo of sks dog", "--num_images", "2", "--steps", "3",
               "--seed", "5", "--scheduler", "euler", "--device", "cpu", "--dtype", "fp32"]
     runs = {"base": [], "zero": ["--lora", out, "--lora_scale", "0"], "full": ["--lora", out],
             "file": ["--lora", out / "pytorch_lora_weights.safetensors", "--lora_scale", "1"],
             "two": ["--lora", out, "--lora", out / "checkpoint-3", "--lora_scale", "0.5", "--lora_scale", "0.5"]}
     for name, extra in runs.items():
-        r = run_script("infer.py", *common, *extra, "--negative_prompt", "blurry", "--output", tmp_path / name)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert "wrote 2 images and grid.png" in r.stdout
+        capsys.readouterr()
+        code = infer.main([str(a) for a in (*common, *extra, "--negative_prompt", "blurry", "--output", tmp_path / name)])
+        r = capsys.readouterr()
+        assert code == 0, r.err[-3000:]
+        assert "wrote 2 images and grid.png" in r.out
         pngs = sorted(os.listdir(tmp_path / name))
         assert pngs == ["00-00-a_photo_of_sks_dog.png", "00-01-a_photo_of_sks_dog.png", "grid.png"]
     assert np.abs(grid(tmp_path / "zero") - grid(tmp_path / "base")).max() <= 1  # scale 0 is the base model

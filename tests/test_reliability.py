@@ -196,10 +196,12 @@ def wait_for(proc, text):
 
 
 def test_sigterm_to_the_accelerate_launcher_checkpoints(tiny_model, instance_dir, tmp_path):
-    """`accelerate launch` (one process) does not pass SIGTERM on: the trainer asks the kernel for a SIGTERM when
-    its parent dies, so killing the launcher still ends in a checkpoint."""
+    """Killing a one-process `accelerate launch` ends in a checkpoint: where the launcher does not pass SIGTERM on,
+    the trainer asks the kernel for a SIGTERM when its parent dies; accelerate 1.16's launcher passes it on and
+    SIGKILLs the trainer 5 s later. tests/patient_launcher.py is that launcher without the 5 s, which a loaded
+    machine can need for the step and the checkpoint."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "patient_launcher.py"), "--cpu", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "train_dreambooth_lora.py"),
            *train_args(tiny_model["eps"], instance_dir, out, "--max_train_steps", "100000", "--checkpointing_steps",
                        "100000", "--report_to", "none")]

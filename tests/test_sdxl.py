@@ -375,23 +375,24 @@ def test_sdxl_end_to_end_with_text_encoders_prior_buckets_and_both_files(tiny_mo
 
 
 @pytest.mark.slow
-def test_sdxl_resume_is_bit_exact_and_single_file_base_trains(tiny_model, instance_dir, tmp_path):
+def test_sdxl_resume_is_bit_exact_and_single_file_base_trains(tiny_model, instance_dir, tmp_path, in_process, capsys):
+    """The four runs in this process (each main() seeds its own RNGs; a resume restores the checkpoint's): a
+    subprocess each paid seconds of imports."""
     extra = ["--random_flip", "--checkpointing_steps", "2", "--output_format", "diffusers",
              "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "1"]
-    r = run_script("train_dreambooth_lora.py", *xl_args(tiny_model, instance_dir, tmp_path / "full",
-                                                         "--max_train_steps", "4", *extra))
-    assert r.returncode == 0, r.stderr[-3000:]
-    half = xl_args(tiny_model, instance_dir, tmp_path / "half", *extra)
-    assert run_script("train_dreambooth_lora.py", *half, "--max_train_steps", "2").returncode == 0
-    r = run_script("train_dreambooth_lora.py", *half, "--max_train_steps", "4", "--resume_from_checkpoint",
-                   "checkpoint-2")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert in_process(xl_args(tiny_model, instance_dir, str(tmp_path / "full"), "--max_train_steps", "4", *extra)) == 0, \
+        capsys.readouterr().err[-3000:]
+    half = xl_args(tiny_model, instance_dir, str(tmp_path / "half"), *extra)
+    assert in_process([*half, "--max_train_steps", "2"]) == 0
+    code = in_process([*half, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2"])
+    assert code == 0, capsys.readouterr().err[-3000:]
     a = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "half" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    r = run_script("train_dreambooth_lora.py", *train_args(
-        tiny_model["xl_single"], instance_dir, tmp_path / "single", "--single_file_config", tiny_model["xl"],
-        "--max_train_steps", "1", "--report_to", "none"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "family=SDXL" in r.stdout
+    capsys.readouterr()
+    code = in_process(train_args(tiny_model["xl_single"], instance_dir, str(tmp_path / "single"), "--single_file_config",
+                                 tiny_model["xl"], "--max_train_steps", "1", "--report_to", "none"))
+    r = capsys.readouterr()
+    assert code == 0, r.err[-3000:]
+    assert "family=SDXL" in r.out
