@@ -1,7 +1,10 @@
 """Tiny SD models of the real architectures, built once per test session (no downloads)."""
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from PIL import Image, ImageDraw
@@ -16,6 +19,17 @@ pytest_plugins = ("fake_hub",)  # the fake Hub fixture, for push-to-hub tests
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of the real scripts (subprocesses)")
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A training run in this process installs its SIGINT/SIGTERM handlers (finish the step, checkpoint); tests that
+    call main() directly would leave them to the rest of the session, which then ignores Ctrl-C and `kill`."""
+    import signal
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGINT, handlers[0])
+    signal.signal(signal.SIGTERM, handlers[1])
 
 
 @pytest.fixture(scope="session")
@@ -79,10 +93,70 @@ def instance_dir(tmp_path):
     return str(folder)
 
 
-def run_script(script, *args, env=None, timeout=300, launcher=None):
+# No test waits a fixed number of seconds for something to happen: it waits for the event (a line printed, a file
+# written, the process's exit), however long a loaded machine takes. HANG_GUARD only ends a child that hangs, so a
+# hang fails the suite instead of stalling it; it is far beyond what any of these runs takes on a busy 2-core machine.
+HANG_GUARD = 3600
+
+
+def run_script(script, *args, env=None, timeout=HANG_GUARD, launcher=None):
     cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, script)] + [str(a) for a in args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def read_until(proc, done, stream=None):
+    """Read proc's stderr (or `stream`) until done(text read so far) is true or the stream ends (the process and
+    every child holding the pipe exited); returns the text. Waits on the event, not a clock: the process is killed
+    only after HANG_GUARD seconds, so a hang fails here instead of stalling the suite."""
+    stream = stream or proc.stderr
+    guard = threading.Timer(HANG_GUARD, proc.kill)
+    guard.start()
+    seen = ""
+    try:
+        while not done(seen):
+            chunk = stream.read(1)
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        guard.cancel()
+    return seen
+
+
+class MachineClock:
+    """Wall time of a block, and time budgets scaled by how slow this machine is for us during it: a thread samples
+    (20 ms of counting each half second) how much longer than its CPU time a piece of work takes here, 1 on an idle
+    machine, more under load or a lower priority. A test asserting that something is fast (fails before any model
+    loads, without network retries) compares against clock.budget(seconds), which is `seconds` on an idle machine."""
+
+    def __enter__(self):
+        self.samples, self._stop = [], threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while True:
+            wall, cpu = time.perf_counter(), time.thread_time()
+            while time.thread_time() - cpu < 0.02:
+                pass
+            self.samples.append((time.perf_counter() - wall) / max(time.thread_time() - cpu, 1e-6))
+            if self._stop.wait(0.5):
+                return
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.started
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def slowness(self):
+        return max(1.0, sum(self.samples) / len(self.samples))
+
+    def budget(self, seconds):
+        return seconds * self.slowness
 
 
 def train_args(model, instance_dir, output_dir, *extra):
@@ -117,6 +191,64 @@ def fails(tiny_model, instance_dir, tmp_path, capsys):
         assert code == 2 and len(err) == 1 and not out.exists(), err
         return err[0].removeprefix("train_dreambooth_lora.py: error: ").replace(path, "MODEL")
     return run
+
+
+def snapshot(folder):
+    """Every file under folder with its size and mtime: 'nothing written' means this does not change."""
+    if not os.path.exists(folder):
+        return None
+    return sorted((os.path.relpath(os.path.join(d, f), folder), os.stat(os.path.join(d, f)).st_size,
+                   os.stat(os.path.join(d, f)).st_mtime_ns) for d, _, files in os.walk(folder) for f in files)
+
+
+def make_checkpoint(folder, step, settings=None, lora_bytes=None):
+    """A checkpoint folder with the files accelerate's save_state writes for our run (torch zip archives,
+    pickles, the LoRA safetensors) and the LoRA settings it was made with."""
+    import torch
+    from safetensors.torch import save_file
+    path = os.path.join(folder, f"checkpoint-{step}")
+    os.makedirs(path)
+    for name in ("optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"):
+        torch.save({"step": step}, os.path.join(path, name))
+    save_file({"unet.a.lora.down.weight": torch.zeros(4, 8)}, os.path.join(path, "pytorch_lora_weights.safetensors"))
+    if lora_bytes is not None:
+        with open(os.path.join(path, "pytorch_lora_weights.safetensors"), "r+b") as f:
+            f.truncate(lora_bytes)
+    settings = settings or {"rank": 4, "lora_alpha": 4, "use_dora": False, "train_text_encoder": False,
+                            "lora_target_modules": "to_k,to_out.0,to_q,to_v"}
+    with open(os.path.join(path, "lora_settings.json"), "w") as f:
+        json.dump(settings, f)
+    return path
+
+
+@pytest.fixture
+def world(tmp_path, tiny_model):
+    """(tmp_path, photos folder, output folder, argv(*flags, **overrides)): a command line for main() with the tiny
+    SD model and two photos, for checks that end before training (test_output_safety has its own: report_to none,
+    offline)."""
+    dog = tmp_path / "dog"
+    dog.mkdir()
+    for i in range(2):
+        draw_subject(dog / f"dog{i}.png", shift=i)
+    out = tmp_path / "out"
+
+    def argv(*extra, **overrides):
+        base = {"pretrained_model_name_or_path": tiny_model["eps"], "instance_data_dir": str(dog),
+                "instance_prompt": "a photo of sks dog", "output_dir": str(out), "resolution": "64"}
+        return flag_argv(base, *extra, **overrides)
+    return tmp_path, dog, out, argv
+
+
+def fails_with(world, capsys, line, *extra, **overrides):
+    """main(world's argv) exits 2 with exactly `line` (after the program prefix) and changes nothing in --output_dir."""
+    import train_dreambooth_lora
+    tmp_path, dog, out, argv = world
+    before = snapshot(out)
+    code = train_dreambooth_lora.main(argv(*extra, **overrides))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert err == ["train_dreambooth_lora.py: error: " + line]
+    assert snapshot(out) == before
 
 
 def flag_argv(base, *extra, **overrides):

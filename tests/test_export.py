@@ -1,6 +1,7 @@
 """What diffusers, ComfyUI, AUTOMATIC1111 and the Hub load and show of our LoRA files: every targeted module
 loads (both layouts, any --lora_target_modules), the kohya header says what the run was, DoRA survives the kohya
-layout, checkpoints hold both files, the model card's YAML parses, infer.py names the trigger words."""
+layout, checkpoints hold both files, the model card's YAML parses, infer.py names the trigger words; the kohya key names
+follow the ecosystem's (lora_unet_/lora_te_, alpha per module)."""
 import hashlib
 import json
 import os
@@ -285,3 +286,20 @@ def test_infer_takes_a_kohya_only_folder_and_names_the_trigger_words(run, tiny_m
            '"a dog on the beach" does not contain' in err
     assert "is a DoRA LoRA in the kohya layout, whose magnitudes diffusers ignores" in err  # said, not silent
     assert os.path.isfile(tmp_path / "img" / "grid.png")
+
+
+def test_kohya_keys_follow_the_ecosystem_names():
+    from peft import LoraConfig
+    from dreambooth.families import StableDiffusion
+    from dreambooth.lora_io import kohya_state_dict
+    from make_tiny_model import build_tiny_pipeline
+    pipe = build_tiny_pipeline()
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_out.0"]))
+    pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    sd = kohya_state_dict(StableDiffusion.from_pipeline(pipe), pipe.unet, [pipe.text_encoder])
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in sd
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight" in sd
+    assert sd["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha"].item() == 4.0
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in sd
+    assert sd["lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_down.weight"].shape == (2, 32)
+

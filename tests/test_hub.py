@@ -1,4 +1,7 @@
-"""--push_to_hub against a fake Hub on 127.0.0.1 (tests/fake_hub.py): nothing here reaches huggingface.co."""
+"""--push_to_hub against a fake Hub on 127.0.0.1 (tests/fake_hub.py): nothing here reaches huggingface.co. The
+pieces in process (the repo prepared before training, the upload of exactly the run's results, the retry command
+of a failed upload, the offline and repo-name checks), then the trainer's own push in a subprocess: uploaded, a
+bad token refused before training, a failed upload keeping every file."""
 import os
 import shlex
 import subprocess
@@ -9,8 +12,11 @@ import pytest
 
 
 from dreambooth import hub  # noqa: E402
+from conftest import HANG_GUARD, MachineClock, run_script, train_args
 from dreambooth.errors import UsageError  # noqa: E402
 
+P = "train_dreambooth_lora.py: error: "
+NO_BACKOFF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "no_hub_backoff.py")
 TOKEN = "hf_fake_token"
 UPLOADED = {
     "pytorch_lora_weights.safetensors": b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ",
@@ -137,7 +143,7 @@ def test_failed_commit_keeps_files_and_gives_a_retry_command_that_works(fake_hub
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
         env.pop(var, None)
-    run = subprocess.run(shlex.split(command), env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(shlex.split(command), env=env, capture_output=True, text=True, timeout=HANG_GUARD)
     assert run.returncode == 0, run.stderr[-2000:]
     assert set(fake_hub.repos[repo_id]) == set(UPLOADED)
     assert fake_hub.commits == [("fake-user/my-run", "End of training")]
@@ -219,5 +225,54 @@ def test_hub_flags_without_push_to_hub_warn(monkeypatch):
 def test_import_does_not_load_huggingface_hub():
     code = "import sys, dreambooth.hub; print('huggingface_hub' in sys.modules)"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=HANG_GUARD)
     assert run.stdout.strip() == "False", run.stderr
+
+
+# ---- --push_to_hub from the trainer, a subprocess against the fake Hub --------------------------------------
+
+
+def push(tiny_model, instance_dir, out, hub, *extra, launcher=None):
+    return run_script("train_dreambooth_lora.py", *train_args(tiny_model["eps"], instance_dir, out,
+                                                               "--max_train_steps", "2", "--checkpointing_steps", "1",
+                                                               "--report_to", "none", "--push_to_hub",
+                                                               "--hub_token", "secret-token", *extra),
+                      env={"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0"}, launcher=launcher)
+
+
+@pytest.mark.slow
+def test_push_to_hub_uploads_the_run(tiny_model, instance_dir, tmp_path, fake_hub):
+    out = tmp_path / "dog-lora"
+    r = push(tiny_model, instance_dir, out, fake_hub)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"uploaded {out} to {fake_hub.endpoint}/fake-user/dog-lora" in r.stdout
+    files = fake_hub.repos["fake-user/dog-lora"]
+    assert {"pytorch_lora_weights.safetensors", "dog-lora.safetensors", "README.md", "config.yaml"} <= set(files)
+    assert not any(p.startswith(("checkpoint-", "logs/")) for p in files)
+    assert files["pytorch_lora_weights.safetensors"] == (out / "pytorch_lora_weights.safetensors").read_bytes()
+    assert b"secret-token" not in files["README.md"] and b"secret-token" not in files["config.yaml"]
+
+
+@pytest.mark.slow
+def test_push_to_hub_bad_token_fails_before_training(tiny_model, instance_dir, tmp_path, fake_hub):
+    fake_hub.reject_tokens = True
+    out = tmp_path / "dog-lora"
+    with MachineClock() as clock:
+        r = push(tiny_model, instance_dir, out, fake_hub)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [P + (
+        f"--hub_token: {fake_hub.endpoint} refused the token (401 Unauthorized) while preparing dog-lora; pass a write "
+        "token with --hub_token or run `hf auth login` (https://huggingface.co/settings/tokens)")]
+    assert not out.exists() and clock.seconds < clock.budget(30)
+
+
+@pytest.mark.slow
+def test_push_to_hub_failed_upload_keeps_everything(tiny_model, instance_dir, tmp_path, fake_hub):
+    fake_hub.fail_commits = 500
+    out = tmp_path / "dog-lora"
+    r = push(tiny_model, instance_dir, out, fake_hub, launcher=[sys.executable, NO_BACKOFF])  # retries, no waits
+    assert r.returncode == 4, r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("--push_to_hub: upload to fake-user/dog-lora failed: ")
+    assert f"nothing was deleted, the files are still in {out}; retry with: hf upload fake-user/dog-lora {out} ." in line
+    assert os.path.isfile(out / "pytorch_lora_weights.safetensors") and os.path.isdir(out / "checkpoint-2")

@@ -1,5 +1,7 @@
-"""dreambooth/images.py: every image mode people have decodes to the right 8-bit RGB, captions read in
-every encoding editors write (or fail in one line), and check_images names the bad file."""
+"""dreambooth/images.py: every image mode people have decodes to the right 8-bit RGB (EXIF rotation, alpha,
+greyscale, 16-bit, CMYK, animations), the image files listed, captions read in every encoding editors write (or
+fail in one line), and check_images names the bad file; through the trainer, an unreadable class image or caption
+is one line before any model loads."""
 import codecs
 import os
 import re
@@ -12,9 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, fails_with
 from dreambooth import data, images
 from dreambooth.errors import UsageError
+from dreambooth.images import list_images
 
 
 def raw_png(path, array, color_type):
@@ -205,3 +208,42 @@ def test_images_module_does_not_import_torch():
     code = "import sys, dreambooth.images; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_exif_rotation_alpha_and_greyscale(tmp_path):
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    im.save(tmp_path / "rot.jpg", exif=exif)
+    assert data.load_rgb(tmp_path / "rot.jpg").size == (20, 40)
+
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.save(tmp_path / "cut.png")
+    loaded = data.load_rgb(tmp_path / "cut.png")
+    assert loaded.mode == "RGB" and loaded.getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+
+    Image.new("L", (8, 8), 128).save(tmp_path / "grey.bmp")
+    assert data.load_rgb(tmp_path / "grey.bmp").getpixel((3, 3)) == (128, 128, 128)
+
+    Image.new("RGB", (12, 10), (0, 200, 0)).save(tmp_path / "leaf.webp", lossless=True)
+    assert data.load_rgb(tmp_path / "leaf.webp").getpixel((5, 5)) == (0, 200, 0)
+    assert list_images(tmp_path) == [str(tmp_path / n) for n in ("cut.png", "grey.bmp", "leaf.webp", "rot.jpg")]
+
+
+
+def test_unreadable_class_image_and_bad_captions(world, capsys):
+    tmp_path, dog, out, argv = world
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    (classes / "mine.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    fails_with(world, capsys, f"--class_data_dir: cannot read image {classes}/mine.jpg (UnidentifiedImageError: "
+               f"cannot identify image file '{classes}/mine.jpg'); fix or remove the file",
+               with_prior_preservation=True, class_prompt="a photo of dog", class_data_dir=str(classes))
+    (dog / "dog0.txt").write_bytes("a photo of sks dog, caf\u00e9".encode("utf-16"))  # with BOM: read fine
+    (dog / "dog1.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    fails_with(world, capsys, f"caption file {dog}/dog1.txt: not UTF-8 or UTF-16 text (byte 0xe9 at offset 3: "
+               "unexpected end of data); save it as UTF-8")
+    (dog / "dog1.txt").write_text("  \n")
+    fails_with(world, capsys, f"caption file {dog}/dog1.txt is empty; write a caption in it, or delete it to use "
+               "--instance_prompt for that image")
+

@@ -1,6 +1,8 @@
 """infer.py fails like the trainer: a problem the user can fix is exactly one line on stderr naming the flag (or
 file) and the fix, exit code 2, and nothing written to --output; a bug is run_cli's short bug line and exit code 1,
-or the traceback with --debug. Most cases call infer.main in-process: a subprocess costs seconds of imports each."""
+or the traceback with --debug. Most cases call infer.main in-process: a subprocess costs seconds of imports each.
+Flag and path checks come before any model loads; a base or LoRA that cannot load, an unreachable Hub and a failure
+mid-run need the tiny model."""
 import os
 import shutil
 import subprocess
@@ -9,7 +11,7 @@ import sys
 import pytest
 
 import infer
-from conftest import ROOT, draw_subject, run_script, train_args
+from conftest import HANG_GUARD, ROOT, draw_subject, run_script, train_args
 
 BUG = ("infer.py: internal error: RuntimeError: boom -- this is a bug: rerun the same command with --debug (or "
        "DREAMBOOTH_DEBUG=1) and report it with that traceback (docs/troubleshooting.md, 'Reporting a bug')\n")
@@ -175,7 +177,7 @@ def test_hub_unreachable(tiny_model, tmp_path, base, env, line):
     """Subprocesses: the hub's offline switch is read once, at import. HF_ENDPOINT at a closed local port is a
     network that cannot reach the Hub, without waiting for a timeout."""
     cmd = [sys.executable, "infer.py", "--base", base.format(**tiny_model), *COMMON, "--output", tmp_path / "out"]
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, cwd=ROOT,
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=HANG_GUARD, cwd=ROOT,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "DREAMBOOTH_DEBUG": "", **env})
     assert (r.returncode, r.stderr) == (2, f"infer.py: error: {line.format(**tiny_model)}\n")
     assert not os.path.exists(tmp_path / "out")
@@ -232,3 +234,22 @@ def test_help_shows_the_example_and_each_default_once(capsys):
                     "the model's size"):
         assert f"(default: {default}" in " ".join(out.split())
     assert all(out.count(f"(default: {d})") == 1 for d in ("4", "0", "outputs"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lora", "/nonexistent/lora"], "--lora /nonexistent/lora: no such file or folder"),
+    (["--lora", "{empty}"], "folder has no .safetensors file"),
+    (["--lora", "{empty}", "--lora_scale", "1", "--lora_scale", "2"], "--lora_scale given 2 times for 1 --lora"),
+    (["--height", "100"], "--height must be a multiple of 8"),
+    (["--num_images", "0"], "--num_images and --steps must be >= 1"),
+    (["--base", "./models/nope"], "--base ./models/nope: no such file or folder"),
+])
+def test_infer_bad_input(tmp_path, capsys, args, message):
+    import infer
+    (tmp_path / "empty").mkdir()
+    argv = ["--base", "x/y", "--prompt", "p", "--output", str(tmp_path / "o")]
+    argv += [a.format(empty=tmp_path / "empty") for a in args]
+    assert infer.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not os.path.exists(tmp_path / "o")

@@ -1,10 +1,12 @@
 """Checks that look at what a run really uses: the caption files (in any case, kohya's .caption too), the prompts
 as the tokenizers cut them, pivotal tuning's trigger in the captions, and a VAE from the same latent space. Each
-fails in one line before the model loads where the tokenizer or a config.json can tell."""
+fails in one line before the model loads where the tokenizer or a config.json can tell. --tokenizer_max_length
+and --text_encoder_use_attention_mask reach the text encoder."""
 import json
 import shutil
 
 import pytest
+import torch
 
 from conftest import draw_subject
 from dreambooth import config, images, priors
@@ -208,3 +210,22 @@ def test_a_fresh_run_into_an_unfinished_runs_checkpoints_is_refused(tiny_model, 
         "this trainer, which the run would replace with its own LoRA weights; move it out of the folder or choose "
         "another --output_dir")
     assert (out / "pytorch_lora_weights.safetensors").read_text() == "notours"
+
+
+def test_tokenizer_max_length_and_attention_mask_reach_the_text_encoder():
+    """diffusers' --tokenizer_max_length and --text_encoder_use_attention_mask: shorter token rows, and a padding
+    mask that changes what the padded positions see (SD's CLIP is trained without one, hence off by default)."""
+    from dreambooth.families import PromptEncoder, StableDiffusion
+    from make_tiny_model import build_tiny_pipeline
+    family = StableDiffusion.from_pipeline(build_tiny_pipeline())
+    batch = {"prompt_ids": torch.tensor([0, 1])}
+    short = PromptEncoder(family, ["a photo of sks dog", "a dog"], max_length=20)
+    assert short.tokens[0]["input_ids"].shape == (2, 20)
+    with torch.no_grad():
+        plain = short.conditioning(batch)["encoder_hidden_states"]
+        masked = PromptEncoder(family, ["a photo of sks dog", "a dog"], max_length=20,
+                               use_attention_mask=True).conditioning(batch)["encoder_hidden_states"]
+        default = PromptEncoder(family, ["a dog"]).conditioning({"prompt_ids": torch.tensor([0])})
+    assert plain.shape == masked.shape == (2, 20, 32) and default["encoder_hidden_states"].shape == (1, 77, 32)
+    assert not torch.allclose(plain, masked)
+

@@ -1,5 +1,6 @@
 """The training objectives behind the family seam: DDPM (SD 1.x/2.x, SDXL) losses pinned bit for bit to what the
-loop computed before the seam existed, and flow matching (SD 3, Flux) checked against diffusers' own formulas."""
+loop computed before the seam existed, and flow matching (SD 3, Flux) checked against diffusers' own formulas; the prior-preservation split of the
+loss, epsilon and v-prediction targets and the min-SNR weights."""
 from argparse import Namespace
 
 import pytest
@@ -88,3 +89,30 @@ def test_ddpm_objective_refuses_an_unknown_prediction_type():
     from diffusers import DDPMScheduler
     with pytest.raises(ValueError, match="unsupported prediction_type sample"):
         DDPMObjective(DDPMScheduler(prediction_type="sample"))
+
+
+def test_prior_preservation_loss_and_targets():
+    from diffusers import DDPMScheduler
+    from dreambooth.objectives import DDPMObjective
+    from dreambooth.training import prior_preservation_loss
+    per = torch.tensor([1.0, 3.0, 10.0, 20.0])
+    assert prior_preservation_loss(per, 2, 0.5).item() == pytest.approx(2.0 + 0.5 * 15.0)
+    assert prior_preservation_loss(per, 4, 0.5).item() == pytest.approx(per.mean().item())
+    latents = torch.randn(2, 4, 8, 8)
+    eps = DDPMScheduler(prediction_type="epsilon")
+    v = DDPMScheduler(prediction_type="v_prediction")
+    torch.manual_seed(0)
+    noised = DDPMObjective(eps).noise(latents)
+    torch.manual_seed(0)
+    noise, t = torch.randn_like(latents), torch.randint(0, 1000, (2,))
+    assert torch.equal(noised.timesteps, t) and torch.equal(noised.target, noise) and noised.weights is None
+    assert torch.equal(noised.noisy, eps.add_noise(latents, noise, t))
+    torch.manual_seed(0)
+    noised = DDPMObjective(v).noise(latents)
+    alpha = v.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - v.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(noised.target, alpha * noise - sigma * latents)
+    t = torch.tensor([10, 900])
+    w = DDPMObjective(eps, snr_gamma=5.0)._snr_weights(t)
+    assert w[0] < 1 and w[1] == pytest.approx(1.0)  # high-SNR (small t) is down-weighted, low-SNR untouched
+

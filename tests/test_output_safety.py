@@ -1,7 +1,9 @@
 """Nothing lost, nothing leaked (issue #25): a run deletes or replaces only what a run of ours wrote, writes the Hub
 token into no file however it was given, keeps a second run out of a folder one is training in, never writes
-among the training photos, and every config.yaml it writes replays. Most cases end before any model loads;
-two tiny runs (one step) cover what only a finished run shows."""
+among the training photos, and every config.yaml it writes replays; an output folder that is not writable or
+holds a finished run is refused before anything loads, --overwrite_output_dir replaces a finished run, files are
+written whole (atomic replace, free space checked first) and follow the umask. Most cases end before any model
+loads; a few tiny runs (one or two steps) cover what only a finished run shows."""
 import fcntl
 import json
 import os
@@ -13,21 +15,14 @@ import torch
 from safetensors.torch import save_file
 
 import train_dreambooth_lora
-from conftest import draw_subject, flag_argv
+from conftest import draw_subject, flag_argv, snapshot, train_args
 from dreambooth import outputs, redaction
 from dreambooth.config import parse_args, recipe_yaml, validate
+from dreambooth.errors import UsageError
 from dreambooth.run_config import RunRecord
 
 P = "train_dreambooth_lora.py: error: "
 TOKENS = ("hf_ABBREVIATEDtoken1", "hf_EQUALSformTOKEN2", "hf_CONFIGfileTOKEN3", "hf_ENVIRONMENTtoken4")
-
-
-def snapshot(folder):
-    """Every file under folder with its size and mtime: 'nothing written' means this does not change."""
-    if not os.path.exists(folder):
-        return None
-    return sorted((os.path.relpath(os.path.join(d, f), folder), os.stat(os.path.join(d, f)).st_size,
-                   os.stat(os.path.join(d, f)).st_mtime_ns) for d, _, files in os.walk(folder) for f in files)
 
 
 @pytest.fixture
@@ -172,8 +167,8 @@ def test_push_to_hub_uploads_the_run_not_the_folder(tmp_path):
     (folder / "validation" / "favourite.png").write_text("mine")
     (folder / "logs").mkdir()
     args = Namespace(output_dir=str(folder), output_format="both", train_text_encoder_ti=False)
-    assert outputs.upload_excludes(args.output_dir, args.output_format, args.train_text_encoder_ti, IGNORE) == ["[[]mine].png", "loras_emb.safetensors", "other.safetensors",
-                                                     "validation/favourite.png"]
+    assert outputs.upload_excludes(args.output_dir, args.output_format, args.train_text_encoder_ti, IGNORE) == [
+        "[[]mine].png", "loras_emb.safetensors", "other.safetensors", "validation/favourite.png"]
 
 
 # ---- 2. secrets -----------------------------------------------------------------------------------------------
@@ -305,7 +300,8 @@ def test_a_killed_run_leaves_no_lock(world, capsys):
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import os, fcntl, sys, time\n"
                                f"fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
-                               "print('locked', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+                               "print('locked', flush=True); time.sleep(24 * 3600)"],  # until killed below
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         fails_with(world, capsys, BUSY)
@@ -382,3 +378,83 @@ def test_overlaps_are_compared_as_real_paths(world, capsys):
                "--output_dir outside the photos' folder", output_dir=str(tmp_path / "link" / "run"))
     args = parse_args(argv(output_dir=str(tmp_path)))
     validate(args, warn=lambda note: None)
+
+
+# ---- the output folder checked before anything loads, and files written whole ---------------------------------
+
+
+def test_output_folder_not_writable(world, capsys, monkeypatch):
+    """Checked before loading (as root the permission bits do not stop us, hence os.access is what we ask)."""
+    tmp_path = world[0]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))
+    fails_with(world, capsys, f"--output_dir {locked}/run: {locked} is not writable by this user; choose another "
+               "folder or fix its permissions", output_dir=str(locked / "run"))
+
+
+def test_finished_run_is_not_overwritten(world, capsys):
+    tmp_path, dog, out, argv = world
+    out.mkdir()
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"finished")
+    fails_with(world, capsys, f"--output_dir {out} already holds a finished run (pytorch_lora_weights.safetensors); "
+               "choose another folder, add --overwrite_output_dir to replace it, or continue it with "
+               "--resume_from_checkpoint latest and a higher --max_train_steps")
+
+
+def test_atomic_write_keeps_old_file_when_writer_crashes(tmp_path):
+    from dreambooth.files import atomic_write
+    target = tmp_path / "w.safetensors"
+    target.write_text("good")
+
+    def crash(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        atomic_write(str(target), crash)
+    assert target.read_text() == "good" and os.listdir(tmp_path) == ["w.safetensors"]
+
+
+def test_free_space_check_names_the_numbers(tmp_path):
+    from dreambooth.files import check_free_space
+    check_free_space(str(tmp_path / "new" / "dir"), 1, "x")
+    with pytest.raises(UsageError, match=r"need .* MiB, .* MiB free"):
+        check_free_space(str(tmp_path), 1 << 60, "class images")
+
+
+# ---- runs that finish: replacing a finished run, file modes --------------------------------------------------
+
+
+def one_line(capsys):
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.slow
+def test_overwrite_output_dir(tiny_model, instance_dir, tmp_path, in_process, capsys):
+    out = tmp_path / "out"
+    base = train_args(tiny_model["eps"], instance_dir, str(out), "--max_train_steps", "2", "--checkpointing_steps",
+                      "1", "--report_to", "none")
+    assert in_process(base) == 0
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-2"]
+    capsys.readouterr()
+    assert in_process(base) == 2 and "already holds a finished run" in one_line(capsys)
+    assert in_process(base[:-6] + ["--max_train_steps", "1", "--checkpointing_steps", "5",
+                                   "--overwrite_output_dir"]) == 0
+    assert not any(p.startswith("checkpoint") for p in os.listdir(out))  # the old run's checkpoints are gone
+
+
+@pytest.mark.slow
+def test_files_follow_the_umask(tiny_model, instance_dir, tmp_path, in_process):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        assert in_process(train_args(tiny_model["eps"], instance_dir, str(out), "--max_train_steps", "1",
+                                     "--report_to", "none")) == 0
+    finally:
+        os.umask(old)
+    for name in ("pytorch_lora_weights.safetensors", "out.safetensors", "README.md", "config.yaml", "loss.png",
+                 "train_stats.json"):
+        assert os.stat(out / name).st_mode & 0o777 == 0o644, name

@@ -1,7 +1,10 @@
-"""A resumed run does what its command line says: every flag takes effect or is refused in one line; 'the
-last good checkpoint' holds finite weights; a stop after the last step and a folder that turns read-only mid-run
-end in one line that is true."""
+"""Checkpoints and resuming: which checkpoint 'latest' or a bare checkpoint-N name means (incomplete saves
+ignored); a checkpoint that is corrupt, of other LoRA settings, past the end or of a finished run refused in one
+line before the model loads; a resumed run does what its command line says (every flag takes effect or is refused
+in one line); 'the last good checkpoint' holds finite weights; a stop after the last step and a folder that turns
+read-only mid-run end in one line that is true. Signals that checkpoint a running run are in test_reliability.py."""
 import errno
+import json
 import os
 import shutil
 import signal
@@ -11,9 +14,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import train_dreambooth_lora
-from conftest import train_args
-
-pytestmark = pytest.mark.slow
+from conftest import fails_with, make_checkpoint, train_args
 
 LORA = "pytorch_lora_weights.safetensors"
 
@@ -40,6 +41,7 @@ def _largest_change(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_flags_take_effect_on_resume_or_are_refused(checkpointed, capsys):
     """The checkpoint's optimizer and schedule state carry its learning rate: before the fix the resumed run kept
     1e-3 while config.yaml said otherwise. At 1e-12 a step cannot move the weights; at 1e-3 it does."""
@@ -69,6 +71,7 @@ def test_flags_take_effect_on_resume_or_are_refused(checkpointed, capsys):
     assert _largest_change(load_file(control / LORA), start) > 1e-5
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_non_finite_weights_is_not_resumed(tiny_model, instance_dir, tmp_path, capsys):
     """A checkpoint whose LoRA file holds NaN (written by an older version, or damaged) is not 'good': resuming it
     is refused with the previous usable one offered, and the NaN stop names that one too."""
@@ -88,6 +91,7 @@ def test_a_checkpoint_with_non_finite_weights_is_not_resumed(tiny_model, instanc
         f"{out}/checkpoint-1")
 
 
+@pytest.mark.slow
 def test_weights_that_overflow_are_never_checkpointed(tiny_model, instance_dir, tmp_path, capsys):
     """The loss of step 1 is computed before its update: at --learning_rate 1e39 it reads finite while the update
     writes inf into the LoRA. The checkpoint due then is not written; the run stops with exit 3."""
@@ -100,6 +104,7 @@ def test_weights_that_overflow_are_never_checkpointed(tiny_model, instance_dir, 
     assert not list(out.glob("checkpoint-*")) and not (out / LORA).exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_after_the_last_step_is_acknowledged_and_honoured(tiny_model, instance_dir, tmp_path, capsys,
                                                                   monkeypatch, in_process):
     """Before: 'finishing this step and saving a checkpoint' was printed, then the final validation ran on and the
@@ -127,6 +132,7 @@ def test_ctrl_c_after_the_last_step_is_acknowledged_and_honoured(tiny_model, ins
     assert not (out / "validation").exists()
 
 
+@pytest.mark.slow
 def test_an_output_folder_that_turns_read_only_mid_run_is_one_line(tiny_model, instance_dir, tmp_path, capsys,
                                                                    monkeypatch):
     """The final save meets a read-only folder (simulated: the tests run as root, whom permissions do not stop):
@@ -155,3 +161,81 @@ def test_an_output_folder_that_turns_read_only_mid_run_is_one_line(tiny_model, i
     assert err.strip().splitlines()[-1].endswith(
         f"then run the same command again; the trained weights are safe in {out}/checkpoint-2 (its {LORA} loads as "
         "the final file would)")
+
+
+# ---- which checkpoint a resume means, and the checks on it before the model loads ------------------------------
+
+
+def test_checkpoint_listing_ignores_incomplete_saves(tmp_path):
+    from dreambooth.checkpoints import latest, list_checkpoints
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-x", "other"):
+        os.makedirs(tmp_path / name)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["checkpoint-2", "checkpoint-10"]
+    assert latest(str(tmp_path)).endswith("checkpoint-10")
+    assert latest(str(tmp_path / "none")) is None
+
+
+
+def test_resume_names_resolve_like_diffusers(world):
+    from argparse import Namespace
+    from dreambooth.checkpoints import check_resume
+    out = str(world[2])
+    first, second = make_checkpoint(out, 2), make_checkpoint(out, 10)
+    ns = dict(output_dir=out, max_train_steps=None, rank=4, lora_alpha=None, use_dora=False,
+              train_text_encoder=False, lora_target_modules="to_q,to_k,to_v,to_out.0")
+    assert check_resume(Namespace(resume_from_checkpoint="latest", **ns)) == second
+    assert check_resume(Namespace(resume_from_checkpoint="checkpoint-2", **ns)) == first  # diffusers' bare name
+    assert check_resume(Namespace(resume_from_checkpoint=first, **ns)) == first
+    assert check_resume(Namespace(resume_from_checkpoint="latest", **dict(ns, output_dir=out + "-new"))) is None
+
+
+@pytest.mark.parametrize("damage,problem", [
+    ("truncate", "pytorch_lora_weights.safetensors is truncated (100 of 216 bytes)"),
+    ("no optimizer", "optimizer.bin is missing"),
+    ("empty scheduler", "scheduler.bin is empty"),
+    ("cut optimizer", "optimizer.bin is truncated or not a torch file"),
+])
+def test_corrupt_checkpoint_offers_the_previous_one(world, capsys, damage, problem):
+    out = str(world[2])
+    first = make_checkpoint(out, 2)
+    latest = make_checkpoint(out, 4, lora_bytes=100 if damage == "truncate" else None)
+    if damage == "no optimizer":
+        os.remove(os.path.join(latest, "optimizer.bin"))
+    elif damage == "empty scheduler":
+        open(os.path.join(latest, "scheduler.bin"), "w").close()
+    elif damage == "cut optimizer":
+        with open(os.path.join(latest, "optimizer.bin"), "r+b") as f:
+            f.truncate(40)
+    fails_with(world, capsys, f"--resume_from_checkpoint {latest} is corrupt or incomplete ({problem}); resume from "
+               f"the previous one: --resume_from_checkpoint {first}", resume_from_checkpoint="latest")
+
+
+def test_checkpoint_of_other_lora_settings_names_the_flags(world, capsys):
+    out = str(world[2])
+    path = make_checkpoint(out, 2, {"rank": 8, "lora_alpha": 8, "use_dora": False, "train_text_encoder": True,
+                                    "lora_target_modules": "to_k,to_out.0,to_q,to_v"})
+    fails_with(world, capsys, f"--resume_from_checkpoint {path} was saved with --rank 8, --lora_alpha 8, "
+               "--train_text_encoder; this run has --rank 4, --lora_alpha 4, no --train_text_encoder: use the same "
+               "flags to resume, or start a new run in another --output_dir", resume_from_checkpoint="latest")
+
+
+def test_checkpoint_past_or_at_the_end(world, capsys):
+    out = str(world[2])
+    path = make_checkpoint(out, 6)
+    fails_with(world, capsys, f"--resume_from_checkpoint {path} is at step 6, past --max_train_steps 4; raise "
+               "--max_train_steps to train on, or resume an earlier checkpoint", resume_from_checkpoint=path,
+               max_train_steps=4)
+    fails_with(world, capsys, f"--resume_from_checkpoint {path} is already at --max_train_steps 6: the run is "
+               "finished; raise --max_train_steps to train further", resume_from_checkpoint="latest",
+               max_train_steps=6)
+
+
+def test_finished_run_resumed_again(world, capsys):
+    """The last checkpoint (4) is before the end (6), but the run finished: say so instead of training 4..6 again."""
+    out = world[2]
+    make_checkpoint(str(out), 4)
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    (out / "train_stats.json").write_text(json.dumps({"final_step": 6}))
+    fails_with(world, capsys, f"--resume_from_checkpoint latest: the run in {out} already finished at step 6 "
+               "(--max_train_steps 6); raise --max_train_steps to train further", resume_from_checkpoint="latest",
+               max_train_steps=6)

@@ -1,8 +1,14 @@
-"""One training step in process (no accelerator run, no subprocess) and the deferred reads between steps."""
+"""One training step in process (no accelerator run, no subprocess) and the deferred reads between steps; only
+the LoRA trains, in fp32 over half-precision frozen weights (dreambooth/models.add_lora, a target module the model
+lacks is one line); the training peak memory counts the steps, not the setup before them."""
+import os
+
+import numpy as np
 import pytest
 import torch
 
 from dreambooth import training
+from dreambooth.errors import UsageError
 
 
 class StepAccelerator:
@@ -108,3 +114,50 @@ def test_reads_are_deferred_and_a_bad_step_is_named():
     with pytest.raises(training.NonFinite) as bad:
         reader.read(False)
     assert (bad.value.what, bad.value.step) == ("gradient norm", 6)
+
+
+def test_only_lora_trains_and_stays_fp32_over_half_precision_weights():
+    from argparse import Namespace
+    from dreambooth import models
+    from make_tiny_model import build_tiny_pipeline
+    from dreambooth.families import StableDiffusion
+    pipe = build_tiny_pipeline()
+    unet, te = pipe.unet, pipe.text_encoder
+    StableDiffusion.from_pipeline(pipe).freeze()
+    unet.to(dtype=torch.bfloat16)
+    te.to(dtype=torch.bfloat16)
+    args = Namespace(rank=4, lora_alpha=None, lora_dropout=0.0, use_dora=False, train_text_encoder=True,
+                     lora_target_modules="to_q,to_k,to_v,to_out.0")
+    models.add_lora(unet, [te], args)
+    for model in (unet, te):
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable)
+        assert all(p.dtype == torch.float32 for p in trainable.values())
+        frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
+        assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert not any(p.requires_grad for p in pipe.vae.parameters())
+    args.lora_target_modules = "to_q,not_a_module"
+    with pytest.raises(UsageError, match="--lora_target_modules: no UNet2DConditionModel module named not_a_module; "
+                                         "the default for this model is to_q,to_k,to_v,to_out.0"):
+        models.add_lora(build_tiny_pipeline().unet, [], Namespace(**{**vars(args), "train_text_encoder": False}))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only: restarting the peak-RSS counter")
+def test_training_peak_memory_excludes_what_came_before():
+    """The training peak is the true peak inside the steps (a backward pass frees its activations before the
+    step ends, so sampling between steps would miss it), not a bigger one from setup (a model file mapped while
+    loading); the process peak still includes that."""
+    from dreambooth.report import RunStats, current_rss_mb
+    stats = RunStats()
+    stats.set(class_generation_seconds=0.0)
+    big = np.ones(400 * 2**20 // 8)  # 400 MB during "setup"
+    del big
+    stats.mark_training_start()
+    at_start = current_rss_mb()
+    activations = np.ones(100 * 2**20 // 8)  # 100 MB inside a step, freed before it ends
+    del activations
+    stats.step_done()
+    summary = stats.summary()
+    assert at_start + 90 <= summary["train_peak_rss_mb"] <= at_start + 200
+    assert summary["peak_rss_mb"] >= at_start + 350
+
