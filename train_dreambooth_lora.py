@@ -299,10 +299,8 @@ class DreamBoothRecipe:
             prompts = [self.pivotal.prompt_example(p) for p in prompts]
         self.prior_prompt_id = None
         if self.args.with_prior_preservation and self.args.prior_preservation_mode == "base_output":
-            # the prior rows' prompts, their own rows of the table: the class prompt, and the empty prompt
-            # classifier-free guidance samples every image against (training.base_output_prior)
-            prompts = prompts + [class_prompt, ""]
-            self.prior_prompt_id = (len(prompts) - 2, len(prompts) - 1)
+            prompts = prompts + [class_prompt]  # the prior rows' prompt: its own row of the table
+            self.prior_prompt_id = len(prompts) - 1
         self.prompts = PromptEncoder(family, prompts, max_length, use_attention_mask)
         fixed_crops = self.dataset.crops_are_fixed()
         line = self._caching_line(precompute_text, cache_latents, fixed_crops)

@@ -42,15 +42,13 @@ class DDPMObjective:
             f" snr_gamma={self.snr_gamma}" if self.snr_gamma else "") + (
             f" noise_offset={self.noise_offset}" if self.noise_offset else "")
 
-    def noise(self, latents, high_noise=False):
-        """high_noise: timesteps from the noisier half of the schedule only (base-output prior rows)."""
+    def noise(self, latents):
         noise = torch.randn_like(latents)
         if self.noise_offset:
             noise += self.noise_offset * torch.randn(latents.shape[:2] + (1, 1), device=latents.device,
                                                      dtype=latents.dtype)
         scheduler = self.scheduler
-        steps = scheduler.config.num_train_timesteps
-        timesteps = torch.randint(steps // 2 if high_noise else 0, steps, (latents.shape[0],), device=latents.device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
@@ -87,16 +85,12 @@ class FlowMatchingObjective:
                 + (f" mode_scale={self.mode_scale}" if self.weighting_scheme == "mode" else "")
                 + (" precondition_outputs" if self.precondition_outputs else ""))
 
-    def noise(self, latents, high_noise=False):
-        """high_noise: timesteps from the noisier half of the schedule's table only (base-output prior rows; the
-        table runs from sigma 1 down, so that is its first half)."""
+    def noise(self, latents):
         from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
         noise = torch.randn_like(latents)
         n = latents.shape[0]
         u = compute_density_for_timestep_sampling(self.weighting_scheme, n, logit_mean=self.logit_mean,
                                                   logit_std=self.logit_std, mode_scale=self.mode_scale)
-        if high_noise:
-            u = u / 2
         table = self.scheduler
         indices = (u * table.config.num_train_timesteps).long()
         timesteps = table.timesteps[indices].to(latents.device)

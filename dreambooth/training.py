@@ -46,54 +46,34 @@ def training_loss(family, denoiser, objective, prompts, batch, prior_loss_weight
     inside the family), then the weighted per-example MSE and the prior split.
     batch["images"] are pixels, or the VAE posterior's moments when they were cached.
 
-    prior_prompt_id (--prior_preservation_mode base_output): no class images; the prompt-table row, or rows
-    (the trainer gives the class prompt's and the empty prompt's), whose prior rows are scored against the base
-    model's own output (base_output_prior)."""
+    prior_prompt_id (--prior_preservation_mode base_output): no class images; the prior rows are the instance
+    rows' own noisy latents under the class prompt, and their target is the base model's output there (every
+    LoRA off, one forward without gradients), so the LoRA learns to leave the class where the base had it."""
     with torch.no_grad():
         if cached_latents:  # the VAE posterior's mean and std, encoded once: a fresh sample is still drawn here
             latents = family.sample_latents(batch["images"].to(device), weight_dtype)
         else:  # a VAE encode every step: what --cache_latents saves
             latents = family.encode_images(batch["images"], weight_dtype)
     noised = objective.noise(latents)
-    num_instance = noised.noisy.shape[0] // (2 if with_class_images else 1)
     if prior_prompt_id is not None:
-        batch, noised = base_output_prior(family, denoiser, objective, prompts, batch, latents, noised,
-                                          prior_prompt_id)
+        prior_batch = dict(batch, prompt_ids=torch.full_like(batch["prompt_ids"], prior_prompt_id))
+        with torch.no_grad(), adapters_off([denoiser, *family.text_encoders]):
+            base = family.denoise(_unwrapped(denoiser), noised.noisy, noised.timesteps,
+                                  prompts.conditioning(prior_batch), prior_batch)
+        batch = {k: torch.cat([v, prior_batch[k]]) for k, v in batch.items() if k != "images"}
+        weights = None if noised.weights is None else torch.cat([noised.weights, noised.weights])
+        noised = type(noised)(torch.cat([noised.noisy, noised.noisy]), torch.cat([noised.timesteps] * 2),
+                              torch.cat([noised.target, objective.prediction(base, noised)]), weights,
+                              None if noised.sigmas is None else torch.cat([noised.sigmas, noised.sigmas]))
+        with_class_images = True
     model_output = family.denoise(denoiser, noised.noisy, noised.timesteps, prompts.conditioning(batch), batch)
     prediction = objective.prediction(model_output, noised)
     per_example = F.mse_loss(prediction.float(), noised.target.float(), reduction="none").mean(
         dim=tuple(range(1, prediction.dim())))
     if noised.weights is not None:
         per_example = per_example * noised.weights
+    num_instance = noised.noisy.shape[0] // (2 if with_class_images else 1)
     return prior_preservation_loss(per_example, num_instance, prior_loss_weight)
-
-
-def base_output_prior(family, denoiser, objective, prompts, batch, latents, noised, prompt_ids):
-    """The instance rows plus, for each prompt-table row in prompt_ids, one prior row per instance image: that
-    image's latents with noise of their own at a timestep from the noisier half of the schedule, under that
-    prompt, the target the base model's output there (every LoRA off, one forward without gradients), so the
-    LoRA learns to leave those prompts where the base had them.
-
-    Why not the instance rows' own noisy latents (what this did first): those only ever show the photos'
-    subject and backgrounds at the photos' noise levels, while sampling the class starts from pure noise and
-    settles colour and background in the first, noisiest steps; measured on the toy world (docs/quality.md),
-    the class prompt changed as often as with class images. And why the empty prompt: classifier-free guidance
-    extrapolates every sample from the unconditional prediction, which instance training moves too; keeping it
-    is what restored putting the subject on a new background (0.00 -> 0.50 recontext on the toy world)."""
-    ids = [prompt_ids] if isinstance(prompt_ids, int) else list(prompt_ids)
-    prior = objective.noise(torch.cat([latents] * len(ids)), high_noise=True)
-    prior_batch = {k: torch.cat([v] * len(ids)) for k, v in batch.items() if k != "images"}
-    prior_batch["prompt_ids"] = torch.cat([torch.full_like(batch["prompt_ids"], i) for i in ids])
-    with torch.no_grad(), adapters_off([denoiser, *family.text_encoders]):
-        base = family.denoise(_unwrapped(denoiser), prior.noisy, prior.timesteps, prompts.conditioning(prior_batch),
-                              prior_batch)
-    both = {k: torch.cat([v, prior_batch[k]]) for k, v in batch.items() if k != "images"}
-
-    def cat(a, b):
-        return None if a is None else torch.cat([a, b])
-    return both, type(noised)(torch.cat([noised.noisy, prior.noisy]), torch.cat([noised.timesteps, prior.timesteps]),
-                              torch.cat([noised.target, objective.prediction(base, prior)]),
-                              cat(noised.weights, prior.weights), cat(noised.sigmas, prior.sigmas))
 
 
 def optimizer_step(accelerator, loss, parameters, optimizer, lr_scheduler, max_grad_norm, drop_grads=()):
