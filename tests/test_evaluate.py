@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import ROOT, run_script, train_args
+from conftest import ROOT, run_main, run_script, train_args
 
 
 def test_paper_prompt_lists():
@@ -58,8 +58,8 @@ def test_checkpoints_table_json_and_sheets(tmp_path, tiny_model, tiny_judges, in
     """A 4-step run with checkpoints at 2 and 4, scored with --checkpoints --with_base: one row per model, the
     final LoRA scored exactly as checkpoint-4 (same weights, same seeds), the base differently."""
     run = tmp_path / "run"
-    r = run_script("train_dreambooth_lora.py", *train_args(tiny_model["eps"], instance_dir, str(run), "--max_train_steps",
-                   "4", "--checkpointing_steps", "2", "--learning_rate", "5e-2", "--report_to", "none"))
+    r = run_main(*train_args(tiny_model["eps"], instance_dir, str(run), "--max_train_steps",
+                             "4", "--checkpointing_steps", "2", "--learning_rate", "5e-2", "--report_to", "none"))
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "eval"
     r = run_script("evaluate.py", "--base", tiny_model["eps"], "--lora", str(run), "--checkpoints", "--with_base",

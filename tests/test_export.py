@@ -13,7 +13,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import run_script, train_args
+from conftest import run_main, train_args
 
 WIDE = ("to_q,to_k,to_v,to_out.0,conv1,conv2,conv_shortcut,time_emb_proj,proj_in,proj_out,ff.net.0.proj,ff.net.2,"
         "linear_1,linear_2,conv")
@@ -211,7 +211,7 @@ def run(tiny_model, tmp_path_factory):
         draw_subject(photos / f"dog{i}.png", shift=i * 3)
     (photos / "dog1.txt").write_text("a photo of sks dog, on grass")
     out = root / "sks-dog"
-    r = run_script("train_dreambooth_lora.py", *train_args(
+    r = run_main(*train_args(
         tiny_model["eps"], str(photos), str(out), "--max_train_steps", "2", "--checkpointing_steps", "1",
         "--train_text_encoder", "--use_dora", "--lora_dropout", "0.1", "--rank", "2", "--lora_alpha", "4",
         "--lora_target_modules", "to_q,to_v,conv1,proj_in", "--with_prior_preservation", "--class_prompt",

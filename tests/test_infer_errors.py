@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import infer
-from conftest import HANG_GUARD, ROOT, draw_subject, run_script, train_args
+from conftest import HANG_GUARD, ROOT, draw_subject, run_main, train_args
 
 BUG = ("infer.py: internal error: RuntimeError: boom -- this is a bug: rerun the same command with --debug (or "
        "DREAMBOOTH_DEBUG=1) and report it with that traceback (docs/troubleshooting.md, 'Reporting a bug')\n")
@@ -42,8 +42,7 @@ def files(tiny_model, tmp_path_factory):
     (d / "dog").mkdir()
     for i in range(3):
         draw_subject(d / "dog" / f"dog{i}.png", shift=3 * i)
-    r = run_script("train_dreambooth_lora.py", *train_args(tiny_model["eps"], d / "dog", d / "lora",
-                                                            "--max_train_steps", "1"))
+    r = run_main(*train_args(tiny_model["eps"], d / "dog", d / "lora", "--max_train_steps", "1"))
     assert r.returncode == 0, r.stderr[-3000:]
     # same UNet channels, cross-attention width 64 instead of 32: what SD 2.x (1024) is to SD 1.x (768)
     build_tiny_pipeline(cross_attention_dim=64).save_pretrained(d / "tiny64")

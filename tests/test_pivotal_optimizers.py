@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train_dreambooth_lora
-from conftest import draw_subject, run_script, train_args
+from conftest import draw_subject, run_main, train_args
 from dreambooth import pivotal
 from dreambooth.config import parse_args
 
@@ -171,10 +171,9 @@ def resume_pair(model, instance_dir, tmp_path, *extra):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = ["--instance_prompt", "a photo of TOK dog", "--max_train_steps", "6", "--checkpointing_steps", "3",
               "--train_text_encoder_ti", "--report_to", "none", *extra]
-    r = run_script("train_dreambooth_lora.py", *train_args(model, instance_dir, full, *common))
+    r = run_main(*train_args(model, instance_dir, full, *common))
     assert r.returncode == 0, r.stderr[-3000:]
-    r2 = run_script("train_dreambooth_lora.py", *train_args(model, instance_dir, resumed, *common,
-                                                            "--resume_from_checkpoint", full / "checkpoint-3"))
+    r2 = run_main(*train_args(model, instance_dir, resumed, *common, "--resume_from_checkpoint", full / "checkpoint-3"))
     assert r2.returncode == 0, r2.stderr[-3000:]
     return full, resumed, r
 

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_script, train_args
+from conftest import run_main, run_script, train_args
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PROMPT = "a photo of sks dog"
@@ -334,7 +334,7 @@ def test_sdxl_end_to_end_with_text_encoders_prior_buckets_and_both_files(tiny_mo
     for i, size in enumerate([(96, 64), (64, 96), (64, 64)]):
         draw_subject(folder / f"dog{i}.png", size=size, shift=i)
     out = tmp_path / "xl"
-    r = run_script("train_dreambooth_lora.py", *xl_args(
+    r = run_main(*xl_args(
         tiny_model, folder, out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "5e-2",
         "--train_text_encoder", "--with_prior_preservation", "--class_prompt", "a photo of dog",
         "--num_class_images", "2", "--class_generation_steps", "2", "--enable_bucket", "--min_bucket_reso", "32",
