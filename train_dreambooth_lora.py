@@ -107,7 +107,6 @@ class DreamBoothRecipe:
         # SDXL reads text encoder 1's penultimate layer: LoRA on its last layer gets no gradient, which DDP must know
         unused = bool(run.lora.train_text_encoder and run.family.unused_text_encoder_layers)
         self._setup_accelerator(run.training, run.outputs.output_dir, run.validation, unused)
-        self.quantization = run.quantization
         self.family = self._setup_model(families.ModelSource.from_flags(run.model), run.memory, run.lora,
                                         run.data.resolution, run.data.bucket_reso_steps if run.data.enable_bucket
                                         else None)
@@ -219,8 +218,9 @@ class DreamBoothRecipe:
         gen_dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
             prior.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")]
         from dreambooth import quantize
-        full = memory.sample_with_full_base or not self.quantization
-        precision_name = str(gen_dtype).replace("torch.", "") + ("" if full else "+" + quantize.describe(self.quantization))
+        quantization = self.run.quantization
+        full = memory.sample_with_full_base or not quantization
+        precision_name = str(gen_dtype).replace("torch.", "") + ("" if full else "+" + quantize.describe(quantization))
         settings, key = priors.prior_settings(model.pretrained_model_name_or_path, prior.class_prompt,
                                               prior.class_generation_steps, seed, resolution, precision_name,
                                               {"vae": model.pretrained_vae_model_name_or_path,
@@ -229,7 +229,7 @@ class DreamBoothRecipe:
 
         def sampler():
             sampling = family
-            if self.quantization and full:  # --sample_with_full_base: the unquantized base, for this alone (freed
+            if quantization and full:  # --sample_with_full_base: the unquantized base, for this alone (freed
                 from dreambooth import families  # with the pipeline when generation ends)
                 sampling = type(family).load(families.ModelSource.from_flags(model), self.weight_dtype)
                 sampling.configure(**family.options)

@@ -487,16 +487,22 @@ NOT_SAVED = ("config", "hub_token", "debug", "local_rank", "overwrite_output_dir
              "push_to_hub", "hub_model_id")
 
 
+def _saved(values):
+    """Flag name -> value, sorted, without what is not a recipe (NOT_SAVED; validate()'s own `_` entries); tuples
+    as lists, as YAML and the trackers take them."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(values.items())
+            if k not in NOT_SAVED and not k.startswith("_")}
+
+
 def effective_config(args):
     """The parsed flags as a plain dict, without what is not a recipe (the Hub token, per-launch facts)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SAVED and not k.startswith("_")}
+    return _saved(vars(args))
 
 
 def run_settings(run, record=None):
     """The settings as the run used them (resolved by validate(), then what the run decided: precision, caching),
     as a plain dict: the trackers' config, config.yaml's comments. Never the Hub token."""
-    used = dict(run.settings(), **(record.decided() if record else {}))
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(used.items()) if k not in NOT_SAVED}
+    return _saved(dict(run.settings(), **(record.decided() if record else {})))
 
 
 def recipe(run, record=None):
@@ -745,7 +751,7 @@ def _check_flags(args, notes):
         notes.append(f"note: --dynamo_backend {args.dynamo_backend} has no effect without --torch_compile")
     pivotal.check_flags(args, notes)
     from . import quantize
-    quantize.settings(args)  # the package, the JSON file, the combinations: one line each
+    args._quantization = quantize.settings(args)  # the package, the JSON file, the combinations: one line each
     if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
         raise UsageError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
                          "(PyTorch SDPA is used by default and is as fast on torch>=2)")
@@ -875,7 +881,6 @@ def validate(args, warn=print):
     from .checkpoints import check_resume, lora_settings
     from .hub import check_hub_flags
     from .run_config import RunConfig
-    from . import quantize
     args = copy.deepcopy(args)  # the checks below fill in defaults; the caller's namespace stays as parsed
     args._family, args._lora_targets_flag = None, "--lora_target_modules"
     notes = []
@@ -894,5 +899,5 @@ def validate(args, warn=print):
     _check_prompt_lengths(args, images, notes)  # needs the captions (read above) and the tokenizers
     for note in notes:
         warn(note)
-    return RunConfig.build(args, args._family, images, args._lora_targets_flag, quantize.settings(args),
+    return RunConfig.build(args, args._family, images, args._lora_targets_flag, args._quantization,
                            lora_settings(args))

@@ -254,7 +254,7 @@ def make_checkpoint(folder, step, settings=None, lora_bytes=None):
 @pytest.fixture
 def world(tmp_path, tiny_model):
     """(tmp_path, photos folder, output folder, argv(*flags, **overrides)): a command line for main() with the tiny
-    SD model and two photos, for checks that end before training (test_output_safety has its own: report_to none,
+    SD model and two photos, for checks that end before training (test_output_safety wraps it: report_to none,
     offline)."""
     dog = tmp_path / "dog"
     dog.mkdir()

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import train_dreambooth_lora
-from conftest import MachineClock, draw_subject, fails_with, make_checkpoint, run_script
+from conftest import MachineClock, draw_subject, fails_with, flag_argv, make_checkpoint, run_script
 
 P = "train_dreambooth_lora.py: error: "
 
@@ -97,13 +97,7 @@ def setup(tmp_path, tiny_model):
     def argv(**overrides):
         base = {"pretrained_model_name_or_path": tiny_model["eps"], "instance_data_dir": str(dog),
                 "instance_prompt": "a photo of sks dog", "output_dir": str(out), "resolution": "64"}
-        base.update(overrides)
-        args = []
-        for k, v in base.items():
-            if v is None:
-                continue
-            args += [f"--{k}"] if v is True else [f"--{k}", str(v)]
-        return args
+        return flag_argv(base, **overrides)
     return tmp_path, dog, out, argv
 
 

@@ -14,44 +14,30 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import train_dreambooth_lora
-from conftest import draw_subject, flag_argv, snapshot, train_args
+import conftest
+from conftest import train_args
 from dreambooth import outputs, redaction
 from dreambooth.config import parse_args, recipe_yaml, validate
 from dreambooth.errors import UsageError
 from dreambooth.run_config import RunRecord
 
-P = "train_dreambooth_lora.py: error: "
 TOKENS = ("hf_ABBREVIATEDtoken1", "hf_EQUALSformTOKEN2", "hf_CONFIGfileTOKEN3", "hf_ENVIRONMENTtoken4")
 
 
 @pytest.fixture
-def world(tmp_path, tiny_model, monkeypatch):
-    """run(*flags, **overrides) -> (exit code, stderr lines), main() in this process with the tiny SD model."""
+def world(world, monkeypatch):
+    """conftest's world (the tiny SD model, two photos), offline and without trackers."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    dog = tmp_path / "dog"
-    dog.mkdir()
-    for i in range(2):
-        draw_subject(dog / f"dog{i}.png", shift=i)
-    out = tmp_path / "out"
+    tmp_path, dog, out, argv = world
 
-    def argv(*extra, **overrides):
-        base = {"pretrained_model_name_or_path": tiny_model["eps"], "instance_data_dir": str(dog),
-                "instance_prompt": "a photo of sks dog", "output_dir": str(out), "resolution": "64",
-                "report_to": "none"}
-        return flag_argv(base, *extra, **overrides)
-    return tmp_path, dog, out, argv
+    def quiet(*extra, **overrides):
+        return argv(*extra, **{"report_to": "none", **overrides})
+    return tmp_path, dog, out, quiet
 
 
 def fails_with(world, capsys, line, *extra, **overrides):
-    """The exact one line, exit code 2, and nothing under the output folder created or changed."""
-    tmp_path, dog, out, argv = world
-    before = snapshot(out)
-    code = train_dreambooth_lora.main(argv(*extra, **overrides))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert err == [P + line.format(t=tmp_path)]
-    assert snapshot(out) == before
+    """conftest's fails_with, the line's {t} standing for the test's tmp_path."""
+    conftest.fails_with(world, capsys, line.format(t=world[0]), *extra, **overrides)
 
 
 def every_file(folder):
