@@ -300,11 +300,17 @@ class DreamBoothRecipe:
         prompts = self.dataset.prompts
         if self.pivotal:  # TOK -> <s0><s1> in the instance prompt and every caption (the rows keep their order)
             prompts = [self.pivotal.prompt_example(p) for p in prompts]
-        self.prior_prompt_id = None
-        if prior.base_output:
-            prompts = prompts + [class_prompt]  # the prior rows' prompt: its own row of the table
-            self.prior_prompt_id = len(prompts) - 1
-        self.prompts = PromptEncoder(family, prompts, d.tokenizer_max_length, d.text_encoder_use_attention_mask)
+        prior_ids = None
+        if prior.base_output:  # the prior rows' prompts: the class (and captions without the trigger), and the
+            from dreambooth.base_prior import prior_prompts  # empty prompt, where sampling guides from it
+            class_prompts = prior_prompts(self.dataset.prompts, d.instance_prompt, class_prompt)
+            if os.environ.get("BP_NO_CAPTIONS"):
+                class_prompts = class_prompts[:1]
+            uncond = len(prompts) + len(class_prompts) if family.samples_with_guidance else None
+            prior_ids = (list(range(len(prompts), len(prompts) + len(class_prompts))), uncond)
+            prompts = prompts + class_prompts + ([""] if uncond is not None else [])
+        self.prompts = PromptEncoder(family, prompts, d.tokenizer_max_length, d.text_encoder_use_attention_mask,
+                                     zero_ids=(prior_ids[1],) if prior_ids and family.empty_prompt_is_zeros else ())
         fixed_crops = self.dataset.crops_are_fixed()
         line = self._caching_line(precompute_text, cache_latents, fixed_crops)
         if precompute_text is None:  # exact whenever nothing that encodes the prompts trains (LoRA or new rows)
@@ -331,6 +337,7 @@ class DreamBoothRecipe:
                 family.vae.to("cpu")
         self.stats.phase("caching")
         self.accelerator.print(line)
+        self.base_prior = self._setup_base_prior(prior, prior_ids, seed) if prior_ids else None
         self.sampler = data.BucketBatchSampler(self.dataset, batch_size, seed)
         self.dataloader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=data.collate, num_workers=d.dataloader_num_workers,
@@ -338,6 +345,35 @@ class DreamBoothRecipe:
             # Its own generator: iterator creation then draws no numbers from torch's global RNG, so a resumed
             # run's noise sequence matches the uninterrupted run's.
             generator=torch.Generator().manual_seed(seed or 0))
+
+    def _setup_base_prior(self, prior, prior_ids, seed):
+        """--prior_preservation_mode base_output: the base's own sampling paths (base_prior.py), with every LoRA
+        off, before the first step: --num_class_images paths split over the sizes the run trains at."""
+        from dreambooth import base_prior, training
+        torch, family, accelerator = self.torch, self.family, self.accelerator
+        class_ids, uncond_id = prior_ids
+        scale = family.vae_scale()
+        sizes = sorted(set(self.dataset.instance_sizes))  # (w, h) in pixels: one without buckets
+        per_size = -(-prior.num_class_images // len(sizes))
+        banks = {}
+        with training.adapters_off([family.denoiser, *family.text_encoders]):
+            for k, (w, h) in enumerate(sizes):
+                def extras(n, size=(h, w)):  # SDXL's time ids as its pipeline samples: original = target, no crop
+                    hw = torch.tensor([size] * n, dtype=torch.long)
+                    return {"original_sizes": hw, "crop_top_lefts": torch.zeros_like(hw), "target_sizes": hw}
+                banks[(h, w)] = base_prior.sample_paths(
+                    family, family.denoiser, self.prompts, class_ids, uncond_id,
+                    keep_uncond=not os.environ.get("BP_NO_UNCOND"), num_paths=per_size,
+                    steps=prior.class_generation_steps, guidance=family.guidance_scale,
+                    latent_shape=(family.vae.config.latent_channels, h // scale, w // scale), batch_extras=extras,
+                    batch_size=prior.sample_batch_size, seed=seed or 0, device=accelerator.device,
+                    dtype=self.weight_dtype, first_path=k * per_size)
+        self.stats.phase("base prior")
+        accelerator.print(f"prior: the base's own output on {per_size * len(sizes)} sampling paths "
+                          f"({prior.class_generation_steps} steps) of {len(class_ids)} prompt"
+                          f"{'s' * (len(class_ids) > 1)}" + (" and the empty prompt" if uncond_id is not None else "")
+                          + "; no class images")
+        return base_prior.BasePriors(banks)
 
     def _caching_line(self, precompute_text, cache_latents, fixed_crops):
         """The start line's account of what a step will not pay for, and of what it still pays for and why.
@@ -507,7 +543,7 @@ class DreamBoothRecipe:
                                                       device=accelerator.device, weight_dtype=self.weight_dtype,
                                                       cached_latents=self.cached_latents,
                                                       with_class_images=bool(self.class_images),
-                                                      prior_prompt_id=self.prior_prompt_id)
+                                                      prior_rows=self._prior_rows(batch, len(micro_losses)))
                         if allow_nan_steps:  # skipping a bad step needs its loss before the update: a sync per step
                             (value,), _ = checkpoints.agree(accelerator, [loss], False)
                             if value != value or value in (float("inf"), float("-inf")):
@@ -550,6 +586,16 @@ class DreamBoothRecipe:
             return self._non_finite_stop(bad)
         self.progress.close()
         return 0
+
+    def _prior_rows(self, batch, micro):
+        """base_output's prior rows for this micro-batch (micro: its place in the accumulation window), at its size."""
+        if self.base_prior is None:
+            return None
+        from dreambooth.base_prior import positions
+        t, accelerator = self.run.training, self.accelerator
+        where = positions(self.position.step, micro, t.gradient_accumulation_steps, accelerator.process_index,
+                          accelerator.num_processes, t.train_batch_size, len(batch["prompt_ids"]))
+        return self.base_prior.rows(where, batch["target_sizes"][0].tolist(), accelerator.device, self.weight_dtype)
 
     def _between_steps(self, reader, stopper):
         """Everything that happens between two optimizer steps, in one place: the deferred loss read, NaN checks,

@@ -57,6 +57,11 @@ class DDPMObjective:
         weights = self._snr_weights(timesteps) if self.snr_gamma else None
         return Noised(noisy, timesteps, target, weights)
 
+    def at(self, noisy, timesteps, raw_target):
+        """A Noised for given noisy latents and timesteps whose target is a denoiser's raw output there (the base
+        model's, for base-output prior preservation); weighted as noise() weights its timesteps."""
+        return Noised(noisy, timesteps, raw_target, self._snr_weights(timesteps) if self.snr_gamma else None)
+
     def _snr_weights(self, timesteps):
         """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction."""
         from diffusers.training_utils import compute_snr
@@ -100,6 +105,19 @@ class FlowMatchingObjective:
         target = latents if self.precondition_outputs else noise - latents
         weights = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas).float().reshape(n)
         return Noised(noisy, timesteps, target, weights, sigmas)
+
+    def at(self, noisy, timesteps, raw_target):
+        """A Noised for given noisy latents and timesteps whose target is a denoiser's raw output there (the base
+        model's velocity, for base-output prior preservation), turned into this objective's target and weighted
+        as noise() weights its sigmas (the scheduler's timesteps are its sigmas x num_train_timesteps)."""
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+        n = noisy.shape[0]
+        sigmas = (timesteps.float() / self.scheduler.config.num_train_timesteps).to(noisy.dtype).reshape(
+            n, *[1] * (noisy.dim() - 1))
+        noised = Noised(noisy, timesteps, None, compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas).float()
+                        .reshape(n), sigmas)
+        noised.target = self.prediction(raw_target, noised)
+        return noised
 
     def prediction(self, model_output, noised):
         """--precondition_outputs (EDM-style, as diffusers): the model's velocity turned into a clean-latent

@@ -337,8 +337,8 @@ def prior_text(prior):
     if not prior.with_prior_preservation:
         return "off"
     if prior.base_output:
-        return (f"`{prior.class_prompt}`, the base model's own output as the target (no class images), weight "
-                f"{prior.prior_loss_weight}")
+        return (f"`{prior.class_prompt}`, the base model's own output as the target on {prior.num_class_images} of "
+                f"its sampling paths (no class images), weight {prior.prior_loss_weight}")
     return f"`{prior.class_prompt}`, {prior.num_class_images} images, weight {prior.prior_loss_weight}"
 
 

@@ -40,39 +40,39 @@ def adapters_off(models):
 
 
 def training_loss(family, denoiser, objective, prompts, batch, prior_loss_weight, *, device, weight_dtype,
-                  cached_latents, with_class_images, prior_prompt_id=None):
+                  cached_latents, with_class_images, prior_rows=None):
     """The same for every family: latents (a fresh posterior sample; from the cache or the VAE), noised by the
     family's objective, the family's denoiser call (its conditioning, packing, ids and timestep scaling stay
     inside the family), then the weighted per-example MSE and the prior split.
     batch["images"] are pixels, or the VAE posterior's moments when they were cached.
 
-    prior_prompt_id (--prior_preservation_mode base_output): no class images; the prior rows are the instance
-    rows' own noisy latents under the class prompt, and their target is the base model's output there (every
-    LoRA off, one forward without gradients), so the LoRA learns to leave the class where the base had it."""
+    prior_rows (--prior_preservation_mode base_output; base_prior.BasePrior.rows): no class images; states of the
+    base's own class-prompt sampling paths, with the base's predictions there as targets, appended as the prior
+    rows (one denoiser call for all rows: DDP allows one forward per backward)."""
     with torch.no_grad():
         if cached_latents:  # the VAE posterior's mean and std, encoded once: a fresh sample is still drawn here
             latents = family.sample_latents(batch["images"].to(device), weight_dtype)
         else:  # a VAE encode every step: what --cache_latents saves
             latents = family.encode_images(batch["images"], weight_dtype)
     noised = objective.noise(latents)
-    if prior_prompt_id is not None:
-        prior_batch = dict(batch, prompt_ids=torch.full_like(batch["prompt_ids"], prior_prompt_id))
-        with torch.no_grad(), adapters_off([denoiser, *family.text_encoders]):
-            base = family.denoise(_unwrapped(denoiser), noised.noisy, noised.timesteps,
-                                  prompts.conditioning(prior_batch), prior_batch)
-        batch = {k: torch.cat([v, prior_batch[k]]) for k, v in batch.items() if k != "images"}
-        weights = None if noised.weights is None else torch.cat([noised.weights, noised.weights])
-        noised = type(noised)(torch.cat([noised.noisy, noised.noisy]), torch.cat([noised.timesteps] * 2),
-                              torch.cat([noised.target, objective.prediction(base, noised)]), weights,
-                              None if noised.sigmas is None else torch.cat([noised.sigmas, noised.sigmas]))
-        with_class_images = True
+    if prior_rows is not None:
+        noisy, timesteps, prompt_ids, raw, extras = prior_rows
+        prior = objective.at(noisy, timesteps.to(noised.timesteps.dtype), raw)
+        batch = {k: torch.cat([v, extras[k] if k in extras else prompt_ids]) for k, v in batch.items()
+                 if k != "images"}
+        weights = None if noised.weights is None else torch.cat([noised.weights, prior.weights])
+        noised = type(noised)(torch.cat([noised.noisy, noisy.to(noised.noisy.dtype)]),
+                              torch.cat([noised.timesteps, prior.timesteps]),
+                              torch.cat([noised.target, prior.target.to(noised.target.dtype)]), weights,
+                              None if noised.sigmas is None else torch.cat([noised.sigmas, prior.sigmas]))
     model_output = family.denoise(denoiser, noised.noisy, noised.timesteps, prompts.conditioning(batch), batch)
     prediction = objective.prediction(model_output, noised)
     per_example = F.mse_loss(prediction.float(), noised.target.float(), reduction="none").mean(
         dim=tuple(range(1, prediction.dim())))
     if noised.weights is not None:
         per_example = per_example * noised.weights
-    num_instance = noised.noisy.shape[0] // (2 if with_class_images else 1)
+    num_instance = latents.shape[0] if prior_rows is not None else \
+        noised.noisy.shape[0] // (2 if with_class_images else 1)
     return prior_preservation_loss(per_example, num_instance, prior_loss_weight)
 
 

@@ -1,6 +1,6 @@
 """--prior_preservation_mode base_output across processes: two DDP processes of one row each compute the same LoRA
-gradient as one process with both rows (the prior rows' base target taken from the unwrapped model with every
-adapter off, the instance and prior means averaged by DDP's all-reduce as one process's batch mean)."""
+gradient as one process with both rows (each row's prior states chosen by its place in the effective batch, the
+instance and prior rows in one DDP forward, their means averaged by DDP's all-reduce as one process's batch mean)."""
 import os
 import sys
 
@@ -31,7 +31,7 @@ def lora_gradients(rank=0, world=1, accelerator=None):
     for name, p in family.denoiser.named_parameters():  # a LoRA that has moved: the prior rows cost something
         if "lora_B" in name:
             p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    prompts = PromptEncoder(family, ["a photo of sks dog", "a photo of sks dog on grass", "a photo of dog"])
+    prompts = PromptEncoder(family, ["a photo of sks dog", "a photo of sks dog on grass", "a photo of dog", ""])
     g = torch.Generator().manual_seed(3)
     latents = torch.randn(ROWS, 4, 8, 8, generator=g)
     mine = slice(rank, rank + 1) if world > 1 else slice(0, ROWS)
@@ -57,9 +57,20 @@ def lora_gradients(rank=0, world=1, accelerator=None):
                                                                    n.sigmas)])
     objective.noise = noise
     denoiser = accelerator.prepare(family.denoiser) if accelerator else family.denoiser
+    # the prior: 4 states with the base's predictions there under the class and the empty prompt; each row takes
+    # the state of its place in the effective batch (base_prior.positions), as the trainer numbers them
+    from dreambooth import base_prior
+    g = torch.Generator().manual_seed(4)
+    bank = base_prior.BasePrior(torch.randn(4, 4, 8, 8, generator=g), torch.tensor([900, 600, 300, 50]),
+                                torch.full((4,), 2), torch.randn(4, 4, 8, 8, generator=g),
+                                torch.randn(4, 4, 8, 8, generator=g), 3, seed=0,
+                                extras=lambda n: {"original_sizes": torch.tensor([[64, 64]] * n),
+                                                  "crop_top_lefts": torch.zeros(n, 2, dtype=torch.long),
+                                                  "target_sizes": torch.tensor([[64, 64]] * n)})
+    where = base_prior.positions(0, 0, 1, rank, world, local, local)
     loss = training.training_loss(family, denoiser, objective, prompts, batch, 1.0, device="cpu",
                                   weight_dtype=torch.float32, cached_latents=False, with_class_images=False,
-                                  prior_prompt_id=2)
+                                  prior_rows=bank.rows(where, "cpu", torch.float32))
     (accelerator.backward if accelerator else torch.Tensor.backward)(loss)
     return {n: p.grad.clone() for n, p in family.denoiser.named_parameters() if "lora_" in n}
 

@@ -26,35 +26,131 @@ def _family(builder_name):
     return family
 
 
-@pytest.mark.parametrize("builder", ["build_tiny_pipeline", "build_tiny_flux_pipeline"])
+def _paths(family, prompts, class_ids, uncond_id, num_paths=2, steps=3, guidance=3.0, size=(8, 8)):
+    from dreambooth import base_prior
+
+    def extras(n):
+        hw = torch.tensor([[size[0] * family.vae_scale(), size[1] * family.vae_scale()]] * n)
+        return {"original_sizes": hw, "crop_top_lefts": torch.zeros_like(hw), "target_sizes": hw}
+    with training.adapters_off([family.denoiser]):
+        return base_prior.sample_paths(family, family.denoiser, prompts, class_ids, uncond_id, num_paths=num_paths,
+                                       steps=steps, guidance=guidance,
+                                       latent_shape=(family.vae.config.latent_channels, *size), batch_extras=extras,
+                                       batch_size=2, seed=5, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("builder", ["build_tiny_pipeline", "build_tiny_sdxl_pipeline", "build_tiny_sd3_pipeline",
+                                     "build_tiny_flux_pipeline"])
 def test_base_output_prior_rows_score_the_lora_against_the_base(builder):
     """At the LoRA's start (its B matrices are zero) the LoRA model is the base model, so the prior rows add
     nothing and the loss is the instance loss; once the LoRA moves, the prior rows measure how far it moved the
-    class prompt's prediction, and their gradient reaches the LoRA."""
+    base's predictions on its own class-prompt paths (and the empty prompt's, where the family guides from it),
+    and their gradient reaches the LoRA. Every family: its sampler, packing and conditioning."""
     from dreambooth.families import PromptEncoder
     family = _family(builder)
-    prompts = PromptEncoder(family, ["a photo of sks dog", "a photo of dog"])
+    guided = family.samples_with_guidance
+    prompts = PromptEncoder(family, ["a photo of sks dog", "a photo of dog"] + ([""] if guided else []),
+                            zero_ids=(2,) if guided and family.empty_prompt_is_zeros else ())
+    size = 8 * family.vae_scale()
+    bank = _paths(family, prompts, [1], 2 if guided else None)
+    steps = 3
+    assert len(bank) == 2 * steps and bank.states.shape == (2 * steps, family.vae.config.latent_channels, 8, 8)
+    assert (bank.uncond is not None) == guided and bank.prompt_ids.tolist() == [1] * (2 * steps)
     g = torch.Generator().manual_seed(3)
-    batch = {"images": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, "prompt_ids": torch.tensor([0, 0]),
-             "original_sizes": torch.tensor([[64, 64]] * 2), "crop_top_lefts": torch.zeros(2, 2, dtype=torch.long),
-             "target_sizes": torch.tensor([[64, 64]] * 2)}
+    batch = {"images": torch.rand(2, 3, size, size, generator=g) * 2 - 1, "prompt_ids": torch.tensor([0, 0]),
+             "original_sizes": torch.tensor([[size, size]] * 2), "crop_top_lefts": torch.zeros(2, 2, dtype=torch.long),
+             "target_sizes": torch.tensor([[size, size]] * 2)}
     objective = family.objective()
+    rows = bank.rows(range(2), "cpu", torch.float32)
+    assert rows[0].shape[0] == (4 if guided else 2) and rows[2].tolist() == [1, 1] + ([2, 2] if guided else [])
 
-    def loss(prior_id, weight=1.0):
+    def loss(prior_rows, weight=1.0):
         torch.manual_seed(0)
         return training.training_loss(family, family.denoiser, objective, prompts, batch, weight, device="cpu",
                                       weight_dtype=torch.float32, cached_latents=False, with_class_images=False,
-                                      prior_prompt_id=prior_id)
+                                      prior_rows=prior_rows)
     plain = loss(None)
-    torch.testing.assert_close(loss(1), plain, rtol=1e-5, atol=1e-6)  # prior rows: exactly the base, loss 0
+    torch.testing.assert_close(loss(rows), plain, rtol=1e-5, atol=1e-6)  # prior rows: exactly the base, loss 0
     for name, p in family.denoiser.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    moved_plain, moved = loss(None), loss(1, weight=1.0)
+    moved_plain, moved = loss(None), loss(rows, weight=1.0)
     assert moved > moved_plain  # the prior rows now cost something
     moved.backward()
     assert all(p.grad is not None for n, p in family.denoiser.named_parameters() if "lora_" in n)
     assert all(p.requires_grad for n, p in family.denoiser.named_parameters() if "lora_" in n)  # adapters back on
+
+
+def test_base_output_paths_are_the_pipelines_own_sampling():
+    """The prior's states are the latents the family's own pipeline passes through when it draws the class prompt
+    from the same noise (same sampler, same classifier-free guidance), and its targets are the base's predictions
+    there: the LoRA is held where class images would have come from, without drawing them."""
+    from dreambooth import families
+    from dreambooth.families import PromptEncoder
+    import make_tiny_model
+    pipe = make_tiny_model.build_tiny_pipeline()
+    family = families.family_of_pipeline(pipe).from_pipeline(pipe)
+    family.freeze()
+    prompts = PromptEncoder(family, ["a photo of sks dog", "a photo of dog", ""])
+    bank = _paths(family, prompts, [1], 2, num_paths=2, steps=4, guidance=3.0)
+    sampler = family.sampling_pipeline()
+    for path in range(2):
+        noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5 * 100003 + path))
+        seen = []
+        sampler(prompt="a photo of dog", num_inference_steps=4, guidance_scale=3.0, latents=noise.clone(),
+                height=8 * family.vae_scale(), width=8 * family.vae_scale(), output_type="latent",
+                callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"].clone()) or kw)
+        mine = bank.states[path::2]  # stored step by step, the paths of a batch side by side
+        torch.testing.assert_close(mine[0], noise[0])
+        for k in range(3):
+            torch.testing.assert_close(mine[k + 1], seen[k][0], rtol=1e-3, atol=1e-4)  # batch-size rounding
+    t = bank.timesteps[3]
+    with torch.no_grad():
+        direct = family.denoise(family.denoiser, bank.states[3:4], t.reshape(1),
+                                prompts.conditioning({"prompt_ids": torch.tensor([1])}), {})
+    torch.testing.assert_close(bank.cond[3:4], direct, rtol=1e-4, atol=1e-5)
+
+
+def test_base_output_rows_are_numbered_as_one_big_batch():
+    """Which state a row takes depends on its place in the run only: 2 processes x 1 row, 1 process x 2 rows and 2
+    accumulated micro-batches of 1 row take the same states, step after step, and each pass over the states is a
+    permutation of all of them (a resumed run recomputes the same ones)."""
+    from dreambooth.base_prior import BasePrior, positions
+    one = [list(positions(s, 0, 1, 0, 1, 2, 2)) for s in range(3)]
+    ddp = [[p for rank in (0, 1) for p in positions(s, 0, 1, rank, 2, 1, 1)] for s in range(3)]
+    accumulated = [[p for micro in (0, 1) for p in positions(s, micro, 2, 0, 1, 1, 1)] for s in range(3)]
+    assert one == ddp == accumulated == [[0, 1], [2, 3], [4, 5]]
+    bank = BasePrior(torch.zeros(5, 1), torch.zeros(5), torch.zeros(5, dtype=torch.long), torch.zeros(5, 1), None,
+                     None, seed=3, extras=lambda n: {})
+    first = bank.indices(range(10))
+    assert sorted(first[:5].tolist()) == sorted(first[5:].tolist()) == [0, 1, 2, 3, 4]
+    assert first[:5].tolist() != first[5:].tolist()  # each pass its own order
+    assert bank.indices(range(7, 9)).tolist() == first[7:9].tolist()  # found without replaying the ones before
+
+
+def test_base_output_prompts_take_the_trigger_out_of_the_captions():
+    from dreambooth.base_prior import prior_prompts
+    assert prior_prompts(["a sks circle on a white background", "a sks circle", "a sks circle on a gray background"],
+                         "a sks circle", "a circle") == [
+        "a circle", "a circle on a white background", "a circle on a gray background"]
+    assert prior_prompts(["sks dog on grass, sunny", "a photo of sks dog", "photo of a cat", ""],
+                         "a photo of sks dog", "a photo of dog") == ["a photo of dog", "dog on grass, sunny"]
+    assert prior_prompts(["a photo of dog on grass"], "a photo of dog", "a photo of dog") == ["a photo of dog"]
+
+
+def test_sdxl_guides_from_zero_embeddings_for_the_empty_prompt():
+    """SDXL's pipeline (force_zeros_for_empty_prompt) guides from all-zero text embeddings, not the encoded empty
+    prompt: the prior's empty-prompt rows are zeros too; other rows are untouched."""
+    from dreambooth.families import PromptEncoder
+    family = _family("build_tiny_sdxl_pipeline")
+    assert family.empty_prompt_is_zeros and not _family("build_tiny_pipeline").empty_prompt_is_zeros
+    batch = {"prompt_ids": torch.tensor([0, 1]), "original_sizes": torch.tensor([[64, 64]] * 2),
+             "crop_top_lefts": torch.zeros(2, 2, dtype=torch.long), "target_sizes": torch.tensor([[64, 64]] * 2)}
+    plain = PromptEncoder(family, ["a photo of dog", ""]).conditioning(batch)
+    zeroed = PromptEncoder(family, ["a photo of dog", ""], zero_ids=(1,)).conditioning(batch)
+    assert torch.equal(zeroed["encoder_hidden_states"][0], plain["encoder_hidden_states"][0])
+    assert zeroed["encoder_hidden_states"][1].abs().max() == 0 < plain["encoder_hidden_states"][1].abs().max()
+    assert zeroed["added_cond_kwargs"]["text_embeds"][1].abs().max() == 0
 
 
 def test_caption_dropout_is_seeded_and_takes_the_empty_prompt(tmp_path):
@@ -91,7 +187,7 @@ def test_base_output_flags_are_checked(tiny_model, instance_dir, tmp_path, capsy
         "(PyTorch SDPA attention is used)")
 
 
-def test_class_image_flags_are_named_as_unused_with_base_output(tiny_model, instance_dir, tmp_path):
+def test_class_image_flags_with_base_output(tiny_model, instance_dir, tmp_path):
     from dreambooth.config import parse_args, validate
     args = parse_args([str(a) for a in train_args(tiny_model["eps"], instance_dir, tmp_path / "o",
                                                   "--with_prior_preservation", "--class_prompt", "dog",
@@ -99,9 +195,15 @@ def test_class_image_flags_are_named_as_unused_with_base_output(tiny_model, inst
                                                   "50", "--class_generation_steps", "10", "--class_data_dir",
                                                   str(tmp_path / "cls"))])
     notes = []
-    validate(args, warn=notes.append)
-    assert notes == [f"warning: --{f} has no effect with --prior_preservation_mode base_output (it generates no "
-                     "class images)" for f in ("class_data_dir", "num_class_images", "class_generation_steps")]
+    run = validate(args, warn=notes.append)
+    assert notes == ["warning: --class_data_dir has no effect with --prior_preservation_mode base_output (it writes "
+                     "no class images; its paths are sampled by the model being trained, in its training precision)"]
+    assert (run.prior.num_class_images, run.prior.class_generation_steps) == (50, 10)  # its paths and their steps
+    for mode, paths in (("base_output", 16), ("images", 100)):  # --num_class_images left out: each mode's default
+        run = validate(parse_args([str(a) for a in train_args(tiny_model["eps"], instance_dir, tmp_path / "o",
+                                                              "--with_prior_preservation", "--class_prompt", "dog",
+                                                              "--prior_preservation_mode", mode)]), warn=print)
+        assert run.prior.num_class_images == paths
 
 
 @pytest.mark.slow
@@ -118,7 +220,7 @@ def test_base_output_ema_and_caption_dropout_runs_resume_bit_exact(key, tiny_mod
     assert "prior=base_output" in capsys.readouterr().out
     assert not (tmp_path / "run" / "class_images").exists()
     card = (tmp_path / "run" / "README.md").read_text()
-    assert "the base model's own output as the target (no class images)" in card
+    assert "the base model's own output as the target on 16 of its sampling paths (no class images)" in card
     final = load_file(tmp_path / "run" / "pytorch_lora_weights.safetensors")
     live = load_file(tmp_path / "run" / "checkpoint-3" / "pytorch_lora_weights.safetensors")
     assert final.keys() == live.keys() and any(not torch.equal(final[k], live[k]) for k in final)  # the EMA's

@@ -139,6 +139,8 @@ class ModelFamily:
     sampling_embedding_names = ()  # what pipe.encode_prompt returns, as pipeline keyword arguments
     unused_text_encoder_layers = False  # some text-encoder LoRA gets no gradient (DDP must be told)
     inference_steps, guidance_scale = 25, 7.5  # infer.py's and evaluate.py's defaults
+    samples_with_guidance = True  # classifier-free guidance (an empty-prompt branch) when sampling
+    empty_prompt_is_zeros = False  # the unconditional branch is the empty prompt encoded
     flags = ()                     # flags only this family takes (declared in flag_specs); refused on the others
     flag_defaults = {}             # their defaults here
     common_defaults = {}           # defaults of flags every family takes that differ by family (diffusers' scripts)
@@ -479,10 +481,11 @@ class PromptEncoder:
     """The run's fixed prompts, tokenized once; encoded per batch by the (possibly training) text encoders, or
     once up front when that is exact (--pre_compute_text_embeddings: frozen text encoders)."""
 
-    def __init__(self, family, prompts, max_length=None, use_attention_mask=False):
+    def __init__(self, family, prompts, max_length=None, use_attention_mask=False, zero_ids=()):
         self.family, self.use_attention_mask = family, use_attention_mask
         self.tokens = family.tokenize(prompts, max_length)
         self.encoded = None
+        self.zero_ids = tuple(zero_ids)  # rows encoded as zeros (SDXL's empty prompt, as its pipeline samples it)
 
     def precompute(self, dtype):
         import torch
@@ -498,4 +501,8 @@ class PromptEncoder:
         else:
             encoded = self.family.encode([{k: v[ids.to(v.device)] for k, v in t.items()} for t in self.tokens],
                                          self.use_attention_mask)
+        if self.zero_ids:
+            import torch
+            keep = ~torch.isin(ids, torch.tensor(self.zero_ids))
+            encoded = {k: v * keep.to(v.device, v.dtype).reshape(-1, *[1] * (v.dim() - 1)) for k, v in encoded.items()}
         return self.family.conditioning(encoded, batch)

@@ -63,6 +63,7 @@ class Flux(FlowFamily):
     common_defaults = {"learning_rate": 1e-4, "text_encoder_lr": 5e-6, "adam_weight_decay": 1e-4,  # diffusers'
                        "adam_weight_decay_text_encoder": 1e-3}                                    # Flux script
     card_tags = ("flux", "flux-diffusers")
+    samples_with_guidance = False  # dev is guidance-distilled (a guidance input), schnell needs none: one branch
     card_gpu_dtype = "bfloat16"  # Flux.1 overflows fp16 (black images); BFL and diffusers run it in bf16
 
     @classmethod

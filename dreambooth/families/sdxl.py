@@ -13,6 +13,7 @@ class StableDiffusionXL(UNetFamily):
     embedding_file_keys = ("clip_l", "clip_g")  # <name>_emb.safetensors keys, as A1111/ComfyUI read them
     tokenizer_names = ("tokenizer", "tokenizer_2")
     kohya_text_prefixes = ("lora_te1_", "lora_te2_")
+    empty_prompt_is_zeros = True  # force_zeros_for_empty_prompt: its pipeline guides from all-zero embeddings
     pipeline_extras = {"add_watermarker": False}  # the watermark needs an extra package and alters images
     sampling_embedding_names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
                                 "negative_pooled_prompt_embeds")
