@@ -304,8 +304,6 @@ class DreamBoothRecipe:
         if prior.base_output:  # the prior rows' prompts: the class (and captions without the trigger), and the
             from dreambooth.base_prior import prior_prompts  # empty prompt, where sampling guides from it
             class_prompts = prior_prompts(self.dataset.prompts, d.instance_prompt, class_prompt)
-            if os.environ.get("BP_NO_CAPTIONS"):
-                class_prompts = class_prompts[:1]
             uncond = len(prompts) + len(class_prompts) if family.samples_with_guidance else None
             prior_ids = (list(range(len(prompts), len(prompts) + len(class_prompts))), uncond)
             prompts = prompts + class_prompts + ([""] if uncond is not None else [])
@@ -362,8 +360,7 @@ class DreamBoothRecipe:
                     hw = torch.tensor([size] * n, dtype=torch.long)
                     return {"original_sizes": hw, "crop_top_lefts": torch.zeros_like(hw), "target_sizes": hw}
                 banks[(h, w)] = base_prior.sample_paths(
-                    family, family.denoiser, self.prompts, class_ids, uncond_id,
-                    keep_uncond=not os.environ.get("BP_NO_UNCOND"), num_paths=per_size,
+                    family, family.denoiser, self.prompts, class_ids, uncond_id, num_paths=per_size,
                     steps=prior.class_generation_steps, guidance=family.guidance_scale,
                     latent_shape=(family.vae.config.latent_channels, h // scale, w // scale), batch_extras=extras,
                     batch_size=prior.sample_batch_size, seed=seed or 0, device=accelerator.device,

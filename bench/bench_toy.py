@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """What a run learns, measured on the toy world: the base, then the recommended recipe
-(examples/recipes/toy_demo.yaml: pivotal tuning + UNet LoRA, prior preservation, captions that name the
-background, 150 steps, the new tokens at 2e-2) against what each of its choices buys: no prior preservation,
-diffusers' settings, a text-encoder LoRA instead of new tokens, the tokens at the LoRA's rate, training longer,
-photos on one background only, photos without captions, and Prodigy.
+(examples/recipes/toy_demo.yaml: pivotal tuning + UNet LoRA at 2.5e-3, prior preservation from the base's own
+output, captions that name the background, 150 steps, the new tokens at 2e-2) against what each of its choices
+buys: no prior preservation, class images instead, diffusers' settings, a text-encoder LoRA instead of new tokens,
+the tokens at the LoRA's rate, training longer, photos on one background only, photos without captions, Prodigy,
+a quantized base, an EMA, caption dropout.
 
 Each LoRA trains on the striped circle (examples/toy_subject: 5 photos on white and gray, captioned) from
 examples/toy-base (the trainer, as a user runs it), then the pixel scorer (examples/toy_world.py, through
@@ -13,11 +14,13 @@ drift (class prompt "a circle" shows the subject), class_ok (an ordinary one-col
 to the class prompt against the base, seed by seed: class prior changed (share of seeds whose colour or background
 moved) and the colours and backgrounds its class images show (the base's are the first row's). Pivotal runs
 are scored with their tokens loaded and "sks" rewritten, as infer.py does. Wall time is the training command's
-(class images are cached by settings: a run that had to generate them is marked). --seeds trains every row
+(class images are cached by settings: a run that had to generate them is marked; --fresh_class_images makes every
+class-image run generate its own, as a first run does). --seeds trains every row
 with several training seeds and prints their mean (the toy's few photos make single runs noisy).
 
     nice -n 19 python bench/bench_toy.py --num_images 8 --seeds 0,1,2   # ~20 min on 2 CPU cores (docs/quality.md's table)
     nice -n 19 python bench/bench_toy.py --only 1,7,8                   # one seed: the recipe against its photos' variants
+    nice -n 19 python bench/bench_toy.py --seeds 0,1,2,3,4 --only 1,2,12,15,16 --fresh_class_images  # the prior's table
 """
 import argparse
 import os
@@ -32,6 +35,8 @@ sys.path.insert(0, ROOT)
 
 RECIPE = os.path.join(ROOT, "examples", "recipes", "toy_demo.yaml")
 NO_PIVOTAL = ["--no-train_text_encoder_ti"]
+CLASS_IMAGES = ["--prior_preservation_mode", "images", "--num_class_images", "50", "--sample_batch_size", "25",
+                "--class_data_dir", os.path.join(ROOT, "work_dirs", "toy-class-images")]
 # Rows: name -> (flags on top of the recipe, the photos: "photos" = examples/toy_subject, or a variant of it that
 # the bench writes: "white_only" = the same 5 photos all on white, "no_captions" = without the caption files).
 VARIANTS = {
@@ -40,9 +45,9 @@ VARIANTS = {
     "diffusers' settings (UNet LoRA rank 4, 5e-4, 400 steps, no captions)":
         (NO_PIVOTAL + ["--learning_rate", "5e-4", "--rank", "4", "--max_train_steps", "400"], "no_captions"),
     # The recipe's --text_encoder_lr 2e-2 is for the new tokens' rows; a text-encoder LoRA trains at the LoRA's rate.
-    "text-encoder LoRA instead of pivotal tuning": (NO_PIVOTAL + ["--train_text_encoder", "--text_encoder_lr", "5e-3"],
-                                                    "photos"),
-    "new tokens at the LoRA's rate (--text_encoder_lr 5e-3)": (["--text_encoder_lr", "5e-3"], "photos"),
+    "text-encoder LoRA instead of pivotal tuning": (NO_PIVOTAL + ["--train_text_encoder", "--text_encoder_lr",
+                                                                  "2.5e-3"], "photos"),
+    "new tokens at the LoRA's rate (--text_encoder_lr 2.5e-3)": (["--text_encoder_lr", "2.5e-3"], "photos"),
     "400 steps instead of 150": (["--max_train_steps", "400"], "photos"),
     "photos all on white": ([], "white_only"),
     "photos without captions": ([], "no_captions"),
@@ -50,11 +55,14 @@ VARIANTS = {
     # QLoRA: the frozen UNet's linear layers in 4 / 8 bits; scored, like every row, on the full-precision base
     "NF4 base (--quantize_base nf4)": (["--quantize_base", "nf4"], "photos"),
     "int8 base (--quantize_base int8)": (["--quantize_base", "int8"], "photos"),
-    # prior preservation from the base model's own output instead of 50 generated class images
-    "prior from the base's output (--prior_preservation_mode base_output)":
-        (["--prior_preservation_mode", "base_output"], "photos"),
+    # DreamBooth's own prior preservation: 50 class images drawn by the base (cached in work_dirs/toy-class-images
+    # unless --fresh_class_images), at the recipe's rate and at the rate the recipe had with them until 2026-12-08
+    "class images instead (--prior_preservation_mode images, 50 images)": (CLASS_IMAGES, "photos"),
     "EMA of the LoRA (--use_ema, decay 0.99)": (["--use_ema", "--ema_decay", "0.99"], "photos"),
     "caption dropout 0.1 (--caption_dropout_rate 0.1)": (["--caption_dropout_rate", "0.1"], "photos"),
+    "class images at --learning_rate 5e-3 (the recipe until 2026-12-08)": (CLASS_IMAGES + ["--learning_rate", "5e-3"],
+                                                                          "photos"),
+    "base output at --learning_rate 5e-3": (["--learning_rate", "5e-3"], "photos"),
 }
 RECIPE_ROW, QUANTIZED_ROWS = 1, (10, 11)  # compared image by image below the table, when run together
 
@@ -92,6 +100,11 @@ def train(name, flags, out, log, model):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_images", type=int, default=8, help="Seeds per prompt for the scorer.")
+    parser.add_argument("--class_images", type=int, default=32,
+                        help="Seeds for the class prompt (the class prior's share of seeds changed, its variety).")
+    parser.add_argument("--fresh_class_images", action="store_true",
+                        help="Each image-based run generates its class images anew (a new class folder), so its "
+                             "wall time includes them, as a user's first run pays for them.")
     parser.add_argument("--seeds", default="0", help="Comma-separated training seeds; several: each row's mean.")
     parser.add_argument("--out", default=os.path.join(ROOT, "work_dirs", "bench_toy"), help="Runs and logs go here.")
     parser.add_argument("--only", default=None,
@@ -112,7 +125,7 @@ def main(argv=None):
     open(log, "w").close()
     seeds = [int(x) for x in args.seeds.split(",")]
     pipe = demo_grids.load_pipeline(args.model)
-    base_scores, base_images = demo_grids.score_lora(pipe, None, args.num_images)
+    base_scores, base_images = demo_grids.score_lora(pipe, None, args.num_images, class_images=args.class_images)
     rows = [("base model (no training)", base_scores, None)]
     chosen = set(int(x) for x in args.only.split(",")) if args.only else None
     first_images = {0: base_images}  # row -> its first seed's images
@@ -123,14 +136,20 @@ def main(argv=None):
         runs, instance_dir = [], photos(kind, args.out)  # written once per row, shared by its seeds
         for seed in seeds:
             out = os.path.join(args.out, f"run{i}-seed{seed}")
-            wall, generated = train(name, flags + ["--seed", str(seed), "--instance_data_dir", instance_dir],
+            fresh = []
+            if args.fresh_class_images and "images" in flags:
+                fresh = ["--class_data_dir", os.path.join(args.out, f"class-images-run{i}-seed{seed}")]
+                shutil.rmtree(fresh[1], ignore_errors=True)
+            wall, generated = train(name, flags + ["--seed", str(seed), "--instance_data_dir", instance_dir] + fresh,
                                     out, log, args.model)
-            scores, images = demo_grids.score_lora(pipe, out, args.num_images, base_images=base_images)
+            scores, images = demo_grids.score_lora(pipe, out, args.num_images, base_images=base_images,
+                                                   class_images=args.class_images)
             if "--quantize_base" in flags:  # also on the quantized base it trained on (the LoRA as trained)
                 kind = flags[flags.index("--quantize_base") + 1]
                 if kind not in quantized_pipes:
                     quantized_pipes[kind] = demo_grids.load_pipeline(args.model, kind)
-                as_trained = demo_grids.score_lora(quantized_pipes[kind], out, args.num_images, base_images=base_images)
+                as_trained = demo_grids.score_lora(quantized_pipes[kind], out, args.num_images, base_images=base_images,
+                                                   class_images=args.class_images)
                 scores = dict(scores, fidelity_on_quantized_base=as_trained[0]["fidelity"],
                               recontext_on_quantized_base=as_trained[0]["recontext"])
             runs.append((scores, wall, generated))
@@ -144,8 +163,8 @@ def main(argv=None):
         wall = sum(r[1] for r in runs) / len(runs)
         rows.append((name, mean, f"{wall:.0f}" + (" (incl. class images)" if any(r[2] for r in runs) else "")))
     print(f"Toy world, examples/toy_subject (or the row's variant of it) on {os.path.relpath(args.model, ROOT)}; "
-          f"{args.num_images} images per prompt "
-          f"(seeds 0-{args.num_images - 1}); training seed{'s' if len(seeds) > 1 else ''} {args.seeds}"
+          f"{args.num_images} images per prompt (seeds 0-{args.num_images - 1}), {args.class_images} for the class "
+          f"prompt; training seed{'s' if len(seeds) > 1 else ''} {args.seeds}"
           f"{' (mean)' if len(seeds) > 1 else ''}; recipe {os.path.relpath(RECIPE, ROOT)} with the flags in the log "
           f"({os.path.relpath(log, ROOT)})")
     header = ("| run | fidelity ↑ | recontext ↑ | drift ↓ | class_ok ↑ | class prior changed ↓ | class colours | "

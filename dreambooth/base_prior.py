@@ -12,8 +12,9 @@ rows drawn from those states, whose targets are those predictions, so the LoRA l
 unchanged exactly where sampling "a dog" goes, the unconditional branch that guidance extrapolates from included.
 
 Cost: num_paths x steps base forwards (x2 with guidance) once, in batches of --sample_batch_size, and no VAE decode
-or file; then 1-2 extra rows per instance row each step, with no extra forward (the targets are stored). The
-states live on the CPU: num_paths x steps x (1 + 2) latents (SDXL at 1024, 16 paths x 25 steps: ~100 MB in bf16).
+or file; then 1-2 extra rows per instance row each step, in the same denoiser call (the targets are stored). The
+states live on the CPU in the training precision: num_paths x steps x (1 + 2) latents (16 paths x 25 steps at 1024
+in bf16: SDXL ~160 MB, Flux.1 ~400 MB).
 
 Which state a row takes depends only on its place in the run (step, micro-batch, process, row), so gradient
 accumulation and several processes see the same rows as one big batch, and a resumed run the same rows as an
@@ -118,7 +119,7 @@ def sampling_scheduler(family, steps, latent_shape):
 
 
 @torch.no_grad()
-def sample_paths(family, denoiser, prompts, class_ids, uncond_id, *, keep_uncond=True, num_paths, steps, guidance,
+def sample_paths(family, denoiser, prompts, class_ids, uncond_id, *, num_paths, steps, guidance,
                  latent_shape, batch_extras, batch_size, seed, device, dtype, first_path=0):
     """Run the base's sampler on num_paths paths (path i under class_ids[i % len], each from its own seeded noise,
     so the same paths whatever the batching) and keep every state with the base's predictions. uncond_id None: no
@@ -146,20 +147,19 @@ def sample_paths(family, denoiser, prompts, class_ids, uncond_id, *, keep_uncond
             out = family.denoise(denoiser, model_in.repeat(copies, *[1] * (x.dim() - 1)), t_rows, conditioning,
                                  batch)
             cond = out[:n]
-            states.append(model_in.float().cpu())
+            states.append(model_in.cpu())
             timesteps.append(t_rows[:n].cpu())
             state_ids.append(ids[:n])
-            cond_out.append(cond.float().cpu())
+            cond_out.append(cond.cpu())
             if uncond_id is not None:
                 uncond = out[n:]
-                uncond_out.append(uncond.float().cpu())
+                uncond_out.append(uncond.cpu())
                 guided = uncond + guidance * (cond - uncond)
             else:
                 guided = cond
             x = scheduler.step(guided, t, x, return_dict=False)[0]
-    keep = uncond_id is not None and keep_uncond
     return BasePrior(torch.cat(states), torch.cat(timesteps), torch.cat(state_ids), torch.cat(cond_out),
-                     torch.cat(uncond_out) if keep else None, uncond_id, seed, batch_extras)
+                     torch.cat(uncond_out) if uncond_id is not None else None, uncond_id, seed, batch_extras)
 
 
 class BasePriors:

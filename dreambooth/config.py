@@ -199,8 +199,8 @@ def build_parser():
     g.add_argument("--class_data_dir", type=path_arg, default=None,
                    help="Folder of class-prior images; missing ones are generated (default: output_dir/class_images).")
     g.add_argument("--num_class_images", type=int, default=None,
-                   help="How many class images to use; missing ones are generated with the base model (default 100). "
-                        "base_output: how many sampling paths of the base give prior rows (default 16).")
+                   help="How many class images to use (default 100; missing ones are generated with the base model), "
+                        "or with base_output how many of the base's sampling paths give prior rows (16 then).")
     g.add_argument("--sample_batch_size", type=int, default=4,
                    help="Batch size when generating class images (base_output: sampling paths).")
     g.add_argument("--class_generation_steps", type=int, default=25,

@@ -56,12 +56,18 @@ def load_pipeline(base, quantize_base=None):
                                                    requires_safety_checker=False, **extra)
 
 
-def sample_all(pipe, num_images, seed=0, rewrite=lambda p: p):
-    """{prompt: [images]} with seeds seed..seed+num_images-1 for every prompt (each sampled as rewrite(prompt))."""
-    prompts = [rewrite(p) for p in PROMPTS for _ in range(num_images)]
-    seeds = [seed + k for _ in PROMPTS for k in range(num_images)]
+def sample_all(pipe, num_images, seed=0, rewrite=lambda p: p, class_images=None):
+    """{prompt: [images]} with seeds seed..seed+num_images-1 for every prompt (each sampled as rewrite(prompt));
+    class_images: that many seeds for the class prompt instead (what a run did to the class is a share of seeds:
+    more seeds, a finer share)."""
+    counts = [class_images or num_images if p == CLASS else num_images for p in PROMPTS]
+    prompts = [rewrite(p) for p, n in zip(PROMPTS, counts) for _ in range(n)]
+    seeds = [seed + k for n in counts for k in range(n)]
     images = world.generate(pipe, prompts, seeds)
-    return {p: images[i * num_images:(i + 1) * num_images] for i, p in enumerate(PROMPTS)}
+    out, start = {}, 0
+    for p, n in zip(PROMPTS, counts):
+        out[p], start = images[start:start + n], start + n
+    return out
 
 
 def numbers(images, base_images=None):
@@ -73,7 +79,7 @@ def numbers(images, base_images=None):
     return dict(out, **world.class_prior((base_images or images)[CLASS], images[CLASS]))
 
 
-def score_lora(pipe, lora, num_images, seed=0, base_images=None):
+def score_lora(pipe, lora, num_images, seed=0, base_images=None, class_images=None):
     """Numbers and images for the base (lora None) or a run loaded onto it: its LoRA and, after pivotal tuning,
     its trained tokens (prompts rewritten to use them); both unloaded again, so one pipeline scores many runs."""
     mapping = {}
@@ -82,7 +88,7 @@ def score_lora(pipe, lora, num_images, seed=0, base_images=None):
     try:
         if lora:  # found as infer.py finds them: in the run's folder, or <name>_emb beside a <name> LoRA file
             mapping.update(load_embeddings(pipe, lora))
-        images = sample_all(pipe, num_images, seed, lambda p: pivotal.rewrite(p, mapping))
+        images = sample_all(pipe, num_images, seed, lambda p: pivotal.rewrite(p, mapping), class_images)
     finally:
         if mapping:
             pipe.unload_textual_inversion(pivotal.token_list(mapping))

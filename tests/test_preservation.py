@@ -1,6 +1,7 @@
 """Prior preservation from the base model's own output (--prior_preservation_mode base_output), caption dropout and
 an EMA of the LoRA: what each computes, and that runs with them resume bit for bit."""
 import json
+import os
 from argparse import Namespace
 
 import pytest
@@ -235,3 +236,24 @@ def test_base_output_ema_and_caption_dropout_runs_resume_bit_exact(key, tiny_mod
         tiny_model[key], instance_dir, tmp_path / "run", *flags[:-5], "--caption_dropout_rate", "0.3",
         "--max_train_steps", "4", "--resume_from_checkpoint", "latest")]) == 2
     assert "was saved with --use_ema; this run has no --use_ema" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_base_output_with_buckets_samples_paths_at_every_bucket_size(tiny_model, tmp_path, capsys):
+    """--enable_bucket: each batch has one bucket's size, and its prior rows go through the same denoiser call, so
+    the base's paths are sampled at every bucket size in use (SDXL: its size ids and zero empty-prompt embeddings)."""
+    from conftest import draw_subject
+    folder = tmp_path / "dog"
+    folder.mkdir()
+    for i, size in enumerate([(96, 64), (64, 96), (64, 64)]):
+        draw_subject(folder / f"dog{i}.png", size=size, shift=i)
+    out = tmp_path / "xl"
+    assert train_dreambooth_lora.main([str(a) for a in train_args(
+        tiny_model["xl"], folder, out, "--max_train_steps", "3", "--report_to", "none", "--with_prior_preservation",
+        "--prior_preservation_mode", "base_output", "--class_prompt", "a photo of dog", "--num_class_images", "3",
+        "--class_generation_steps", "2", "--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "96",
+        "--bucket_reso_steps", "32")]) == 0
+    printed = capsys.readouterr().out
+    assert "prior: the base's own output on 3 sampling paths (2 steps) of 1 prompt and the empty prompt; " \
+           "no class images" in printed
+    assert os.path.isfile(out / "pytorch_lora_weights.safetensors") and not (out / "class_images").exists()

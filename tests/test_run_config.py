@@ -84,7 +84,7 @@ def test_the_recipe_reads_settings_not_flags():
                  "objective_text", "training_metadata"):
         assert not flags.findall(inspect.getsource(getattr(report, name))), name
     setups = [n for n in vars(train_dreambooth_lora.DreamBoothRecipe) if n.startswith("_setup_")]
-    assert len(setups) == 8
+    assert len(setups) == 9
     for name in setups:  # each step gets its own settings, never the whole RunConfig
         params = inspect.signature(getattr(train_dreambooth_lora.DreamBoothRecipe, name)).parameters
         assert "run" not in params and "args" not in params, name
