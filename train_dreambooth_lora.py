@@ -353,6 +353,10 @@ class DreamBoothRecipe:
         scale = family.vae_scale()
         sizes = sorted(set(self.dataset.instance_sizes))  # (w, h) in pixels: one without buckets
         per_size = -(-prior.num_class_images // len(sizes))
+        channels = family.vae.config.latent_channels
+        base_prior.check_memory(per_size * len(sizes), prior.class_generation_steps, 3 if uncond_id is not None else 2,
+                                (channels, max(h for _, h in sizes) // scale, max(w for w, _ in sizes) // scale),
+                                self.weight_dtype)
         banks = {}
         with training.adapters_off([family.denoiser, *family.text_encoders]):
             for k, (w, h) in enumerate(sizes):
@@ -362,7 +366,7 @@ class DreamBoothRecipe:
                 banks[(h, w)] = base_prior.sample_paths(
                     family, family.denoiser, self.prompts, class_ids, uncond_id, num_paths=per_size,
                     steps=prior.class_generation_steps, guidance=family.guidance_scale,
-                    latent_shape=(family.vae.config.latent_channels, h // scale, w // scale), batch_extras=extras,
+                    latent_shape=(channels, h // scale, w // scale), batch_extras=extras,
                     batch_size=prior.sample_batch_size, seed=seed or 0, device=accelerator.device,
                     dtype=self.weight_dtype, first_path=k * per_size)
         self.stats.phase("base prior")

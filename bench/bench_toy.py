@@ -41,7 +41,7 @@ CLASS_IMAGES = ["--prior_preservation_mode", "images", "--num_class_images", "50
 # the bench writes: "white_only" = the same 5 photos all on white, "no_captions" = without the caption files).
 VARIANTS = {
     "recommended (toy_demo.yaml)": ([], "photos"),
-    "no prior preservation": (["--no-with_prior_preservation"], "photos"),
+    "no prior preservation": (["--no-with_prior_preservation", "--prior_preservation_mode", "images"], "photos"),
     "diffusers' settings (UNet LoRA rank 4, 5e-4, 400 steps, no captions)":
         (NO_PIVOTAL + ["--learning_rate", "5e-4", "--rank", "4", "--max_train_steps", "400"], "no_captions"),
     # The recipe's --text_encoder_lr 2e-2 is for the new tokens' rows; a text-encoder LoRA trains at the LoRA's rate.

@@ -19,6 +19,8 @@ in bf16: SDXL ~160 MB, Flux.1 ~400 MB).
 Which state a row takes depends only on its place in the run (step, micro-batch, process, row), so gradient
 accumulation and several processes see the same rows as one big batch, and a resumed run the same rows as an
 uninterrupted one (the states are recomputed from the seed at start)."""
+import math
+import os
 import re
 
 import torch
@@ -101,6 +103,35 @@ def prior_prompts(captions, instance_prompt, class_prompt):
         if prompt and prompt not in out:
             out.append(prompt)
     return out
+
+
+def available_memory():
+    """Bytes of memory the system can still give (MemAvailable: free plus reclaimable cache), or None unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(num_paths, steps, tensors_per_state, latent_shape, dtype, available=None):
+    """The paths' states and targets live in memory for the whole run: refuse, in one line before sampling, a count
+    that would take more than half of what the system has left (the run needs the rest)."""
+    need = num_paths * steps * tensors_per_state * math.prod(latent_shape) * torch.empty((), dtype=dtype).element_size()
+    have = available_memory() if available is None else available
+    if have is not None and need > have / 2:
+        from .errors import UsageError
+        raise UsageError(f"--num_class_images {num_paths} x --class_generation_steps {steps}: base_output's paths "
+                         f"would hold {need / 2**30:.1f} GiB of latents in memory, more than half of the "
+                         f"{have / 2**30:.1f} GiB available; lower --num_class_images (default 16) or "
+                         "--class_generation_steps")
+    return need
 
 
 def sampling_scheduler(family, steps, latent_shape):

@@ -650,7 +650,8 @@ def _check_prompts(args, notes):
             raise UsageError(f"--class_data_dir {args.class_data_dir} is a file; give a folder")
     elif args.prior_preservation_mode != "images":
         raise UsageError(f"--prior_preservation_mode {args.prior_preservation_mode} needs --with_prior_preservation "
-                         "(and --class_prompt)")
+                         "(and --class_prompt); to train without prior preservation, leave --prior_preservation_mode "
+                         "out (or set it to images)")
     elif args.class_prompt or args.class_data_dir:
         notes.append("warning: --class_prompt/--class_data_dir are ignored without --with_prior_preservation")
 

@@ -177,7 +177,8 @@ def test_base_output_flags_are_checked(tiny_model, instance_dir, tmp_path, capsy
         assert len(err) == 1 and not out.exists()
         return err[0].removeprefix(P)
     assert fails("--prior_preservation_mode", "base_output") == (
-        "--prior_preservation_mode base_output needs --with_prior_preservation (and --class_prompt)")
+        "--prior_preservation_mode base_output needs --with_prior_preservation (and --class_prompt); to train "
+        "without prior preservation, leave --prior_preservation_mode out (or set it to images)")
     assert fails("--caption_dropout_rate", "1") == "--caption_dropout_rate must be in [0, 1) (got 1.0)"
     assert fails("--use_ema", "--ema_decay", "1.5") == "--ema_decay must be in [0, 1) (got 1.5)"
     assert fails("--train_transformer_frac", "0.5") == (
@@ -257,3 +258,19 @@ def test_base_output_with_buckets_samples_paths_at_every_bucket_size(tiny_model,
     assert "prior: the base's own output on 3 sampling paths (2 steps) of 1 prompt and the empty prompt; " \
            "no class images" in printed
     assert os.path.isfile(out / "pytorch_lora_weights.safetensors") and not (out / "class_images").exists()
+
+
+def test_base_output_refuses_paths_that_would_not_fit_in_memory():
+    """The paths' states stay in memory for the run: a count past half of what the system has left is one line
+    naming both flags, before any sampling; the default fits easily (16 x 25 SDXL latents at 1024 in bf16: 157 MiB)."""
+    from dreambooth import base_prior
+    from dreambooth.errors import UsageError
+    need = base_prior.check_memory(16, 25, 3, (4, 128, 128), torch.bfloat16, available=8 * 2**30)
+    assert need == 16 * 25 * 3 * 4 * 128 * 128 * 2
+    with pytest.raises(UsageError) as e:
+        base_prior.check_memory(1000, 50, 3, (16, 128, 128), torch.float32, available=8 * 2**30)
+    assert str(e.value) == (
+        "--num_class_images 1000 x --class_generation_steps 50: base_output's paths would hold 146.5 GiB of latents "
+        "in memory, more than half of the 8.0 GiB available; lower --num_class_images (default 16) or "
+        "--class_generation_steps")
+    assert base_prior.available_memory() > 0
