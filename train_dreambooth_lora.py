@@ -114,7 +114,7 @@ class DreamBoothRecipe:
         self.accelerator.print(f"{self.objective.describe()} scheduler={type(self.family.noise_scheduler).__name__} "
                           f"{self.family.denoiser_name}_params={sum(p.numel() for p in self.family.denoiser.parameters())}")
         # image-based prior preservation generates class images now; base_output needs none (its targets are the
-        # base model's own outputs, computed each step)
+        # base model's own outputs on its sampling paths, computed in _setup_data)
         self.class_images = self._setup_class_priors(run.prior, run.model, run.memory, run.data.resolution,
                                                      run.training.seed, run.outputs.output_dir) \
             if run.prior.class_images else []
@@ -303,7 +303,8 @@ class DreamBoothRecipe:
         prior_ids = None
         if prior.base_output:  # the prior rows' prompts: the class (and captions without the trigger), and the
             from dreambooth.base_prior import prior_prompts  # empty prompt, where sampling guides from it
-            class_prompts = prior_prompts(self.dataset.prompts, d.instance_prompt, class_prompt)
+            class_prompts = prior_prompts(self.dataset.prompts, d.instance_prompt, class_prompt,
+                                          list(self.pivotal.mapping) if self.pivotal else None)  # pivotal: its words
             uncond = len(prompts) + len(class_prompts) if family.samples_with_guidance else None
             prior_ids = (list(range(len(prompts), len(prompts) + len(class_prompts))), uncond)
             prompts = prompts + class_prompts + ([""] if uncond is not None else [])
@@ -356,7 +357,13 @@ class DreamBoothRecipe:
         channels = family.vae.config.latent_channels
         base_prior.check_memory(per_size * len(sizes), prior.class_generation_steps, 3 if uncond_id is not None else 2,
                                 (channels, max(h for _, h in sizes) // scale, max(w for w, _ in sizes) // scale),
-                                self.weight_dtype)
+                                self.weight_dtype, local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if per_size < len(class_ids):  # path i samples prompt i mod K: some captions would get none
+            log_main(f"warning: --num_class_images {prior.num_class_images}: {per_size} sampling path"
+                     f"{'s' * (per_size > 1)} per size for {len(class_ids)} prompts (the class prompt and the captions "
+                     f"without the trigger); the last {len(class_ids) - per_size} get none: raise --num_class_images "
+                     f"to {len(class_ids) * len(sizes)}")
+        guidance = base_prior.guidance_scale(family)
         banks = {}
         with training.adapters_off([family.denoiser, *family.text_encoders]):
             for k, (w, h) in enumerate(sizes):
@@ -365,14 +372,15 @@ class DreamBoothRecipe:
                     return {"original_sizes": hw, "crop_top_lefts": torch.zeros_like(hw), "target_sizes": hw}
                 banks[(h, w)] = base_prior.sample_paths(
                     family, family.denoiser, self.prompts, class_ids, uncond_id, num_paths=per_size,
-                    steps=prior.class_generation_steps, guidance=family.guidance_scale,
+                    steps=prior.class_generation_steps, guidance=guidance,
                     latent_shape=(channels, h // scale, w // scale), batch_extras=extras,
                     batch_size=prior.sample_batch_size, seed=seed or 0, device=accelerator.device,
                     dtype=self.weight_dtype, first_path=k * per_size)
         self.stats.phase("base prior")
         accelerator.print(f"prior: the base's own output on {per_size * len(sizes)} sampling paths "
-                          f"({prior.class_generation_steps} steps) of {len(class_ids)} prompt"
-                          f"{'s' * (len(class_ids) > 1)}" + (" and the empty prompt" if uncond_id is not None else "")
+                          f"({prior.class_generation_steps} steps) of {min(len(class_ids), per_size)} prompt"
+                          f"{'s' * (min(len(class_ids), per_size) > 1)}" +
+                          (f" and the empty prompt (guidance {guidance:g})" if uncond_id is not None else "")
                           + "; no class images")
         return base_prior.BasePriors(banks)
 
@@ -525,6 +533,7 @@ class DreamBoothRecipe:
                              disable=not accelerator.is_local_main_process)
         first_epoch, skip_batches = position.epoch, position.batches
         nan_steps, micro_losses = 0, []  # this step's micro-batch losses, on the device
+        micro = 0  # this micro-batch's place in its accumulation window (a skipped one keeps its place)
         accelerator.print("memory: " + "; ".join(self.stats.phase_line(p) for p in self.stats.values["phase_peaks"]))
         self.stats.mark_training_start()
         try:
@@ -544,7 +553,8 @@ class DreamBoothRecipe:
                                                       device=accelerator.device, weight_dtype=self.weight_dtype,
                                                       cached_latents=self.cached_latents,
                                                       with_class_images=bool(self.class_images),
-                                                      prior_rows=self._prior_rows(batch, len(micro_losses)))
+                                                      prior_rows=self._prior_rows(batch, micro))
+                        micro = 0 if accelerator.sync_gradients else micro + 1
                         if allow_nan_steps:  # skipping a bad step needs its loss before the update: a sync per step
                             (value,), _ = checkpoints.agree(accelerator, [loss], False)
                             if value != value or value in (float("inf"), float("-inf")):

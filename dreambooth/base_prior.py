@@ -2,12 +2,13 @@
 (--prior_preservation_mode base_output).
 
 Image-based prior preservation regresses the class prompt onto the noise of ~100-200 generated class images: the
-LoRA is pulled toward those few images (and their decode/encode round trip), not held where the base was, and a
-run changes the class's colours and backgrounds about as often as one without class images keeps them (docs/
-quality.md). Here nothing is decoded or written. Before training, the base (every LoRA off) samples
---num_class_images paths of the class prompt with its own sampler and classifier-free guidance, as it would draw
-class images; every state x_t on those paths is kept with the base's predictions there: under the class prompt
-and, where the family samples with classifier-free guidance, under the empty prompt. A training step adds prior
+LoRA is pulled toward those few images (and their decode/encode round trip), not held where the base was (on the
+toy world, 50 class images left "a circle" with another colour or background on 0.66 of the seeds; this, 0.33:
+docs/quality.md). Here nothing is decoded or written. Before training, the base (every LoRA off) samples
+--num_class_images paths of the class prompt (and of the captions without the trigger) with its own sampler and
+its pipeline's classifier-free guidance, as it draws class images; every state x_t on those paths is kept with the
+base's predictions there: under the path's prompt and, where the family samples with classifier-free guidance,
+under the empty prompt. A training step adds prior
 rows drawn from those states, whose targets are those predictions, so the LoRA learns to leave the denoiser
 unchanged exactly where sampling "a dog" goes, the unconditional branch that guidance extrapolates from included.
 
@@ -69,8 +70,8 @@ class BasePrior:
             ids.append(torch.full((len(idx),), self.uncond_id, dtype=torch.long))
             targets.append(self.uncond[idx])
         ids = torch.cat(ids)
-        return (torch.cat(noisy).to(device, dtype), torch.cat(timesteps).to(device), ids,
-                torch.cat(targets).to(device, dtype), self.extras(len(ids)))
+        return (torch.cat(noisy).to(device, dtype), torch.cat(timesteps).to(device), ids.to(device),
+                torch.cat(targets).to(device, dtype), {k: v.to(device) for k, v in self.extras(len(ids)).items()})
 
 
 def positions(step, micro, accumulation, process, processes, batch_size, rows):
@@ -81,23 +82,29 @@ def positions(step, micro, accumulation, process, processes, batch_size, rows):
     return range(first, first + rows)
 
 
-def prior_prompts(captions, instance_prompt, class_prompt):
+def prior_prompts(captions, instance_prompt, class_prompt, triggers=None):
     """The prompts the base's paths are sampled under: --class_prompt, then each training caption with the trigger
-    taken out (the instance prompt inside it replaced by the class prompt, or else the instance prompt's words that
-    the class prompt lacks removed: "a photo of sks dog on the beach" -> "a photo of dog on the beach"), so the words
-    the captions add (the setting, the background) are held where the base had them too. A caption without the
-    trigger is no class prompt (it is what the subject's photos are called) and is left out."""
-    class_words = set(class_prompt.split())
-    triggers = [w for w in instance_prompt.split() if w not in class_words]
+    taken out, so the words the captions add (the setting, the background) are held where the base had them too:
+    the instance prompt inside a caption is replaced by the class prompt, or else the trigger words are removed
+    ("a photo of sks dog on the beach" -> "a photo of dog on the beach"). triggers: the words that name the subject
+    (pivotal tuning: --token_abstraction's); by default the instance prompt's words the class prompt lacks, used for
+    removal only when that is one word (with --class_prompt "dog" and --instance_prompt "a photo of sks dog" it would
+    be "a photo of sks", and removing those would mangle captions). A caption without the trigger is no class prompt
+    (it is what the subject's photos are called) and is left out."""
+    if triggers is None:
+        class_words = set(class_prompt.split())
+        triggers = [w for w in instance_prompt.split() if w not in class_words]
+        if not triggers:  # nothing names the subject apart from the class: every caption is the subject's
+            return [class_prompt]
+        if len(triggers) > 1:
+            triggers = []  # only the whole instance prompt is replaced
     out = [class_prompt]
-    if not triggers:
-        return out
-    pattern = re.compile(r"(?<!\S)(?:" + "|".join(re.escape(w) for w in triggers) + r")(?!\S)")
+    pattern = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in triggers) + r")(?!\w)") if triggers else None
     for caption in captions:
-        if instance_prompt in caption:
+        if instance_prompt and instance_prompt in caption:
             prompt = caption.replace(instance_prompt, class_prompt)
-        elif pattern.search(caption):
-            prompt = " ".join(pattern.sub(" ", caption).split())
+        elif pattern is not None and pattern.search(caption):
+            prompt = re.sub(r"\s+([,.;:!?])", r"\1", " ".join(pattern.sub(" ", caption).split())).strip(" ,;:")
         else:
             continue
         if prompt and prompt not in out:
@@ -120,10 +127,11 @@ def available_memory():
         return None
 
 
-def check_memory(num_paths, steps, tensors_per_state, latent_shape, dtype, available=None):
-    """The paths' states and targets live in memory for the whole run: refuse, in one line before sampling, a count
-    that would take more than half of what the system has left (the run needs the rest)."""
+def check_memory(num_paths, steps, tensors_per_state, latent_shape, dtype, available=None, local_processes=1):
+    """The paths' states and targets live in memory for the whole run, one copy per process: refuse, in one line
+    before sampling, a count that would take more than half of what the machine has left (the run needs the rest)."""
     need = num_paths * steps * tensors_per_state * math.prod(latent_shape) * torch.empty((), dtype=dtype).element_size()
+    need *= local_processes
     have = available_memory() if available is None else available
     if have is not None and need > have / 2:
         from .errors import UsageError
@@ -134,18 +142,28 @@ def check_memory(num_paths, steps, tensors_per_state, latent_shape, dtype, avail
     return need
 
 
+def guidance_scale(family):
+    """The classifier-free guidance scale the family's pipeline samples with when none is given: what its class
+    images are drawn with (SD 7.5, SDXL 5.0, SD 3 7.0)."""
+    import inspect
+    return inspect.signature(family.pipeline_class().__call__).parameters["guidance_scale"].default
+
+
 def sampling_scheduler(family, steps, latent_shape):
-    """The family's own sampler (as its class images and validation use it), set to `steps` steps; Flux's
-    resolution-dependent shift is computed as FluxPipeline computes it."""
+    """The family's own sampler (as its class images and validation use it), set to `steps` steps; with Flux's
+    resolution-dependent shift, its sigmas and mu as FluxPipeline passes them."""
     scheduler = family.sampling_scheduler(family.noise_scheduler.config)
-    kwargs = {}
-    if getattr(scheduler.config, "use_dynamic_shifting", False):
+    c = scheduler.config
+    if c.get("use_dynamic_shifting", False):
+        import numpy as np
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
         seq_len = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
-        c = scheduler.config
-        kwargs["mu"] = calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                       c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-    scheduler.set_timesteps(steps, **kwargs)
+        mu = calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        sigmas = None if c.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+        scheduler.set_timesteps(steps if sigmas is None else None, sigmas=sigmas, mu=mu)
+    else:
+        scheduler.set_timesteps(steps)
     return scheduler
 
 
@@ -164,7 +182,7 @@ def sample_paths(family, denoiser, prompts, class_ids, uncond_id, *, num_paths, 
         x = torch.cat([torch.randn((1, *latent_shape),
                                    generator=torch.Generator().manual_seed(seed * 100003 + first_path + i))
                        for i in chunk]).to(device, dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
-        ids = [class_ids[i % len(class_ids)] for i in chunk]
+        ids = [class_ids[(first_path + i) % len(class_ids)] for i in chunk]
         ids = torch.tensor(ids + ([uncond_id] * n if uncond_id is not None else []))
         batch = dict(batch_extras(len(ids)), prompt_ids=ids)
         conditioning = prompts.conditioning(batch)

@@ -82,7 +82,7 @@ class PriorConfig:
 
     @property
     def base_output(self):
-        """The class targets are the base model's own output, computed each step (no class images)."""
+        """The class targets are the base model's own output on its sampling paths (no class images)."""
         return self.with_prior_preservation and self.prior_preservation_mode == "base_output"
 
 

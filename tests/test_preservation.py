@@ -82,34 +82,58 @@ def test_base_output_prior_rows_score_the_lora_against_the_base(builder):
     assert all(p.requires_grad for n, p in family.denoiser.named_parameters() if "lora_" in n)  # adapters back on
 
 
-def test_base_output_paths_are_the_pipelines_own_sampling():
+@pytest.mark.parametrize("builder", ["build_tiny_pipeline", "build_tiny_sdxl_pipeline", "build_tiny_sd3_pipeline",
+                                     "build_tiny_flux_pipeline"])
+def test_base_output_paths_are_the_pipelines_own_sampling(builder):
     """The prior's states are the latents the family's own pipeline passes through when it draws the class prompt
-    from the same noise (same sampler, same classifier-free guidance), and its targets are the base's predictions
-    there: the LoRA is held where class images would have come from, without drawing them."""
-    from dreambooth import families
+    from the same noise with its own defaults (sampler and its schedule, Flux's shifted sigmas, classifier-free
+    guidance at the pipeline's default scale from SDXL's all-zero empty prompt or the encoded one), and its targets
+    are the base's predictions there: the LoRA is held where class images would have come from, without drawing
+    them."""
+    from diffusers import FluxPipeline
+    from dreambooth import base_prior
     from dreambooth.families import PromptEncoder
-    import make_tiny_model
-    pipe = make_tiny_model.build_tiny_pipeline()
-    family = families.family_of_pipeline(pipe).from_pipeline(pipe)
-    family.freeze()
-    prompts = PromptEncoder(family, ["a photo of sks dog", "a photo of dog", ""])
-    bank = _paths(family, prompts, [1], 2, num_paths=2, steps=4, guidance=3.0)
-    sampler = family.sampling_pipeline()
-    for path in range(2):
-        noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5 * 100003 + path))
+    family = _family(builder)
+    guided = family.samples_with_guidance
+    prompts = PromptEncoder(family, ["a photo of sks dog", "a photo of dog"] + ([""] if guided else []),
+                            zero_ids=(2,) if guided and family.empty_prompt_is_zeros else ())
+    channels, side, steps = family.vae.config.latent_channels, 8, 3
+    with training.adapters_off([family.denoiser]):
+        bank = _paths(family, prompts, [1], 2 if guided else None, num_paths=1, steps=steps,
+                      guidance=base_prior.guidance_scale(family), size=(side, side))
+        sampler = family.sampling_pipeline()
+        noise = torch.randn((1, channels, side, side), generator=torch.Generator().manual_seed(5 * 100003))
+        flux = isinstance(sampler, FluxPipeline)
+        pixels = side * family.vae_scale()
+        extra = {"max_sequence_length": family.t5_max_length()} if hasattr(family, "t5_max_length") else {}
         seen = []
-        sampler(prompt="a photo of dog", num_inference_steps=4, guidance_scale=3.0, latents=noise.clone(),
-                height=8 * family.vae_scale(), width=8 * family.vae_scale(), output_type="latent",
-                callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"].clone()) or kw)
-        mine = bank.states[path::2]  # stored step by step, the paths of a batch side by side
-        torch.testing.assert_close(mine[0], noise[0])
-        for k in range(3):
-            torch.testing.assert_close(mine[k + 1], seen[k][0], rtol=1e-3, atol=1e-4)  # batch-size rounding
-    t = bank.timesteps[3]
+        sampler(prompt="a photo of dog", num_inference_steps=steps, height=pixels, width=pixels, output_type="latent",
+                latents=FluxPipeline._pack_latents(noise, 1, channels, side, side) if flux else noise.clone(),
+                callback_on_step_end=lambda p, i, t, kw: seen.append(kw["latents"].clone()) or kw, **extra)
+    if flux:
+        seen = [FluxPipeline._unpack_latents(x, pixels, pixels, family.vae_scale()) for x in seen]
+    torch.testing.assert_close(bank.states[0], noise[0])
+    for k in range(steps - 1):
+        torch.testing.assert_close(bank.states[k + 1], seen[k][0], rtol=1e-3, atol=1e-4)  # batch-size rounding
     with torch.no_grad():
-        direct = family.denoise(family.denoiser, bank.states[3:4], t.reshape(1),
-                                prompts.conditioning({"prompt_ids": torch.tensor([1])}), {})
-    torch.testing.assert_close(bank.cond[3:4], direct, rtol=1e-4, atol=1e-5)
+        direct = family.denoise(family.denoiser, bank.states[1:2], bank.timesteps[1:2],
+                                prompts.conditioning({"prompt_ids": torch.tensor([1]), **bank.extras(1)}),
+                                bank.extras(1))
+    torch.testing.assert_close(bank.cond[1:2], direct, rtol=1e-4, atol=1e-5)
+
+
+def test_base_output_rows_come_on_the_training_device():
+    """Every tensor of the prior rows is on the device the batch is (ids and SDXL's size ids too: a batch on CUDA
+    concatenated with CPU ids fails on the first step)."""
+    from dreambooth.base_prior import BasePrior
+    bank = BasePrior(torch.zeros(3, 4, 2, 2), torch.arange(3), torch.ones(3, dtype=torch.long), torch.zeros(3, 4, 2, 2),
+                     torch.zeros(3, 4, 2, 2), 2, seed=0,
+                     extras=lambda n: {"original_sizes": torch.tensor([[16, 16]] * n),
+                                       "target_sizes": torch.tensor([[16, 16]] * n)})
+    rows = bank.rows(range(2), "meta", torch.float16)
+    tensors = [*rows[:4], *rows[4].values()]
+    assert all(t.device.type == "meta" for t in tensors) and rows[0].dtype == rows[3].dtype == torch.float16
+    assert rows[2].shape == (4,) and rows[4]["target_sizes"].shape == (4, 2)
 
 
 def test_base_output_rows_are_numbered_as_one_big_batch():
@@ -134,9 +158,16 @@ def test_base_output_prompts_take_the_trigger_out_of_the_captions():
     assert prior_prompts(["a sks circle on a white background", "a sks circle", "a sks circle on a gray background"],
                          "a sks circle", "a circle") == [
         "a circle", "a circle on a white background", "a circle on a gray background"]
-    assert prior_prompts(["sks dog on grass, sunny", "a photo of sks dog", "photo of a cat", ""],
-                         "a photo of sks dog", "a photo of dog") == ["a photo of dog", "dog on grass, sunny"]
+    assert prior_prompts(["sks dog on grass, sunny", "a photo of sks dog", "photo of a cat", "",
+                          "sks, a dog in front of a house"], "a photo of sks dog", "a photo of dog") == [
+        "a photo of dog", "dog on grass, sunny", "a dog in front of a house"]
     assert prior_prompts(["a photo of dog on grass"], "a photo of dog", "a photo of dog") == ["a photo of dog"]
+    # a class prompt that is no part of the instance prompt: "a photo of sks" is no trigger to cut out of captions
+    assert prior_prompts(["in front of a house", "a photo of sks dog in snow"], "a photo of sks dog", "dog") == [
+        "dog", "dog in snow"]
+    # pivotal tuning: its --token_abstraction words are the trigger
+    assert prior_prompts(["TOK dog on grass", "a TOK"], "a photo of TOK dog", "a photo of dog", ["TOK"]) == [
+        "a photo of dog", "dog on grass", "a"]
 
 
 def test_sdxl_guides_from_zero_embeddings_for_the_empty_prompt():
@@ -255,8 +286,8 @@ def test_base_output_with_buckets_samples_paths_at_every_bucket_size(tiny_model,
         "--class_generation_steps", "2", "--enable_bucket", "--min_bucket_reso", "32", "--max_bucket_reso", "96",
         "--bucket_reso_steps", "32")]) == 0
     printed = capsys.readouterr().out
-    assert "prior: the base's own output on 3 sampling paths (2 steps) of 1 prompt and the empty prompt; " \
-           "no class images" in printed
+    assert "prior: the base's own output on 3 sampling paths (2 steps) of 1 prompt and the empty prompt " \
+           "(guidance 5); no class images" in printed  # SDXL's pipeline default
     assert os.path.isfile(out / "pytorch_lora_weights.safetensors") and not (out / "class_images").exists()
 
 

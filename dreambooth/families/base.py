@@ -503,6 +503,6 @@ class PromptEncoder:
                                          self.use_attention_mask)
         if self.zero_ids:
             import torch
-            keep = ~torch.isin(ids, torch.tensor(self.zero_ids))
+            keep = ~torch.isin(ids, torch.tensor(self.zero_ids, device=ids.device))
             encoded = {k: v * keep.to(v.device, v.dtype).reshape(-1, *[1] * (v.dim() - 1)) for k, v in encoded.items()}
         return self.family.conditioning(encoded, batch)

@@ -42,7 +42,8 @@ class StableDiffusionXL(UNetFamily):
         hidden = encoded["encoder_hidden_states"]
         corners = batch["crop_top_lefts"]
         if self.fixed_crop_top_left is not None:
-            corners = torch.tensor([self.fixed_crop_top_left] * len(corners), dtype=corners.dtype)
+            corners = torch.tensor([self.fixed_crop_top_left] * len(corners), dtype=corners.dtype,
+                                   device=corners.device)
         time_ids = torch.cat([batch["original_sizes"], corners, batch["target_sizes"]], dim=1)
         return {"encoder_hidden_states": hidden,
                 "added_cond_kwargs": {"text_embeds": encoded["text_embeds"].to(hidden.dtype),
