@@ -218,8 +218,5 @@ class BasePriors:
     def __init__(self, banks):
         self.banks = banks  # {(h, w) in pixels: BasePrior}
 
-    def __len__(self):
-        return sum(len(b) for b in self.banks.values())
-
     def rows(self, positions, size, device, dtype):
         return self.banks[tuple(size)].rows(positions, device, dtype)

@@ -58,8 +58,8 @@ def training_loss(family, denoiser, objective, prompts, batch, prior_loss_weight
     if prior_rows is not None:
         noisy, timesteps, prompt_ids, raw, extras = prior_rows
         prior = objective.at(noisy, timesteps.to(noised.timesteps.dtype), raw)
-        batch = {k: torch.cat([v, (extras[k] if k in extras else prompt_ids).to(v.device)]) for k, v in batch.items()
-                 if k != "images"}
+        batch = {k: torch.cat([v, extras[k] if k in extras else prompt_ids]) for k, v in batch.items()
+                 if k != "images"}  # BasePrior.rows put them on the batch's device
         weights = None if noised.weights is None else torch.cat([noised.weights, prior.weights])
         noised = type(noised)(torch.cat([noised.noisy, noisy.to(noised.noisy.dtype)]),
                               torch.cat([noised.timesteps, prior.timesteps]),

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import train_dreambooth_lora
-from conftest import MachineClock, draw_subject, fails_with, flag_argv, make_checkpoint, run_script
+from conftest import MachineClock, draw_subject, fails_with, make_checkpoint, run_script
 
 P = "train_dreambooth_lora.py: error: "
 
@@ -86,19 +86,10 @@ def test_unusable_value_is_one_line(world, capsys, monkeypatch, name, overrides,
 
 
 @pytest.fixture
-def setup(tmp_path, tiny_model):
-    dog = tmp_path / "dog"
-    dog.mkdir()
-    for i in range(2):
-        draw_subject(dog / f"dog{i}.png", shift=i)
-    (dog / "notes.md").write_text("not an image")
-    out = tmp_path / "out"
-
-    def argv(**overrides):
-        base = {"pretrained_model_name_or_path": tiny_model["eps"], "instance_data_dir": str(dog),
-                "instance_prompt": "a photo of sks dog", "output_dir": str(out), "resolution": "64"}
-        return flag_argv(base, **overrides)
-    return tmp_path, dog, out, argv
+def setup(world):
+    """conftest's world, with a file beside the photos that is no image (skipped, never an error)."""
+    (world[1] / "notes.md").write_text("not an image")
+    return world
 
 
 def make_empty(tmp_path):

@@ -21,17 +21,12 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 # ---- flags (no model) ---------------------------------------------------------------------------------------
 @pytest.fixture
-def flags(tmp_path, tiny_model):
-    dog = tmp_path / "dog"
-    dog.mkdir()
-    for i in range(2):
-        draw_subject(dog / f"dog{i}.png", shift=i)
-    out = tmp_path / "out"
+def flags(world):
+    """main() on conftest's world (tiny SD, two photos), the subject written as TOK."""
+    _, dog, out, argv = world
 
     def run(*extra, prompt="a photo of TOK dog"):
-        return train_dreambooth_lora.main(["--pretrained_model_name_or_path", tiny_model["eps"], "--instance_data_dir",
-                                           str(dog), "--instance_prompt", prompt, "--output_dir", str(out),
-                                           "--resolution", "64", *extra])
+        return train_dreambooth_lora.main(argv(*extra, instance_prompt=prompt))
     return run, out, dog
 
 
